@@ -1,0 +1,135 @@
+/*
+ * PubmonService: the pubmon daemon's own monitoring and control API.
+ *
+ * The same service is served on two listeners:
+ *   - the unix control socket (mode 0600, peers checked with SO_PEERCRED): every method;
+ *   - the TCP monitor listener: read-only methods only, unless mutual TLS is configured and the
+ *     client certificate is accepted. There, mutating methods declared below raise
+ *     PermissionDenied.
+ *
+ * fb303 base methods keep their classic signatures (an `extends` cannot add `throws` to inherited
+ * methods). Their pubmon meanings:
+ *   - getStatus: STARTING until the first autostart round settles, ALIVE when every wanted
+ *     publisher is RUNNING and healthy, WARNING otherwise, STOPPING during shutdown.
+ *   - reinitialize: reload the config file (like SIGHUP).      [mutating]
+ *   - shutdown: stop every publisher and exit (like SIGTERM).  [mutating]
+ *   - setOption: set a runtime option.                         [mutating]
+ * A refused call to a mutating base method cannot be answered with PermissionDenied: setOption
+ * gets a TApplicationException (type INTERNAL_ERROR, message naming the refusal) instead, and the
+ * oneway methods (reinitialize, shutdown) get no reply at all; the daemon just logs the refusal.
+ */
+
+include "fb303.thrift"
+
+namespace py pubmon
+
+/** One publisher instance, as seen by the daemon at the moment of the call. */
+struct PublisherInfo {
+  /** Instance name: the config name, or "name:i" when numprocs > 1. */
+  1: string name,
+  /** argv[0] of the command, after expansion. */
+  2: string program,
+  /** Lifecycle state: STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED or FATAL. */
+  3: string state,
+  /** Process id of the running child; 0 = none. */
+  4: i32 pid,
+  /** Probe verdict: UNKNOWN, HEALTHY, DEGRADED or UNHEALTHY. */
+  5: string health,
+  /** Restarts since the daemon started (or since an operator's start). */
+  6: i32 restarts,
+  /** Exit status of the last exit, like Popen: negative = killed by that signal. Unset = never. */
+  7: optional i32 lastExit,
+  /** Why the last run ended (exited, killed by probe failures, stopped by operator, ...). */
+  8: string lastExitReason,
+  /** Seconds since the current run started; 0 when not running. */
+  9: double uptime,
+  /** The instance's port; 0 = none. */
+  10: i32 port,
+  /** The child's own fb303 getStatusDetails, or the probe's failure reason. */
+  11: string statusDetails,
+}
+
+/** What a config reload did, by publisher instance name. */
+struct ReloadResult {
+  1: list<string> added,
+  2: list<string> removed,
+  3: list<string> changed,
+  4: list<string> unchanged,
+}
+
+/** One line of a publisher's output. */
+struct LogLine {
+  /** Sequence number, increasing by 1 per line per publisher. */
+  1: i64 seq,
+  /** Unix time (seconds) at which the line was read. */
+  2: double time,
+  /** "stdout" or "stderr". */
+  3: string stream,
+  /** The line without its newline; invalid UTF-8 is backslash-escaped. */
+  4: string text,
+  /** True when the line was cut at max_line and continues in the next LogLine. */
+  5: bool partial,
+}
+
+/** A slice of the ring buffer. */
+struct LogChunk {
+  1: list<LogLine> lines,
+  /** Pass as afterSeq of the next tailLog call to follow the log. */
+  2: i64 nextSeq,
+  /** Lines after afterSeq that fell out of the ring buffer before this call. */
+  3: i64 missed,
+}
+
+/** No publisher instance has this name. */
+exception UnknownPublisher {
+  1: string message,
+}
+
+/** The request does not fit the publisher's current state. */
+exception InvalidState {
+  1: string message,
+}
+
+/** This peer may not make this call on this listener. */
+exception PermissionDenied {
+  1: string message,
+}
+
+/** The config file cannot be used; the old config stays in force. */
+exception ConfigError {
+  1: string message,
+  /** One "dotted.key: what was expected" per problem. */
+  2: list<string> problems,
+}
+
+service PubmonService extends fb303.FacebookService {
+  /** Every publisher instance, in config order. */
+  list<PublisherInfo> listPublishers(),
+
+  PublisherInfo getPublisher(1: string name) throws (1: UnknownPublisher e),
+
+  /** Start a stopped, exited or FATAL instance; returns once it is STARTING. [mutating] */
+  PublisherInfo startPublisher(1: string name)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /** Stop an instance; the restart loop will not undo it. [mutating] */
+  PublisherInfo stopPublisher(1: string name)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /** Stop then start an instance. [mutating] */
+  PublisherInfo restartPublisher(1: string name)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /** Re-read the config file and apply the difference. [mutating] */
+  ReloadResult reloadConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
+
+  /**
+   * Up to maxLines lines with seq > afterSeq (afterSeq = -1: from the oldest line kept;
+   * maxLines <= 0: the server's default).
+   */
+  LogChunk tailLog(1: string name, 2: i64 afterSeq, 3: i32 maxLines)
+      throws (1: UnknownPublisher e),
+
+  /** Reopen every publisher's log file (after rotation by an outside tool). [mutating] */
+  void reopenLogs() throws (1: PermissionDenied e),
+}

@@ -1,0 +1,3 @@
+from pubmon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""`pubmon daemon`: the top TaskGroup and the order things start and stop in.
+
+Start: take the config lock, install signal handlers (before anything can be signalled), start
+the supervisor (which spawns autostart publishers), open the listeners, wait for the first round
+to settle, tell systemd READY=1. Stop (first SIGTERM): STOPPING=1, close the listeners, stop the
+publishers dependents-first under shutdown_timeout; a second SIGTERM kills every group at once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Daemon", "acquire_lock"]
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable
+
+from .config import Config, ConfigDiff, load_config
+from .errors import ConfigError, StartupError
+from .lifecycle import Health, PublisherState
+from .signals import GRACEFUL, SignalQueue
+from .supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+
+
+def acquire_lock(path: str) -> int:
+    """flock the config file itself: one daemon per config. Returns the fd to keep open."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another pubmon daemon is already running with {path} (it holds the lock on that file)"
+        ) from None
+    return fd
+
+
+class Daemon:
+    """One daemon run. `await Daemon(config).run()` returns the process exit code."""
+
+    def __init__(self, config: Config, *, signals: SignalQueue | None = None) -> None:
+        self.config = config
+        self.signals = signals or SignalQueue()
+        self.supervisor: Supervisor | None = None
+        self.started_at = time.time()
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_error = ""
+        self.loop_lag_ms = 0
+        self.ready = asyncio.Event()  # the first autostart round has settled
+        self.forced = False
+        self._stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
+
+    # --- requests (signals, RPC) --------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_reload(self) -> None:
+        self._reload_wanted.set()
+
+    async def reload(self) -> ConfigDiff:
+        """Re-read the config file; on any error keep running the old one and raise ConfigError."""
+        assert self.supervisor is not None
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            self.reload_failures += 1
+            self.last_reload_error = str(exc)
+            logger.error("reload failed, still running the previous config: %s", exc)
+            raise
+        diff = await self.supervisor.reload(new)
+        self.config = new
+        self.reloads += 1
+        self.last_reload_error = ""
+        return diff
+
+    def reopen_logs(self) -> None:
+        assert self.supervisor is not None
+        for pub in self.supervisor.publishers.values():
+            pub.output.reopen()
+        logger.info("log files reopened")
+
+    def fb303_status(self) -> str:
+        """STARTING, ALIVE, WARNING or STOPPING (fb303 names)."""
+        if self.stopping:
+            return "STOPPING"
+        if not self.ready.is_set() or self.supervisor is None:
+            return "STARTING"
+        for pub in self.supervisor.publishers.values():
+            if pub.wanted and (
+                pub.state != PublisherState.RUNNING
+                or pub.health in (Health.UNHEALTHY, Health.DEGRADED)
+            ):
+                return "WARNING"
+            if pub.state == PublisherState.FATAL:
+                return "WARNING"
+        return "ALIVE"
+
+    def status_details(self) -> str:
+        text = self.supervisor.summary() if self.supervisor else "starting"
+        if self.last_reload_error:
+            text += f"; last reload failed: {self.last_reload_error}"
+        return text
+
+    def counters(self) -> dict[str, int]:
+        out = {
+            "daemon.uptime_s": int(time.time() - self.started_at),
+            "daemon.reloads": self.reloads,
+            "daemon.reload_failures": self.reload_failures,
+            "daemon.loop_lag_ms": self.loop_lag_ms,
+        }
+        if self.supervisor is not None:
+            out.update(self.supervisor.counters())
+        return out
+
+    # --- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        lock = acquire_lock(self.config.path)
+        try:
+            with self.signals:
+                await self._run()
+        finally:
+            os.close(lock)
+        return EXIT_OK
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            background = [
+                tg.create_task(self._dispatch_signals(), name="signals"),
+                tg.create_task(self._reload_worker(), name="reloads"),
+                tg.create_task(self._measure_loop_lag(), name="loop lag"),
+            ]
+            try:
+                async with Supervisor(self.config) as sup:
+                    self.supervisor = sup
+                    logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
+                    await _first(sup.wait_settled(), self._stop.wait())
+                    if not self.stopping:
+                        self.ready.set()
+                        logger.info("ready: %s", sup.summary())
+                    await self._stop.wait()
+                    logger.info("stopping: %s", sup.summary())
+            finally:
+                for task in background:
+                    task.cancel()
+        logger.info("pubmon %d stopped", os.getpid())
+
+    async def _dispatch_signals(self) -> None:
+        while True:
+            sig = await self.signals.get()
+            if sig in GRACEFUL:
+                if not self.stopping:
+                    logger.info("%s: stopping gracefully (send it again to kill at once)", sig.name)
+                    self.request_stop()
+                elif self.supervisor is not None:
+                    logger.warning("%s again: killing every publisher now", sig.name)
+                    self.forced = True
+                    self.supervisor.kill_all()
+            elif sig == signal.SIGHUP:
+                self.request_reload()
+            elif sig == signal.SIGUSR1 and self.supervisor is not None:
+                self.reopen_logs()
+
+    async def _reload_worker(self) -> None:
+        # One reload at a time; a storm of SIGHUPs while one runs becomes one more reload.
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            if self.stopping or self.supervisor is None:
+                continue
+            try:
+                await self.reload()
+            except ConfigError:
+                pass  # logged and counted; the old config keeps running
+
+    async def _measure_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(1.0)
+            self.loop_lag_ms = max(0, int((loop.time() - before - 1.0) * 1000))
+
+
+async def _first(*aws: Awaitable[object]) -> None:
+    """Wait until the first of `aws` finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

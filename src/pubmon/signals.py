@@ -1,0 +1,72 @@
+"""Signals into the loop as data: handlers only queue; one dispatcher task acts on them.
+
+SIGTERM SIGINT SIGALRM SIGVTALRM SIGPROF   graceful stop; a second one kills every group now
+SIGHUP                                     reload the config (a storm is coalesced into one)
+SIGUSR1                                    reopen log files
+"""
+
+from __future__ import annotations
+
+__all__ = ["GRACEFUL", "HANDLED", "SignalQueue", "reset_inherited_dispositions"]
+
+import asyncio
+import signal
+
+GRACEFUL = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF)
+HANDLED = (*GRACEFUL, signal.SIGHUP, signal.SIGUSR1)
+
+# Ignored dispositions and the blocked mask survive exec: whatever started the daemon with
+# SIGINT ignored (a background job of a shell) would otherwise hand that to every publisher.
+_RESET = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+)
+
+
+def reset_inherited_dispositions() -> None:
+    for sig in _RESET:
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+class SignalQueue:
+    """Queues the signals in HANDLED while installed. Tests may `put()` signals directly."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> None:
+        reset_inherited_dispositions()
+        self._loop = asyncio.get_running_loop()
+        for sig in HANDLED:
+            self._loop.add_signal_handler(sig, self._queue.put_nowait, sig)
+
+    def uninstall(self) -> None:
+        if self._loop is None:
+            return
+        for sig in HANDLED:
+            self._loop.remove_signal_handler(sig)
+        self._loop = None
+
+    def put(self, sig: signal.Signals) -> None:
+        self._queue.put_nowait(sig)
+
+    async def get(self) -> signal.Signals:
+        return await self._queue.get()
+
+    def __enter__(self) -> SignalQueue:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()

@@ -1,0 +1,390 @@
+"""Starting children safely, signalling them by pidfd and group, and reaping orphans.
+
+Every publisher is started by `spawn()`:
+- in its own process group (`process_group=0`), so a stop reaches its whole tree;
+- with PR_SET_PDEATHSIG = SIGKILL armed in a minimal preexec hook (a `prctl` resolved before the
+  fork, then a check that the daemon did not die before the hook ran), so it dies with the daemon
+  even after `kill -9`; credentials are switched by CPython *before* the hook, so it stays armed;
+- stdin from /dev/null, stdout and stderr as pipes read by an `OutputLog`;
+- with an environment that never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
+
+Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no thread per child) via
+`SubprocessProtocol.process_exited`, not from `Process.wait()`, which also waits for every holder
+of the pipes (a grandchild can keep them open for ever).
+
+The daemon is a child subreaper: orphaned grandchildren are re-parented to it. `OrphanReaper`
+reaps those (and only those) on SIGCHLD, by pid, never with `waitpid(-1)`, which would steal the
+exit statuses asyncio is waiting for.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Child",
+    "OrphanReaper",
+    "SpawnRequest",
+    "become_subreaper",
+    "describe_exit",
+    "install_child_watcher",
+    "spawn",
+]
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import pwd
+import signal
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .errors import SpawnError
+
+logger = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+
+# Variables that belong to the daemon's own supervisor (systemd) and must never reach a child:
+# a child that inherits NOTIFY_SOCKET could tell systemd that *it* is ready.
+_SCRUBBED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+_SCRUBBED_PREFIXES = ("LISTEN_FDNAMES",)
+
+
+class Sink(Protocol):
+    def feed(self, data: bytes) -> None: ...
+    def eof(self) -> None: ...
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants re-parent to this process instead of PID 1."""
+    if _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def install_child_watcher() -> None:
+    """Use asyncio's pidfd child watcher for the running loop (3.11 defaults to a thread per child).
+
+    Idempotent per loop. On 3.12+ asyncio picks the pidfd watcher by itself.
+    """
+    loop = asyncio.get_running_loop()
+    if not hasattr(asyncio, "PidfdChildWatcher"):  # pragma: no cover - 3.14 removed the API
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        policy = asyncio.get_event_loop_policy()
+        current = policy.get_child_watcher()
+        if (
+            isinstance(current, asyncio.PidfdChildWatcher)
+            and getattr(current, "_loop", None) is loop
+        ):
+            return
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        policy.set_child_watcher(watcher)
+
+
+def _make_arm(parent: int) -> Callable[[], None]:
+    # Runs in the forked child before exec: no allocation-heavy work, no imports, no logging,
+    # only names bound here in the parent (see asyncio-gotchas §1.4, §2.1).
+    prctl, getppid, exit_ = _prctl, os.getppid, os._exit
+
+    def arm() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            exit_(127)
+        if getppid() != parent:  # the daemon died before prctl ran: nobody will send the signal
+            exit_(127)
+
+    return arm
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnRequest:
+    name: str
+    argv: tuple[str, ...]
+    directory: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    user: str | None = None
+
+
+def child_environment(
+    req: SpawnRequest, base: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], tuple[int, int, list[int]] | None]:
+    """The child's environment, and (uid, gid, groups) when it runs as another user."""
+    env = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)
+    }
+    creds = None
+    if req.user is not None:
+        try:
+            pw = pwd.getpwnam(req.user)
+        except KeyError:
+            raise SpawnError(
+                req.name, f"user {req.user!r} does not exist", permanent=True
+            ) from None
+        groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        creds = (pw.pw_uid, pw.pw_gid, groups)
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    env["PUBMON_PUBLISHER"] = req.name
+    env.update(req.environment)
+    return env, creds
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    """Feeds both pipes to their sinks as chunks arrive; reports exit and end of both pipes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sinks: dict[int, Sink]) -> None:
+        self._sinks = sinks
+        self._open = set(sinks)
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        assert isinstance(data, bytes)
+        self._sinks[fd].feed(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self._open:
+            self._open.discard(fd)
+            self._sinks[fd].eof()
+        if not self._open and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        assert self.transport is not None
+        code = self.transport.get_returncode()
+        assert code is not None
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+
+class Child:
+    """One running child process: its pid, group, pidfd and the futures that report its end."""
+
+    def __init__(self, name: str, transport: asyncio.SubprocessTransport, proto: _ChildProtocol):
+        self.name = name
+        self.pid: int = transport.get_pid()
+        self.pgid = self.pid  # process_group=0: the child leads a group named after its pid
+        self._transport = transport
+        self._proto = proto
+        self.started = time.monotonic()
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # already exited and reaped: signals go nowhere
+            self._pidfd = None
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        """Resolves with the exit code (negative = killed by that signal) once reaped."""
+        return self._proto.exited
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proto.exited.result() if self._proto.exited.done() else None
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the leader (by pidfd: never to a recycled pid) and to its whole group."""
+        if self._pidfd is not None and self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty (or its last member is a zombie of another parent)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until both pipes reach EOF (every holder is gone). False if `timeout` passed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._proto.pipes_closed)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release the transport and pidfd. Pipes still open are closed (their sinks get EOF)."""
+        self._transport.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __repr__(self) -> str:
+        return f"<Child {self.name!r} pid={self.pid} returncode={self.returncode}>"
+
+
+def _enlarge_pipes(transport: asyncio.SubprocessTransport) -> None:
+    # 64 KiB pipes halve the throughput of a chatty child; 1 MiB is the unprivileged maximum.
+    for fd in (1, 2):
+        pipe = transport.get_pipe_transport(fd)
+        if pipe is None:
+            continue
+        fileobj = pipe.get_extra_info("pipe")
+        try:
+            fcntl.fcntl(fileobj.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, ValueError):
+            pass  # at the limit, or already at EOF and closed (a child that exited at once)
+
+
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EPERM}
+
+
+async def spawn(
+    req: SpawnRequest,
+    stdout: Sink,
+    stderr: Sink,
+    *,
+    reaper: OrphanReaper | None = None,
+) -> Child:
+    """Start `req` and return once its pid is known. Raises SpawnError (permanent or not)."""
+    loop = asyncio.get_running_loop()
+    env, creds = child_environment(req)
+    uid, gid, groups = creds if creds is not None else (None, None, None)
+    proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
+    if reaper is not None:
+        reaper.spawning += 1
+    try:
+        transport, _ = await loop.subprocess_exec(
+            lambda: proto,
+            *req.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            process_group=0,
+            preexec_fn=_make_arm(os.getpid()),
+            cwd=req.directory,
+            env=env,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+        )
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        target = exc.filename or req.argv[0]
+        raise SpawnError(
+            req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
+        ) from exc
+    except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
+        raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
+    finally:
+        if reaper is not None:
+            reaper.spawn_done()
+    assert isinstance(transport, asyncio.SubprocessTransport)
+    _enlarge_pipes(transport)
+    child = Child(req.name, transport, proto)
+    if reaper is not None:
+        reaper.track(child)
+    return child
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _children_of(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        out.update(int(p) for p in text.split())
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return raw[raw.rindex(")") + 2 : raw.rindex(")") + 3] == "Z"
+
+
+class OrphanReaper:
+    """Reaps the daemon's children that asyncio does not own (orphans re-parented to us).
+
+    asyncio owns every pid that `spawn()` returned until its exit is reported; a spawn in flight
+    may not be tracked yet, so sweeps wait while `spawning > 0` and run again afterwards.
+    """
+
+    def __init__(self) -> None:
+        self._owned: set[int] = set()
+        self.spawning = 0
+        self.reaped = 0
+        self._deferred = False
+
+    def spawn_done(self) -> None:
+        self.spawning -= 1
+        if not self.spawning and self._deferred:
+            self.sweep()
+
+    def track(self, child: Child) -> None:
+        self._owned.add(child.pid)
+        child.exited.add_done_callback(lambda _: self._owned.discard(child.pid))
+
+    def sweep(self) -> int:
+        """Reap every zombie child of ours that asyncio does not own. Returns how many."""
+        if self.spawning:
+            self._deferred = True
+            return 0
+        self._deferred = False
+        count = 0
+        for pid in _children_of(os.getpid()) - self._owned:
+            if not _is_zombie(pid):
+                continue
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got:
+                count += 1
+        self.reaped += count
+        return count
+
+    def kill_strays(self) -> set[int]:
+        """SIGKILL every live child of ours that asyncio does not own (shutdown). Returns them."""
+        strays = {p for p in _children_of(os.getpid()) - self._owned if not _is_zombie(p)}
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return strays
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGCHLD, self.sweep)
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_signal_handler(signal.SIGCHLD)

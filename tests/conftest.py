@@ -1,0 +1,60 @@
+"""Suite-wide guards: no test may leave a process of its own behind."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from procs import alive, descendants, state
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Orphaned grandchildren of anything a test starts are re-parented to pytest itself, so the
+    # leak check below sees them however they were orphaned.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap_zombie_children() -> None:
+    for pid in descendants(os.getpid()):
+        if state(pid) == "Z":
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    before = descendants(os.getpid())
+    yield
+    # Give processes that were already told to exit a moment to finish dying (pdeathsig, killpg).
+    deadline = time.monotonic() + 3.0
+    while True:
+        leaked = {p for p in descendants(os.getpid()) - before if alive(p)}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _reap_zombie_children()
+    if leaked:
+        cmds = {}
+        for pid in leaked:
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmds[pid] = raw.replace(b"\0", b" ")[:120]
+            except OSError:
+                cmds[pid] = b"?"
+        pytest.fail(f"test left {len(leaked)} process(es) running: {cmds}")

@@ -1,0 +1,800 @@
+"""pubmon.rpc (server, client), its codec (pubmon._frames) and the IDL loader (pubmon.idl).
+
+Real sockets on loopback and unix sockets; the server runs in-process. Waits are on states under
+asyncio.timeout, never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import resource
+import shutil
+import socket
+import ssl
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import thriftpy2.rpc
+from thriftpy2.protocol.binary import TBinaryProtocol
+from thriftpy2.thrift import TApplicationException, TMessageType, TType
+from thriftpy2.transport import TFramedTransportFactory
+from thriftpy2.transport.memory import TMemoryBuffer
+
+from pubmon import _frames, idl
+from pubmon.errors import PermissionDenied, RpcError
+from pubmon.rpc import Peer, ThriftClient, ThriftServer
+
+pm = idl.pubmon()
+SVC = pm.PubmonService
+
+INFO_A = pm.PublisherInfo(
+    name="feed:0", program="feed", state="RUNNING", pid=4242, health="HEALTHY", restarts=2,
+    lastExit=-9, lastExitReason="killed by SIGKILL", uptime=12.5, port=9101, statusDetails="ok ✓",
+)  # fmt: skip
+INFO_B = pm.PublisherInfo(
+    name="idle", program="sleep", state="STOPPED", pid=0, health="UNKNOWN", restarts=0,
+    lastExitReason="", uptime=0.0, port=0, statusDetails="",
+)  # fmt: skip
+MUTATING = {"startPublisher", "reloadConfig", "setOption", "shutdown", "reopenLogs"}
+
+
+class Handler:
+    """A few PubmonService methods, plain and async; getVersion is deliberately missing."""
+
+    def __init__(self) -> None:
+        self.options: dict[str, str] = {}
+        self.shutdown_called = asyncio.Event()
+        self.reinitialized = asyncio.Event()
+        self.profile_started = asyncio.Event()
+        self.profile_cancelled = asyncio.Event()
+
+    def getStatus(self) -> int:
+        return idl.FbStatus.ALIVE
+
+    async def getName(self) -> str:
+        return "pubmon-test"
+
+    def getCounters(self) -> dict[str, int]:
+        return {"rpc.calls": 3, "big": 2**40, "negative": -1}
+
+    def getOptions(self) -> dict[str, str]:
+        return {"ü": "ñ", "empty": ""}
+
+    async def listPublishers(self) -> list[Any]:
+        return [INFO_A, INFO_B]
+
+    async def getPublisher(self, name: str) -> Any:
+        if name == INFO_A.name:
+            return INFO_A
+        raise pm.UnknownPublisher(message=f"no publisher named {name!r}")
+
+    async def startPublisher(self, name: str) -> Any:
+        return INFO_A
+
+    async def reloadConfig(self) -> Any:
+        return pm.ReloadResult(added=["new"], removed=[], changed=["feed:0"], unchanged=["idle"])
+
+    def tailLog(self, name: str, after: int, max_lines: int) -> Any:
+        lines = [
+            pm.LogLine(seq=after + 1 + i, time=1.5 + i, stream="stdout", text=f"line {i} ☃",
+                       partial=i == 1)
+            for i in range(max_lines)
+        ]  # fmt: skip
+        return pm.LogChunk(lines=lines, nextSeq=after + max_lines, missed=7)
+
+    async def setOption(self, key: str, value: str) -> None:
+        self.options[key] = value
+
+    def getOption(self, key: str) -> str:
+        raise RuntimeError("boom")  # undeclared
+
+    async def getCpuProfile(self, seconds: int) -> str:
+        self.profile_started.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.profile_cancelled.set()
+            raise
+        return "profile"
+
+    def shutdown(self) -> None:
+        self.shutdown_called.set()
+
+    async def reinitialize(self) -> None:
+        self.reinitialized.set()
+
+    def reopenLogs(self) -> None:
+        raise PermissionDenied("the handler says no")
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: object | None = None, **kw: Any) -> AsyncIterator[tuple[Any, int]]:
+    server = ThriftServer(SVC, handler or Handler(), name="test", **kw)
+    try:
+        port = await server.start_tcp("127.0.0.1", 0)
+        assert server.ready.is_set()
+        yield server, port
+    finally:
+        await server.close()
+
+
+async def connect(port: int, service: Any = SVC, **kw: Any) -> ThriftClient:
+    return await ThriftClient.connect(service, host="127.0.0.1", port=port, **kw)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True once the server has closed the connection (EOF or reset) within timeout."""
+    async with asyncio.timeout(timeout):
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+    return True
+
+
+def call_frame(name: str, args: Any, seqid: int = 1, mtype: int = TMessageType.CALL) -> bytes:
+    return _frames.encode_message(name, mtype, seqid, args, framed=True)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">i", len(body)) + body
+
+
+def message_head(name: str, seqid: int = 1, mtype: int = TMessageType.CALL) -> bytes:
+    head = struct.pack(">Ii", 0x80010000 | mtype, len(name)) + name.encode()
+    return head + struct.pack(">i", seqid)
+
+
+def get_publisher(*fields: bytes) -> bytes:
+    """A framed getPublisher call whose argument struct is made of raw ``fields``."""
+    return frame(message_head("getPublisher") + b"".join(fields))
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+
+async def test_round_trip_of_every_kind() -> None:
+    handler = Handler()
+    async with serving(handler) as (server, port), await connect(port) as c:
+        assert await c.call("getStatus") == idl.FbStatus.ALIVE
+        assert await c.call("getName") == "pubmon-test"
+        assert await c.call("getCounters") == {"rpc.calls": 3, "big": 2**40, "negative": -1}
+        assert await c.call("getOptions") == {"ü": "ñ", "empty": ""}
+        assert await c.call("listPublishers") == [INFO_A, INFO_B]
+        chunk: Any = await c.call("tailLog", "feed:0", 10, 3)
+        assert [(ln.seq, ln.text, ln.partial) for ln in chunk.lines] == [
+            (11, "line 0 ☃", False), (12, "line 1 ☃", True), (13, "line 2 ☃", False),
+        ]  # fmt: skip
+        assert (chunk.nextSeq, chunk.missed, chunk.lines[2].time) == (13, 7, 3.5)
+        reload: Any = await c.call("reloadConfig")
+        assert (reload.added, reload.removed, reload.unchanged) == (["new"], [], ["idle"])
+        assert await c.call("setOption", "k", "v") is None
+        assert handler.options == {"k": "v"}
+        with pytest.raises(pm.UnknownPublisher, match="no publisher named 'nope'"):
+            await c.call("getPublisher", "nope")
+        assert await c.call("getPublisher", "feed:0") == INFO_A  # declared errors keep the conn
+        assert await c.call("shutdown") is None  # oneway: no reply expected, none sent
+        assert await c.call("reinitialize") is None
+        async with asyncio.timeout(5):
+            await handler.shutdown_called.wait()
+            await handler.reinitialized.wait()
+        assert await c.call("getStatus") == idl.FbStatus.ALIVE  # a stray reply would break this
+        assert (server.calls, server.errors, server.connections_total) == (13, 0, 1)
+
+
+async def test_unknown_and_unimplemented_methods() -> None:
+    async with serving() as (server, port):
+        async with await connect(port, idl.publisher().PublisherService) as c:
+            with pytest.raises(RpcError, match="unknown method startPublishers"):
+                await c.call("startPublishers", "tcp://upstream:1234")
+            with pytest.raises(RpcError, match="closed"):  # any RpcError throws the conn away
+                await c.call("getStatus")
+        async with await connect(port) as c:
+            with pytest.raises(RpcError, match="not implemented getVersion"):
+                await c.call("getVersion")
+        with pytest.raises(ValueError, match="no method"):
+            await c.call("noSuchMethod")
+        assert server.errors == 0
+
+
+async def test_undeclared_errors_answer_internal_error_and_keep_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class BadResults(Handler):
+        async def listPublishers(self) -> list[Any]:
+            return [INFO_A, None]  # does not encode
+
+    async with serving(BadResults()) as (server, port):
+        # thriftpy2's own sync client (cybin) keeps using the connection after the error.
+        def sync_calls() -> tuple[Any, ...]:
+            client = thriftpy2.rpc.make_client(
+                SVC, "127.0.0.1", port, trans_factory=TFramedTransportFactory(), timeout=5000
+            )
+            try:
+                with pytest.raises(TApplicationException) as err:
+                    client.getOption("x")
+                with pytest.raises(TApplicationException) as err2:
+                    client.listPublishers()
+                return err.value.type, err2.value.type, client.getStatus()
+            finally:
+                client.close()
+
+        assert await asyncio.to_thread(sync_calls) == (
+            TApplicationException.INTERNAL_ERROR, TApplicationException.INTERNAL_ERROR, 2,
+        )  # fmt: skip
+        async with await connect(port) as c:
+            with pytest.raises(RpcError, match="getOption: internal error"):
+                await c.call("getOption", "x")
+        assert server.errors == 3
+    failures = [r for r in caplog.records if r.name == "pubmon.rpc" and r.levelno == logging.ERROR]
+    assert failures[0].exc_info and isinstance(failures[0].exc_info[1], RuntimeError)
+    assert "boom" in caplog.text
+
+
+async def test_thriftpy2_sync_client_interop() -> None:
+    async with serving() as (_, port):
+
+        def sync_calls() -> list[Any]:
+            client = thriftpy2.rpc.make_client(
+                SVC, "127.0.0.1", port, trans_factory=TFramedTransportFactory(), timeout=5000
+            )
+            try:
+                out = [client.getStatus(), client.getCounters(), client.listPublishers()]
+                out.append(client.tailLog("x", 0, 2).lines[1].text)
+                with pytest.raises(pm.UnknownPublisher):
+                    client.getPublisher("nope")
+                client.shutdown()
+                out.append(client.getName())
+                return out
+            finally:
+                client.close()
+
+        status, counters, infos, text, name = await asyncio.to_thread(sync_calls)
+    assert (status, counters["big"], infos, text, name) == (
+        2, 2**40, [INFO_A, INFO_B], "line 1 ☃", "pubmon-test",
+    )  # fmt: skip
+
+
+class AsyncHandler:
+    """thriftpy2's aio processor awaits every handler method."""
+
+    async def getStatus(self) -> int:
+        return 2
+
+    async def getCounters(self) -> dict[str, int]:
+        return {"a": 1}
+
+    async def listPublishers(self) -> list[Any]:
+        return [INFO_A, INFO_B]
+
+    async def getPublisher(self, name: str) -> Any:
+        raise pm.UnknownPublisher(message=name)
+
+
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
+async def test_our_client_against_thriftpy2_aio_server(transport: str) -> None:
+    from thriftpy2.contrib.aio.processor import TAsyncProcessor
+    from thriftpy2.contrib.aio.server import TAsyncServer
+    from thriftpy2.contrib.aio.socket import TAsyncServerSocket
+    from thriftpy2.contrib.aio.transport import (
+        TAsyncBufferedTransportFactory,
+        TAsyncFramedTransportFactory,
+    )
+
+    framed = transport == "framed"
+    factory = TAsyncFramedTransportFactory if framed else TAsyncBufferedTransportFactory
+    # make_aio_server refuses port 0, so build it by hand (reference/thrift.md §1.1, §1.3).
+    sock = TAsyncServerSocket(host="127.0.0.1", port=0, client_timeout=None)
+    stock = TAsyncServer(
+        TAsyncProcessor(SVC, AsyncHandler()), sock, itrans_factory=factory(),
+        loop=asyncio.get_running_loop(),
+    )  # fmt: skip
+    handled = asyncio.Event()
+
+    async def handle(conn: Any) -> None:
+        try:
+            await stock.handle(conn)
+        finally:
+            handled.set()
+
+    stock.trans.listen()
+    stock.server = await stock.trans.accept(handle)
+    try:
+        port = sock.raw_sock.getsockname()[1]
+        async with await connect(port, transport=transport, timeout=5) as c:
+            assert await c.call("getStatus") == 2
+            assert await c.call("getCounters") == {"a": 1}
+            assert await c.call("listPublishers") == [INFO_A, INFO_B]
+            with pytest.raises(pm.UnknownPublisher):
+                await c.call("getPublisher", "x")
+            assert await c.call("getStatus") == 2
+        async with asyncio.timeout(5):
+            await handled.wait()  # its connection task is done, so nothing outlives the loop
+    finally:
+        await stock.close()
+
+
+async def test_client_checks_reply_name_and_seqid() -> None:
+    async def answer_wrongly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _frames.read_frame(reader, 1 << 20)
+            result = SVC.getStatus_result(success=2)
+            writer.write(_frames.encode_message("getStatus", 2, 999, result, framed=True))
+            await closed_by_peer(reader)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer_wrongly, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        c = await connect(port)
+        with pytest.raises(RpcError, match="#999"):
+            await c.call("getStatus")
+        with pytest.raises(RpcError, match="closed"):
+            await c.call("getStatus")
+        await c.close()
+
+
+# --- authorization and peers --------------------------------------------------------------------
+
+
+async def test_authorize_maps_permission_denied_and_on_call_sees_peers(tmp_path: Path) -> None:
+    seen: list[tuple[Peer, str]] = []
+
+    def authorize(peer: Peer, method: str) -> None:
+        if peer.kind == "tcp" and method in MUTATING:
+            raise PermissionDenied(f"{method} is read-only over TCP")
+
+    handler = Handler()
+    kw = {"authorize": authorize, "on_call": lambda p, m: seen.append((p, m))}
+    async with serving(handler, **kw) as (server, port):
+        async with await connect(port) as c:
+            with pytest.raises(pm.PermissionDenied, match="startPublisher is read-only"):
+                await c.call("startPublisher", "feed:0")
+            with pytest.raises(pm.PermissionDenied):  # declared as reloadConfig's e2
+                await c.call("reloadConfig")
+            assert await c.call("shutdown") is None  # refused silently: oneway has no answer
+            assert await c.call("getStatus") == idl.FbStatus.ALIVE
+            with pytest.raises(RpcError, match="PermissionDenied: setOption is read-only"):
+                await c.call("setOption", "k", "v")  # fb303's setOption declares nothing
+        assert not handler.options and not handler.shutdown_called.is_set()
+        tcp = seen[0][0]
+        assert (tcp.kind, tcp.uid, tcp.pid, tcp.cert_subject) == ("tcp", None, None, None)
+        assert tcp.address.startswith("127.0.0.1:")
+        assert [m for _, m in seen] == [
+            "startPublisher", "reloadConfig", "shutdown", "getStatus", "setOption",
+        ]  # fmt: skip
+
+        sock = tmp_path / "ctl.sock"
+        await server.start_unix(sock, allow_uids=[])
+        async with await ThriftClient.connect(SVC, unix_socket=sock) as c:
+            assert await c.call("startPublisher", "feed:0") == INFO_A
+            with pytest.raises(pm.PermissionDenied, match="the handler says no"):
+                await c.call("reopenLogs")  # errors.PermissionDenied from the handler itself
+        unix = seen[-1][0]
+        assert (unix.kind, unix.uid, unix.pid, unix.address) == (
+            "unix", os.getuid(), os.getpid(), str(sock),
+        )  # fmt: skip
+
+
+_PEER_CHILD = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    data = s.recv(65536)
+except (ConnectionResetError, BrokenPipeError):
+    data = b""
+print("answered" if data else "refused")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a child as nobody")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs a python nobody can run")
+async def test_so_peercred_refuses_other_uids(caplog: pytest.LogCaptureFixture) -> None:
+    # pytest's tmp_path sits under a 0700 directory, so make one nobody can reach.
+    base = tempfile.mkdtemp(prefix="pubmon-rpc-", dir="/tmp")
+    os.chmod(base, 0o755)
+    path = os.path.join(base, "ctl.sock")
+    request = call_frame("getStatus", SVC.getStatus_args()).hex()
+
+    async def as_nobody() -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-I", "-c", _PEER_CHILD, path, request,
+            user=65534, cwd="/", stdout=subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(10):
+            out, _ = await proc.communicate()
+        return out.decode().strip()
+
+    try:
+        async with ThriftServer(SVC, Handler(), name="ctl") as server:
+            await server.start_unix(path, mode=0o666, allow_uids=[1234])
+            assert await as_nobody() == "refused"
+            assert server.rejected_connections == 1 and server.connections_total == 0
+            assert "uid=65534" in caplog.text
+        async with ThriftServer(SVC, Handler(), name="ctl") as server:
+            await server.start_unix(path, mode=0o666, allow_uids=[65534])
+            assert await as_nobody() == "answered"
+            assert server.connections_total == 1
+    finally:
+        shutil.rmtree(base)
+
+
+async def test_unix_socket_file_lifecycle(tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # leaves the file, nobody listening
+    async with ThriftServer(SVC, Handler(), name="a") as first:
+        await first.start_unix(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(OSError) as live:
+            await ThriftServer(SVC, Handler(), name="b").start_unix(path)
+        assert live.value.errno == errno.EADDRINUSE
+        async with await ThriftClient.connect(SVC, unix_socket=path) as c:
+            assert await c.call("getStatus") == 2  # still ours, still answering
+
+        not_a_socket = tmp_path / "file"
+        not_a_socket.write_text("keep me")
+        with pytest.raises(OSError) as exists:
+            await ThriftServer(SVC, Handler(), name="c").start_unix(not_a_socket)
+        assert exists.value.errno == errno.EEXIST and not_a_socket.read_text() == "keep me"
+    assert not path.exists()  # removed at close
+
+    async with ThriftServer(SVC, Handler(), name="d") as third:
+        await third.start_unix(path)
+        path.unlink()  # someone replaces it: not ours to remove any more
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(path))
+    other.close()
+    assert path.exists()
+
+
+# --- limits and hostile input -------------------------------------------------------------------
+
+
+async def test_garbage_is_refused_and_the_server_stays_healthy() -> None:
+    pack = struct.pack
+    cases = {
+        "2 GiB frame": pack(">i", 0x7FFFFFFF),
+        "negative frame": pack(">i", -5) + b"xxxx",
+        "empty frame": pack(">i", 0),
+        # getPublisher(name) whose string declares 2 GiB inside a 30-byte frame
+        "2 GiB string": get_publisher(pack(">bhi", TType.STRING, 1, 0x7FFFFFFF), b"abc"),
+        # an unknown field: list<VOID> of 2**31-1 elements (spins thriftpy2's pure codec)
+        "void list": get_publisher(pack(">bhbi", TType.LIST, 99, TType.VOID, 2**31 - 1), b"\0"),
+        "huge map": get_publisher(pack(">bhbbi", TType.MAP, 99, 8, 8, 0x7FFFFFFF), b"\0"),
+        "deep": get_publisher(pack(">bh", TType.LIST, 99), pack(">bi", TType.LIST, 1) * 10_000),
+        "bad version": frame(pack(">Ii", 0x80020001, 9) + b"getStatus" + b"\0" * 5),
+        "reply from client": frame(message_head("getStatus", mtype=TMessageType.REPLY) + b"\0"),
+        "cut message": get_publisher(pack(">bhi", TType.STRING, 1, 10), b"abc"),
+        "stray bytes": frame(message_head("getStatus") + b"\0" + b"junk"),
+    }
+    rng = random.Random(1234)
+    for i in range(20):
+        cases[f"random {i}"] = rng.randbytes(rng.randint(1, 4096))
+    cases["truncated frame"] = struct.pack(">i", 100) + b"0123456789"
+
+    async with serving() as (server, port):
+        started = time.monotonic()
+        for name, data in cases.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(data)
+            if name.startswith(("random", "truncated")):
+                writer.write_eof()  # may be an incomplete frame: end it
+            assert await closed_by_peer(reader), name
+            writer.close()
+            await writer.wait_closed()
+        assert time.monotonic() - started < 5
+        assert server.rejected_frames >= 3
+        assert server.errors >= 8
+        async with await connect(port) as c:
+            assert await c.call("getStatus") == 2
+        await until(lambda: server.connections == 0)
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_thousand_idle_connections_cost_little() -> None:
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * n + 100:
+        if hard != resource.RLIM_INFINITY and hard < 2 * n + 100:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2 * n + 100, hard))
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    try:
+        async with serving() as (server, port), await connect(port) as c:
+            await c.call("getStatus")
+            rss_before = _rss_bytes()
+            for _ in range(n):
+                s = socket.socket()
+                s.setblocking(False)
+                socks.append(s)
+                await loop.sock_connect(s, ("127.0.0.1", port))  # lets the server accept
+            await until(lambda: server.connections == n + 1)
+            latencies = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                assert await c.call("getStatus") == 2
+                latencies.append(time.perf_counter() - t0)
+            grown = _rss_bytes() - rss_before
+            worst = max(latencies) * 1e3
+            print(f"\n{n} idle connections: getStatus max {worst:.2f} ms, RSS +{grown >> 10} KiB")
+            assert max(latencies) < 0.05
+            assert grown < 20 << 20
+            for s in socks:
+                s.close()
+            await until(lambda: server.connections == 1)
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_idle_timeout_closes_silent_and_stalled_connections() -> None:
+    class Slow(Handler):
+        async def getCpuProfile(self, seconds: int) -> str:
+            await asyncio.sleep(0.5)  # the call itself outlasts idle_timeout
+            return "profile"
+
+    async with serving(Slow(), idle_timeout=0.2) as (server, port):
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        stalled = await asyncio.open_connection("127.0.0.1", port)
+        stalled[1].write(struct.pack(">i", 100) + b"half")
+        started = time.monotonic()
+        assert await closed_by_peer(silent[0]) and await closed_by_peer(stalled[0])
+        assert 0.15 < time.monotonic() - started < 2
+        for _, writer in (silent, stalled):
+            writer.close()
+            await writer.wait_closed()
+        async with await connect(port) as c:
+            assert await c.call("getCpuProfile", 1) == "profile"  # time in its own call counts not
+            for _ in range(4):
+                await asyncio.sleep(0.1)  # an active client: each call restarts the idle clock
+                assert await c.call("getStatus") == 2
+        await until(lambda: server.connections == 0)
+
+
+async def test_connection_cap() -> None:
+    async with serving(max_connections=2) as (server, port):
+        first, second = await connect(port), await connect(port)
+        assert await first.call("getStatus") == await second.call("getStatus") == 2
+        async with await connect(port) as third:
+            with pytest.raises(RpcError):
+                await third.call("getStatus")
+        assert server.rejected_connections == 1
+        await first.close()
+        await until(lambda: server.connections == 1)
+        async with await connect(port) as fourth:
+            assert await fourth.call("getStatus") == 2
+        await second.close()
+
+
+async def test_frames_over_max_frame_are_rejected() -> None:
+    async with serving(max_frame=256) as (server, port):
+        async with await connect(port) as c:
+            with pytest.raises(pm.UnknownPublisher):
+                await c.call("getPublisher", "x" * 200)
+            with pytest.raises(RpcError):
+                await c.call("getPublisher", "x" * 300)
+        assert server.rejected_frames == 1
+
+
+async def test_client_timeout_throws_the_connection_away() -> None:
+    handler = Handler()
+    async with serving(handler) as (server, port):
+        c = await connect(port, timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(RpcError, match=r"no reply within 0\.2 s"):
+            await c.call("getCpuProfile", 3600)
+        assert time.monotonic() - started < 2
+        with pytest.raises(RpcError, match="closed"):
+            await c.call("getStatus")
+        await c.close()
+        assert handler.profile_started.is_set()
+    assert handler.profile_cancelled.is_set()  # close() cancelled the call still in progress
+    assert server.connections == 0 and not server._tasks
+
+
+async def test_connect_failures_raise_rpc_error(tmp_path: Path) -> None:
+    with pytest.raises(RpcError, match="cannot connect"):
+        await ThriftClient.connect(SVC, unix_socket=tmp_path / "missing.sock")
+    with pytest.raises(ValueError):
+        await ThriftClient.connect(SVC, host="127.0.0.1")
+
+
+async def test_close_ends_open_connections() -> None:
+    async with serving() as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        c = await connect(port)
+        assert await c.call("getStatus") == 2
+        await until(lambda: server.connections == 2)
+        await server.close()
+        assert server.connections == 0
+        assert await closed_by_peer(reader)
+        with pytest.raises(RpcError):
+            await c.call("getStatus")
+        writer.close()
+        await writer.wait_closed()
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("certs")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test-ca")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/O=pubmon/CN=operator")):
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+        run("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", "-days", "2")
+    yield d
+
+
+async def test_mutual_tls_gives_the_peer_subject(certs: Path) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certs / "ca.pem")
+    server_ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cafile=certs / "ca.pem")
+    client_ctx.load_cert_chain(certs / "client.pem", certs / "client.key")
+    anonymous_ctx = ssl.create_default_context(cafile=certs / "ca.pem")
+    seen: list[Peer] = []
+    server = ThriftServer(SVC, Handler(), name="tls", on_call=lambda p, m: seen.append(p))
+    async with server:
+        port = await server.start_tcp("127.0.0.1", 0, ssl_context=server_ctx)
+        async with await connect(port, ssl_context=client_ctx) as c:
+            assert await c.call("getStatus") == 2
+        assert seen[0].cert_subject == "O=pubmon,CN=operator"
+        with contextlib.suppress(RpcError):  # TLS 1.3 may only notice at the first call
+            async with await connect(port, ssl_context=anonymous_ctx, timeout=2) as c:
+                with pytest.raises(RpcError):
+                    await c.call("getStatus")
+        assert len(seen) == 1
+
+
+# --- codec ----------------------------------------------------------------------------------
+
+
+def _samples() -> list[Any]:
+    chunk = Handler().tailLog("x", 5, 3)
+    problems = pm.ConfigError(message="bad", problems=["a.b: expected int", "ü"])
+    return [INFO_A, INFO_B, chunk, problems, SVC.getCounters_result(success={"a": -(2**63)})]
+
+
+@pytest.mark.parametrize("sample", _samples(), ids=lambda s: type(s).__name__)
+def test_codec_matches_thriftpy2(sample: Any) -> None:
+    ours = _frames.encode_message("m", TMessageType.REPLY, 7, sample, framed=False)
+    theirs = TMemoryBuffer()
+    proto = TBinaryProtocol(theirs)
+    proto.write_message_begin("m", TMessageType.REPLY, 7)
+    proto.write_struct(sample)
+    assert ours == theirs.getvalue()
+    reader = _frames.Reader(ours)
+    assert reader.message_begin() == ("m", TMessageType.REPLY, 7)
+    assert vars(reader.read_struct(type(sample))) == vars(sample)  # TException compares by id
+    reader.expect_end()
+
+
+def test_decoder_refuses_hostile_lengths_quickly() -> None:
+    args = SVC.getPublisher_args
+    bodies = {
+        "2 GiB string": struct.pack(">bhi", TType.STRING, 1, 0x7FFFFFFF) + b"abc",
+        "negative string": struct.pack(">bhi", TType.STRING, 1, -1) + b"abc\0",
+        "void list": struct.pack(">bhbi", TType.LIST, 9, TType.VOID, 0x7FFFFFFF) + b"\0",
+        "empty-type list": struct.pack(">bhbi", TType.LIST, 9, 0, 0x7FFFFFFF) + b"\0",
+        "huge i8 list": struct.pack(">bhbi", TType.LIST, 9, TType.BYTE, 0x7FFFFFFF) + b"\0",
+        "unknown field type": struct.pack(">bh", 16, 9) + b"\0" * 8,
+        "deep": struct.pack(">bh", TType.LIST, 9) + struct.pack(">bi", TType.LIST, 1) * 10_000,
+    }
+    for name, body in bodies.items():
+        started = time.perf_counter()
+        with pytest.raises(_frames.ProtocolViolation):
+            _frames.Reader(body).read_struct(args)
+        assert time.perf_counter() - started < 0.05, name
+
+
+def test_encoder_refuses_mistyped_values() -> None:
+    bad = [
+        pm.PublisherInfo(name="x", pid="12"),
+        pm.PublisherInfo(name="x", pid=2**40),
+        pm.LogChunk(lines=[None]),
+        pm.LogChunk(lines=[INFO_A]),
+        pm.ReloadResult(added=[b"ok", 3]),
+    ]
+    for payload in bad:
+        with pytest.raises(TypeError):
+            _frames.encode_message("m", TMessageType.REPLY, 1, payload, framed=True)
+
+
+# --- IDL loader -----------------------------------------------------------------------------
+
+
+def test_idl_modules_share_fb303_and_fbstatus_mirrors_fb_status() -> None:
+    assert pm.fb303 is idl.fb303() is idl.publisher().fb303
+    assert sys.modules["pubmon_thrift"] is pm
+    assert {s.name: s.value for s in idl.FbStatus} == idl.fb303().fb_status._NAMES_TO_VALUES
+    assert set(idl.fb303().FacebookService.thrift_services) < set(SVC.thrift_services)
+    assert SVC.shutdown_result.oneway and not SVC.getStatus_result.oneway
+
+
+def _shape(modules: dict[str, Any]) -> dict[str, Any]:
+    """Everything that reaches the wire, with classes replaced by their names."""
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, type):
+            return value.__name__
+        if isinstance(value, tuple | list):
+            return [spec(v) for v in value]
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return value
+
+    out = {}
+    for mod_name, module in modules.items():
+        for name, obj in sorted(vars(module).items()):
+            if isinstance(obj, type) and hasattr(obj, "thrift_services"):
+                for m in obj.thrift_services:
+                    for suffix in ("_args", "_result"):
+                        cls = getattr(obj, m + suffix)
+                        out[f"{mod_name}.{name}.{m}{suffix}"] = spec(cls.thrift_spec)
+                    out[f"{mod_name}.{name}.{m}.oneway"] = getattr(obj, m + "_result").oneway
+            elif isinstance(obj, type) and hasattr(obj, "thrift_spec"):
+                out[f"{mod_name}.{name}"] = spec(obj.thrift_spec)
+            elif isinstance(obj, type) and hasattr(obj, "_NAMES_TO_VALUES"):
+                out[f"{mod_name}.{name}"] = obj._NAMES_TO_VALUES
+    return out
+
+
+def test_idl_cache_round_trips_and_refuses_foreign_files(tmp_path: Path) -> None:
+    parsed = idl._modules()
+    cache = tmp_path / "pubmon" / "idl-test.pickle"
+    idl._write_cache(cache, parsed)
+    assert stat.S_IMODE(os.stat(cache.parent).st_mode) == 0o700
+    loaded = idl._read_cache(cache)
+    assert loaded is not None and loaded["pubmon_thrift"] is not pm
+    assert _shape(loaded) == _shape(parsed)
+    again = loaded["pubmon_thrift"].PublisherInfo(**vars(INFO_A))
+    assert _frames.encode_message("m", 2, 1, again, framed=True) == _frames.encode_message(
+        "m", 2, 1, INFO_A, framed=True
+    )
+    os.chmod(cache, 0o666)  # writable by others: unpickling it could run their code
+    assert idl._read_cache(cache) is None

@@ -1,0 +1,324 @@
+"""The supervision core in-process: real children, real signals, real pipes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from children import (
+    EXIT0,
+    EXIT1,
+    GRANDCHILD,
+    IGNORE_TERM,
+    ORPHANER,
+    SLEEP,
+    config,
+    numbered,
+    py,
+    spec,
+)
+from procs import alive, children, in_group, state, wait_gone
+from pubmon.config import Backoff, CrashLoop, PublisherSpec
+from pubmon.errors import InvalidState, UnknownPublisher
+from pubmon.lifecycle import PublisherState
+from pubmon.publisher import Publisher
+from pubmon.supervisor import Supervisor
+
+S = PublisherState
+
+
+@asynccontextmanager
+async def running(*specs: PublisherSpec, log_dir: Path | None = None) -> AsyncIterator[Supervisor]:
+    async with Supervisor(config(*specs, log_dir=str(log_dir) if log_dir else None)) as sup:
+        yield sup
+
+
+async def until(pub: Publisher, predicate: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        await pub.wait_until(predicate)
+
+
+async def lines_seen(pub: Publisher, n: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while pub.output.last_seq < n:
+            await pub.output.wait_beyond(pub.output.last_seq)
+
+
+async def in_state(pub: Publisher, *states: S, timeout: float = 10) -> None:
+    await until(pub, lambda: pub.state in states, timeout)
+
+
+async def test_autostart_runs_and_stop_all_leaves_nothing() -> None:
+    async with running(spec("a"), spec("b"), spec("c", autostart=False)) as sup:
+        a, b, c = (sup.get(n) for n in "abc")
+        await in_state(a, S.RUNNING)
+        await in_state(b, S.RUNNING)
+        assert c.state == S.STOPPED and c.pid is None
+        pids = [a.pid, b.pid]
+        assert all(p and alive(p) for p in pids)
+        # each publisher leads its own process group
+        assert a.pid is not None and os.getpgid(a.pid) == a.pid
+    assert not any(alive(p) for p in pids if p)
+
+
+async def test_operator_stop_is_never_undone_and_start_brings_it_back() -> None:
+    async with running(spec("a")) as sup:
+        pub = sup.get("a")
+        await in_state(pub, S.RUNNING)
+        first = pub.pid
+        snap = await sup.stop("a")
+        assert snap.state == S.STOPPED and snap.pid is None
+        assert first is not None and not alive(first)
+        with pytest.raises(InvalidState, match="already STOPPED"):
+            await sup.stop("a")
+        assert pub.restarts == 0 and pub.state == S.STOPPED
+        snap = await sup.start("a")
+        assert snap.state == S.RUNNING and snap.pid not in (None, first)
+        with pytest.raises(InvalidState, match="already RUNNING"):
+            await sup.start("a")
+        with pytest.raises(UnknownPublisher, match="'nope'"):
+            await sup.start("nope")
+
+
+async def test_restart_gives_a_new_pid() -> None:
+    async with running(spec("a")) as sup:
+        await in_state(sup.get("a"), S.RUNNING)
+        before = sup.get("a").pid
+        snap = await sup.restart("a")
+        assert snap.state == S.RUNNING and snap.pid != before
+        assert before is not None and not alive(before)
+
+
+async def test_killed_child_is_restarted_at_once() -> None:
+    async with running(spec("a")) as sup:
+        pub = sup.get("a")
+        await in_state(pub, S.RUNNING)
+        old = pub.pid
+        assert old is not None
+        t0 = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        await until(pub, lambda: pub.state == S.RUNNING and pub.pid not in (None, old))
+        took = time.monotonic() - t0
+        assert pub.last_exit == -signal.SIGKILL
+        assert pub.last_exit_reason == "killed by SIGKILL"
+        assert pub.restarts == 1
+        assert took < 2.0  # generous; the bench measures the real figure
+
+
+async def test_crash_loop_reaches_fatal_following_backoff_and_spares_the_rest() -> None:
+    backoff = Backoff(initial=0.1, max=0.4, factor=2, jitter=0)
+    crashy = spec("crashy", EXIT1, backoff=backoff, crash_loop=CrashLoop(max_restarts=5, window=60))
+    async with running(crashy, spec("steady")) as sup:
+        pub, steady = sup.get("crashy"), sup.get("steady")
+        await in_state(steady, S.RUNNING)
+        steady_pid = steady.pid
+        await in_state(pub, S.FATAL)
+        assert "crash loop" in pub.details
+        starts = list(pub.start_times)
+        assert len(starts) == 6  # the first start and max_restarts restarts
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        expected = [0.0, 0.1, 0.2, 0.4, 0.4]
+        for gap, want in zip(gaps, expected, strict=True):
+            assert want <= gap < want + 0.25, (gaps, expected)
+        assert pub.last_exit == 1 and pub.restarts == 5
+        assert steady.state == S.RUNNING and steady.pid == steady_pid and steady.restarts == 0
+        # only an operator leaves FATAL
+        snap = await sup.start("crashy")
+        assert snap.state in (S.RUNNING, S.BACKOFF)
+
+
+async def test_restart_policies_on_clean_exit() -> None:
+    async with running(
+        spec("never", EXIT1, restart="never"),
+        spec("onfail", EXIT0, restart="on-failure", start_timeout=1),
+    ) as sup:
+        never, onfail = sup.get("never"), sup.get("onfail")
+        await in_state(never, S.EXITED)
+        await in_state(onfail, S.EXITED)
+        assert never.restarts == 0 and never.last_exit == 1
+        assert onfail.restarts == 0 and onfail.last_exit == 0
+        await sup.stop("never")
+        assert never.state == S.STOPPED
+
+
+async def test_ignoring_sigterm_is_killed_after_stop_timeout_not_before() -> None:
+    stubborn = spec("stubborn", IGNORE_TERM, stop_timeout=0.6)
+    async with running(stubborn) as sup:
+        pub = sup.get("stubborn")
+        await in_state(pub, S.RUNNING)
+        await lines_seen(pub, 1)  # SIGTERM is now ignored
+        t0 = time.monotonic()
+        await sup.stop("stubborn")
+        took = time.monotonic() - t0
+        assert pub.last_exit == -signal.SIGKILL
+        assert 0.6 <= took < 0.6 + 1.0
+
+
+async def test_graceful_stop_kills_the_grandchildren_of_the_group(tmp_path: Path) -> None:
+    async with running(spec("parent", GRANDCHILD)) as sup:
+        pub = sup.get("parent")
+        await in_state(pub, S.RUNNING)
+        await lines_seen(pub, 1)
+        grandchild = int(pub.output.last(1).lines[0].text)
+        leader = pub.pid
+        assert leader is not None and alive(grandchild)
+        assert os.getpgid(grandchild) == leader
+        await sup.stop("parent")
+        assert not alive(grandchild) and not in_group(leader)
+
+
+async def test_orphaned_grandchild_is_killed_with_its_group_and_reaped() -> None:
+    async with running(spec("orphaner", ORPHANER, restart="never")) as sup:
+        pub = sup.get("orphaner")
+        await in_state(pub, S.EXITED)
+        grandchild = int(pub.output.last(1).lines[0].text)
+        # The leader exited; the rest of its group was killed and the orphan (re-parented to us,
+        # the subreaper) reaped: neither alive nor a zombie.
+        async with asyncio.timeout(5):
+            while state(grandchild) is not None:
+                await asyncio.sleep(0.01)
+        assert grandchild not in children(os.getpid())
+
+
+async def test_escaped_grandchild_is_killed_at_shutdown() -> None:
+    # setsid puts the grandchild out of reach of killpg; shutdown still ends it.
+    escaper = spec("escaper", ("sh", "-c", "setsid sleep 3600 & echo started; exec sleep 3600"))
+    async with running(escaper) as sup:
+        pub = sup.get("escaper")
+        await lines_seen(pub, 1)
+        leader = pub.pid
+    assert leader is not None
+    leftovers = [p for p in children(os.getpid()) if alive(p)]
+    assert leftovers == []
+
+
+async def test_depends_on_starts_after_and_stops_before() -> None:
+    db = spec("db", SLEEP, start_timeout=0.3)
+    app = spec("app", SLEEP, depends_on=("db",))
+    order: list[tuple[str, S]] = []
+    async with running(app, db) as sup:
+        a, d = sup.get("app"), sup.get("db")
+        await in_state(a, S.RUNNING)
+        assert d.state == S.RUNNING
+        assert a.start_times[0] >= d.start_times[0] + 0.3
+        orig_a, orig_d = a._transition, d._transition
+
+        def spy(pub: Publisher, orig: Callable[[S, str], None]) -> Callable[[S, str], None]:
+            def wrapped(new: S, why: str) -> None:
+                order.append((pub.name, new))
+                orig(new, why)
+
+            return wrapped
+
+        a._transition = spy(a, orig_a)  # type: ignore[method-assign]
+        d._transition = spy(d, orig_d)  # type: ignore[method-assign]
+    assert order.index(("app", S.STOPPED)) < order.index(("db", S.STOPPING))
+
+
+async def test_permanent_spawn_error_is_fatal_with_reason_and_others_run(tmp_path: Path) -> None:
+    noexec = tmp_path / "noexec.sh"
+    noexec.write_text("#!/bin/sh\nexit 0\n")
+    noexec.chmod(0o644)
+    async with running(
+        spec("noexec", (str(noexec),)),
+        spec("ghost", SLEEP, user="no-such-user-pubmon"),
+        spec("fine"),
+    ) as sup:
+        await in_state(sup.get("noexec"), S.FATAL)
+        await in_state(sup.get("ghost"), S.FATAL)
+        await in_state(sup.get("fine"), S.RUNNING)
+        assert "Permission denied" in sup.get("noexec").details
+        assert "no-such-user-pubmon" in sup.get("ghost").details
+
+
+async def test_every_line_of_a_fast_child_reaches_the_log_file(tmp_path: Path) -> None:
+    n = 200_000
+    async with running(spec("chatty", numbered(n), restart="never"), log_dir=tmp_path) as sup:
+        pub = sup.get("chatty")
+        await in_state(pub, S.EXITED)
+        assert pub.output.lines == n
+    lines = (tmp_path / "chatty.log").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert lines[:-1] == [f"line {i}".encode() for i in range(n)]
+
+
+async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'a' * (5 << 20))\n"  # 5 MiB, no newline, then the stream ends with garbage
+        "w(b'\\nbad \\xff\\xfe utf8\\nlast')\n"
+    )
+    big = spec("big", py(code), restart="never", log=replace(spec("x").log, ring_lines=200))
+    async with running(big, log_dir=tmp_path) as sup:
+        pub = sup.get("big")
+        await in_state(pub, S.EXITED)
+        assert pub.output.last_seq == 82  # 80 fragments of 64 KiB, then two lines
+        chunk = pub.output.tail(0, 10_000)
+    lines = chunk.lines
+    assert lines[-1].text == "last" and lines[-1].partial
+    assert lines[-2].text == "bad \\xff\\xfe utf8" and not lines[-2].partial
+    fragments = lines[:-2]
+    assert "".join(f.text for f in fragments) == "a" * (5 << 20)
+    assert all(f.partial for f in fragments[:-1]) and not fragments[-1].partial
+    assert all(len(f.text) <= 65536 for f in fragments)
+    raw = (tmp_path / "big.log").read_bytes()
+    assert raw.replace(b"\n", b"").startswith(b"a" * (5 << 20))
+    assert raw.endswith(b"bad \xff\xfe utf8\nlast\n")
+
+
+async def test_environment_is_scrubbed_and_pdeathsig_armed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "1000")
+    code = (
+        "import ctypes, os, signal\n"
+        "libc = ctypes.CDLL(None)\n"
+        "sig = ctypes.c_int()\n"
+        "libc.prctl(2, ctypes.byref(sig))\n"  # PR_GET_PDEATHSIG
+        "print('pdeathsig', sig.value)\n"
+        "print('notify', os.environ.get('NOTIFY_SOCKET'), os.environ.get('WATCHDOG_USEC'))\n"
+        "print('mine', os.environ.get('MINE'), os.environ['PUBMON_PUBLISHER'])\n"
+        "print('stdin', os.readlink('/proc/self/fd/0'))\n"
+    )
+    probe = spec("env", py(code), restart="never", environment=(("MINE", "yes"),))
+    async with running(probe) as sup:
+        pub = sup.get("env")
+        await in_state(pub, S.EXITED)
+        texts = [line.text for line in pub.output.tail(0, 100).lines]
+    assert texts == [
+        f"pdeathsig {int(signal.SIGKILL)}",
+        "notify None None",
+        "mine yes env",
+        "stdin /dev/null",
+    ]
+
+
+async def test_unknown_and_program_names_resolve() -> None:
+    async with running(
+        spec("w:0", program="w", index=0), spec("w:1", program="w", index=1), spec("x")
+    ) as sup:
+        assert [p.name for p in sup.resolve(["w"])] == ["w:0", "w:1"]
+        assert [p.name for p in sup.resolve(["x", "w:1"])] == ["x", "w:1"]
+        with pytest.raises(UnknownPublisher):
+            sup.resolve(["y"])
+
+
+async def test_shutdown_with_many_publishers_is_concurrent() -> None:
+    specs = [spec(f"p{i}") for i in range(50)]
+    async with running(*specs) as sup:
+        await sup.wait_settled()
+        pids = [p.pid for p in sup.publishers.values()]
+        assert all(pids)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    await wait_gone([p for p in pids if p], timeout=1)
+    assert took < 5
