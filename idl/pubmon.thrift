@@ -7,16 +7,16 @@
  *     client certificate is accepted. There, mutating methods declared below raise
  *     PermissionDenied.
  *
- * fb303 base methods keep their classic signatures (an `extends` cannot add `throws` to inherited
- * methods). Their pubmon meanings:
+ * fb303 base methods keep their classic signatures. Their pubmon meanings:
  *   - getStatus: STARTING until the first autostart round settles, ALIVE when every wanted
  *     publisher is RUNNING and healthy, WARNING otherwise, STOPPING during shutdown.
  *   - reinitialize: reload the config file (like SIGHUP).      [mutating]
  *   - shutdown: stop every publisher and exit (like SIGTERM).  [mutating]
  *   - setOption: set a runtime option.                         [mutating]
- * A refused call to a mutating base method cannot be answered with PermissionDenied: setOption
- * gets a TApplicationException (type INTERNAL_ERROR, message naming the refusal) instead, and the
- * oneway methods (reinitialize, shutdown) get no reply at all; the daemon just logs the refusal.
+ * An `extends` cannot add `throws` to inherited methods, so a refused call to a mutating base
+ * method cannot be answered with PermissionDenied: setOption gets a TApplicationException
+ * instead (type UNKNOWN = 0, message "PermissionDenied: ..."), and the oneway methods
+ * (reinitialize, shutdown) get no reply at all; the daemon logs the refusal.
  */
 
 include "fb303.thrift"

@@ -1,7 +1,8 @@
 """pubmon.rpc (server, client), its codec (pubmon._frames) and the IDL loader (pubmon.idl).
 
-Real sockets on loopback and unix sockets; the server runs in-process. Waits are on states under
-asyncio.timeout, never sleeps.
+Real sockets on loopback and unix sockets; the server runs in-process. Every wait is for a state
+or an event under asyncio.timeout; no sleep stands in for synchronisation (the few sleeps are the
+scenario itself: a slow handler, a client pausing between calls).
 """
 
 from __future__ import annotations
@@ -337,7 +338,7 @@ async def test_our_client_against_thriftpy2_aio_server(transport: str) -> None:
 async def test_client_checks_reply_name_and_seqid() -> None:
     async def answer_wrongly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _frames.read_frame(reader, 1 << 20)
+            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
             result = SVC.getStatus_result(success=2)
             writer.write(_frames.encode_message("getStatus", 2, 999, result, framed=True))
             await closed_by_peer(reader)
@@ -499,6 +500,7 @@ async def test_garbage_is_refused_and_the_server_stays_healthy() -> None:
     cases["truncated frame"] = struct.pack(">i", 100) + b"0123456789"
 
     async with serving() as (server, port):
+        rss_before = _rss_bytes()
         started = time.monotonic()
         for name, data in cases.items():
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -509,6 +511,7 @@ async def test_garbage_is_refused_and_the_server_stays_healthy() -> None:
             writer.close()
             await writer.wait_closed()
         assert time.monotonic() - started < 5
+        assert _rss_bytes() - rss_before < 20 << 20  # nothing allocated for declared sizes
         assert server.rejected_frames >= 3
         assert server.errors >= 8
         async with await connect(port) as c:

@@ -1,4 +1,4 @@
-"""Thrift binary-protocol messages: a strict decoder for untrusted bytes, a plain encoder, frames.
+"""Thrift binary-protocol messages: a strict decoder for untrusted bytes and a plain encoder.
 
 The codec works on whole messages in memory and on thriftpy2's generated classes
 (``thrift_spec``), so it produces and accepts exactly what thriftpy2's codecs do on the wire.
@@ -34,10 +34,8 @@ __all__ = [
     "encode_error",
     "encode_message",
     "methods",
-    "read_frame",
 ]
 
-import asyncio
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -117,14 +115,6 @@ def methods(service: type) -> dict[str, Method]:
             denied=next(((c, f) for c, f in throws if c.__name__ == "PermissionDenied"), None),
         )
     return table
-
-
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes:
-    """One frame's body. Raises BadFrame for a bad length, EOFError when the stream ends."""
-    size = int.from_bytes(await reader.readexactly(4), "big", signed=True)
-    if not 0 < size <= max_frame:
-        raise BadFrame(f"frame of {size} bytes (limit {max_frame})")
-    return await reader.readexactly(size)
 
 
 def decode_reply(data: bytes, method: Method, seqid: int) -> Any:

@@ -3,7 +3,8 @@
 ``fb303()``, ``publisher()`` and ``pubmon()`` return thriftpy2 modules registered in
 ``sys.modules`` as ``fb303_thrift``, ``publisher_thrift`` and ``pubmon_thrift`` (so their
 objects pickle), sharing one fb303 module: ``pubmon().fb303 is publisher().fb303 is fb303()``.
-The first call loads all three; later calls are a dict lookup.
+The first call loads all three; later calls are a dict lookup. Load them only through this
+module: a separate ``thriftpy2.load`` of the same files would make a second set of classes.
 
 The ``.thrift`` files come from package data (``pubmon/idl``, put there by the wheel's
 force-include) or, in an editable checkout, from the repository's top-level ``idl/``. For a
@@ -37,7 +38,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# fb303 first: it is loaded under its final module name, so the other two find it cached.
 _FILES = ("fb303.thrift", "publisher.thrift", "pubmon.thrift")
+_NAMES = tuple(f"{Path(f).stem}_thrift" for f in _FILES)  # module names must end in _thrift
 _CACHE_FORMAT = "1"
 
 
@@ -54,17 +57,17 @@ class FbStatus(enum.IntEnum):
 
 def fb303() -> types.ModuleType:
     """``fb303_thrift``: ``fb_status`` and ``FacebookService``."""
-    return _modules()["fb303_thrift"]
+    return _modules()[_NAMES[0]]
 
 
 def publisher() -> types.ModuleType:
     """``publisher_thrift``: ``PublisherService`` (what a supervised publisher serves)."""
-    return _modules()["publisher_thrift"]
+    return _modules()[_NAMES[1]]
 
 
 def pubmon() -> types.ModuleType:
     """``pubmon_thrift``: ``PubmonService``, its structs and exceptions (the daemon's API)."""
-    return _modules()["pubmon_thrift"]
+    return _modules()[_NAMES[2]]
 
 
 @functools.cache
@@ -102,18 +105,21 @@ def _idl_directory() -> Iterator[Path]:
 def _parse(directory: Path) -> dict[str, types.ModuleType]:
     import thriftpy2
 
-    # fb303 first, under its final name, so the includes in the other two find it cached.
-    names = [f"{Path(f).stem}_thrift" for f in _FILES]
     return {
         name: thriftpy2.load(str(directory / f), module_name=name, include_dirs=[str(directory)])
-        for name, f in zip(names, _FILES, strict=True)
+        for name, f in zip(_NAMES, _FILES, strict=True)
     }
 
 
 def _cache_file(directory: Path, sources: list[tuple[str, bytes]]) -> Path | None:
     from thriftpy2 import __version__ as thriftpy2_version
 
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the XDG default
+        try:
+            base = os.path.join(Path.home(), ".cache")
+        except RuntimeError:  # no HOME and no passwd entry: run without a cache
+            return None
     digest = hashlib.sha256()
     for part in (_CACHE_FORMAT, thriftpy2_version, sys.version, str(directory)):
         digest.update(part.encode() + b"\0")
@@ -135,7 +141,7 @@ def _read_cache(path: Path) -> dict[str, types.ModuleType] | None:
             if not _ours(os.fstat(f.fileno())):
                 return None
             modules = pickle.load(f)
-        if not isinstance(modules, dict) or sorted(modules) != sorted(_modules_names()):
+        if not isinstance(modules, dict) or sorted(modules) != sorted(_NAMES):
             return None
         return modules
     except FileNotFoundError:
@@ -162,10 +168,6 @@ def _write_cache(path: Path, modules: dict[str, types.ModuleType]) -> None:
                 old.unlink(missing_ok=True)
     except Exception as e:
         logger.debug("cannot write IDL cache %s: %r", path, e)
-
-
-def _modules_names() -> list[str]:
-    return [f"{Path(f).stem}_thrift" for f in _FILES]
 
 
 class _ModulePickler(pickle.Pickler):

@@ -93,7 +93,7 @@ class ExecProbe:
 def make_probe(spec: PublisherSpec) -> Probe | None:
     """The probe for a publisher, or None for kind "none"."""
     p: ProbeSpec = spec.probe
-    port = p.port if p.port is not None else spec.port
+    port = p.port  # config resolved it: the probe's own port, or the instance's
     if p.kind == "none":
         return None
     if p.kind == "tcp":
@@ -101,7 +101,4 @@ def make_probe(spec: PublisherSpec) -> Probe | None:
         return TcpProbe(p.host, port, p.timeout)
     if p.kind == "exec":
         return ExecProbe(p.command, p.timeout)
-    from .fb303probe import Fb303Probe
-
-    assert port is not None, "config guarantees a port"
-    return Fb303Probe(p.host, port, p.timeout, p.transport, data_source=spec.data_source)
+    raise NotImplementedError("fb303 probes")

@@ -68,10 +68,10 @@ class Peer:
     """Who is calling: uid/pid from SO_PEERCRED on unix sockets, the TLS subject on TCP."""
 
     kind: Literal["unix", "tcp"]
-    uid: int | None
-    pid: int | None
-    address: str
-    cert_subject: str | None = None
+    uid: int | None  # unix only
+    pid: int | None  # unix only
+    address: str  # the client's "host:port" on TCP; on unix, the socket path it connected to
+    cert_subject: str | None = None  # verified client certificate, as "O=...,CN=..."
 
 
 @final
@@ -87,8 +87,9 @@ class ThriftServer:
       (``rejected_connections``, which also counts unix peers refused by uid).
     - Calls on one connection run one at a time, in order. Handler methods take the IDL arguments
       positionally. A plain ``def`` (which must not block) is answered straight from the read
-      callback; an ``async def`` costs a task per call, about twice the server CPU.
-      A call in progress is not cancelled when its client goes away (only by ``close()``).
+      callback; an ``async def`` costs a task and a loop turn per call (+20-50 µs of server CPU
+      measured here), so write hot read-only methods as plain functions. A call in progress is
+      not cancelled when its client goes away, only by ``close()``.
     - ``on_call(peer, method)`` runs before every call (refused ones included), then
       ``authorize(peer, method)``, which refuses by raising ``errors.PermissionDenied``. That, or
       the same error from the handler, is answered with the method's declared ``PermissionDenied``
@@ -321,8 +322,9 @@ class ThriftServer:
 class _Connection(asyncio.Protocol):
     """One accepted connection: splits frames, runs calls one at a time, enforces the limits.
 
-    A protocol rather than streams plus a task: it answers plain handlers straight from
-    ``data_received``, which halves the server's CPU per call (measured 143 -> ~75 µs).
+    A protocol rather than streams plus a task per connection: plain handlers are answered from
+    ``data_received`` with no task wake-up. Measured here, an asyncio echo server cost 120-130 µs
+    of CPU per round trip with streams and 60-100 µs as a protocol.
     """
 
     def __init__(

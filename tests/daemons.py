@@ -1,0 +1,136 @@
+"""Run `pubmon daemon` as a real process for tests, and read its state from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import alive, descendants
+
+
+def toml_publisher(name: str, command: list[str], **keys: object) -> str:
+    lines = [f"[publisher.{name}]", f"command = {_toml(command)}"]
+    keys.setdefault("start_timeout", 0)
+    keys.setdefault("stop_timeout", 2)
+    for key, value in keys.items():
+        lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def daemon_header(tmp: Path, *, log_dir: bool = True, socket: bool = False) -> str:
+    text = "[daemon]\nshutdown_timeout = 30\n"
+    if log_dir:
+        text += f'log_dir = "{tmp / "logs"}"\n'
+    text += f'[control]\nsocket = "{tmp / "pubmon.sock" if socket else ""}"\n'
+    text += '[monitor]\nlisten = ""\n'
+    return text
+
+
+@dataclass
+class RunningDaemon:
+    proc: asyncio.subprocess.Process
+    config: Path
+    stderr: list[str] = field(default_factory=list)
+    _lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    async def wait_log(self, text: str, timeout: float = 10) -> str:
+        """Wait for a stderr line containing `text` (lines already seen count)."""
+        for line in self.stderr:
+            if text in line:
+                return line
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self._lines.get()
+                if text in line:
+                    return line
+
+    def publisher_pids(self) -> dict[str, int]:
+        """The daemon's publishers, by PUBMON_PUBLISHER in their environment."""
+        out: dict[str, int] = {}
+        for pid in descendants(self.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid != self.pid or not alive(pid):
+                continue
+            for item in env:
+                if item.startswith(b"PUBMON_PUBLISHER="):
+                    out[item.split(b"=", 1)[1].decode()] = pid
+        return out
+
+    async def wait_publishers(self, n: int, timeout: float = 20) -> dict[str, int]:
+        async with asyncio.timeout(timeout):
+            while len(pids := self.publisher_pids()) < n:
+                await asyncio.sleep(0.02)
+        return pids
+
+    async def wait_exit(self, timeout: float = 30) -> int:
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
+
+
+async def _pump(d: RunningDaemon) -> None:
+    assert d.proc.stderr is not None
+    async for raw in d.proc.stderr:
+        line = raw.decode(errors="replace").rstrip("\n")
+        d.stderr.append(line)
+        d._lines.put_nowait(line)
+
+
+@asynccontextmanager
+async def run_daemon(config: Path, *extra: str, ready: bool = True) -> AsyncIterator[RunningDaemon]:
+    """Start `pubmon daemon --config config`; on exit make sure it and its children are gone."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pubmon",
+        "daemon",
+        "--config",
+        str(config),
+        *extra,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    d = RunningDaemon(proc, config)
+    pump = asyncio.ensure_future(_pump(d))
+    try:
+        if ready:
+            await d.wait_log("ready:", timeout=30)
+        yield d
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        async with asyncio.timeout(10):
+            await pump
