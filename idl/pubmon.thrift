@@ -27,7 +27,7 @@ namespace py pubmon
 struct PublisherInfo {
   /** Instance name: the config name, or "name:i" when numprocs > 1. */
   1: string name,
-  /** argv[0] of the command, after expansion. */
+  /** The [publisher.<program>] section this instance comes from. */
   2: string program,
   /** Lifecycle state: STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED or FATAL. */
   3: string state,
@@ -124,8 +124,11 @@ service PubmonService extends fb303.FacebookService {
   ReloadResult reloadConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
 
   /**
-   * Up to maxLines lines with seq > afterSeq (afterSeq = -1: from the oldest line kept;
-   * maxLines <= 0: the server's default).
+   * Up to maxLines lines (1..10000) with seq > afterSeq, oldest first. afterSeq = 0: from the
+   * oldest line kept; afterSeq = -N: the last N lines. When afterSeq is the newest line's seq,
+   * the call waits up to 0.5 s for a new line before answering (a long poll for `tail -f`).
+   * A cursor beyond the newest line (the daemon restarted) answers no lines and nextSeq = the
+   * newest seq, so a follower resynchronises.
    */
   LogChunk tailLog(1: string name, 2: i64 afterSeq, 3: i32 maxLines)
       throws (1: UnknownPublisher e),

@@ -18,7 +18,7 @@ Options:
   --config FILE    The daemon's TOML config.
   --debug          asyncio debug mode and DEBUG logging (also PYTHONASYNCIODEBUG=1).
   --socket PATH    The daemon's control socket [default: /run/pubmon/pubmon.sock].
-  --host H         Talk to the TCP monitor listener on this host instead of the socket.
+  --host H         Talk to the TCP monitor listener on this host instead (read-only).
   --port P         The TCP monitor listener's port [default: 9090].
   --timeout S      Seconds to wait for the daemon's answer [default: 30].
   --json           Machine-readable output.
@@ -27,6 +27,7 @@ Options:
   -h --help        Show this text.
   --version        Show the version.
 
+Names are instance names (feed, feed:0) or program names (feed = all its instances).
 Exit codes: 0 ok, 1 error, 2 bad config, 3 daemon cannot start, 4 daemon not reachable,
 5 permission denied, 6 unknown publisher, 7 invalid state for the request.
 """
@@ -36,14 +37,18 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import asyncio
+import json
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from docopt import docopt
 
 from . import __version__
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, RpcError, StartupError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -53,6 +58,26 @@ EXIT_NOT_RUNNING = 4
 EXIT_DENIED = 5
 EXIT_UNKNOWN = 6
 EXIT_INVALID_STATE = 7
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Args:
+    command: str
+    names: tuple[str, ...]
+    socket: str
+    host: str | None
+    port: int
+    timeout: float
+    json: bool
+    lines: int
+    follow: bool
+    prefix: str
 
 
 def setup_logging(debug: bool) -> None:
@@ -65,7 +90,7 @@ def setup_logging(debug: bool) -> None:
     )
 
 
-def _run_daemon(config_path: str, debug: bool) -> int:
+def run_daemon(config_path: str, debug: bool) -> int:
     from .config import load_config
     from .daemon import Daemon
 
@@ -83,13 +108,297 @@ def _run_daemon(config_path: str, debug: bool) -> int:
         return EXIT_STARTUP
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = docopt(__doc__, argv=argv, version=f"pubmon {__version__}")
-    if args["daemon"]:
-        return _run_daemon(args["--config"], bool(args["--debug"]))
-    if args["check-config"]:
-        from .config import check_config_main
+def run_demo(debug: bool) -> int:
+    """The daemon on a built-in config: three demo publishers on free ports, in a temp dir."""
+    import tempfile
+    from pathlib import Path
 
-        return check_config_main(args["FILE"])
-    print("pubmon: this command is not available yet", file=sys.stderr)
-    return EXIT_ERROR
+    from .demo import demo_config, free_ports
+
+    with tempfile.TemporaryDirectory(prefix="pubmon-demo-") as tmp:
+        config = Path(tmp) / "pubmon.toml"
+        config.write_text(demo_config(Path(tmp), free_ports(4)))
+        sock = Path(tmp) / "pubmon.sock"
+        print(
+            f"pubmon demo: config {config}\n"
+            "Try, in another terminal:\n"
+            f"  pubmon status --socket {sock}\n"
+            f"  pubmon tail demo-feed -f --socket {sock}\n"
+            f"  pubmon restart demo-feed --socket {sock}\n"
+            f"  pubmon counters publisher. --socket {sock}\n"
+            f"  pubmon stop demo-quotes --socket {sock}\n"
+            f"  kill -HUP <daemon pid>     # reload {config}\n"
+            "Ctrl-C stops the daemon and every publisher.\n",
+            flush=True,
+        )
+        return run_daemon(str(config), debug)
+
+
+# --- talking to a running daemon ------------------------------------------------------------
+
+
+class Remote:
+    """A connection to the daemon that turns every failure into a CliError with an exit code."""
+
+    def __init__(self, args: Args) -> None:
+        self.args = args
+        self.where = f"{args.host}:{args.port}" if args.host else args.socket
+        self._client: Any = None
+
+    async def __aenter__(self) -> Remote:
+        from . import idl
+        from .rpc import ThriftClient
+
+        a = self.args
+        try:
+            if a.host:
+                self._client = await ThriftClient.connect(
+                    idl.pubmon().PubmonService, host=a.host, port=a.port, timeout=a.timeout
+                )
+            else:
+                self._client = await ThriftClient.connect(
+                    idl.pubmon().PubmonService, unix_socket=a.socket, timeout=a.timeout
+                )
+        except RpcError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PermissionError):
+                raise CliError(EXIT_DENIED, f"permission denied: {self.where}") from None
+            raise CliError(
+                EXIT_NOT_RUNNING, f"cannot reach the daemon at {self.where}: {_why(exc)}"
+            ) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def call(self, method: str, *args: object) -> Any:
+        from . import idl
+
+        m = idl.pubmon()
+        try:
+            return await self._client.call(method, *args)
+        except m.UnknownPublisher as exc:
+            raise CliError(EXIT_UNKNOWN, exc.message) from None
+        except m.InvalidState as exc:
+            raise CliError(EXIT_INVALID_STATE, exc.message) from None
+        except m.PermissionDenied as exc:
+            raise CliError(EXIT_DENIED, f"permission denied: {exc.message}") from None
+        except m.ConfigError as exc:
+            raise CliError(EXIT_CONFIG, exc.message) from None
+        except RpcError as exc:
+            text = str(exc)
+            if "PermissionDenied" in text:
+                raise CliError(EXIT_DENIED, f"permission denied: {text}") from None
+            if "closed" in text or "connection" in text.lower():
+                raise CliError(
+                    EXIT_NOT_RUNNING,
+                    f"the daemon at {self.where} closed the connection "
+                    f"(is uid {os.getuid()} in [control] allow_uids?)",
+                ) from None
+            raise CliError(EXIT_ERROR, text) from None
+
+
+def _why(exc: RpcError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(exc)
+
+
+async def _resolve(remote: Remote, names: tuple[str, ...]) -> list[Any]:
+    """PublisherInfo for each name: an instance name, or a program name (all its instances)."""
+    infos = await remote.call("listPublishers")
+    out = []
+    for name in names:
+        hits = [i for i in infos if i.name == name] or [i for i in infos if i.program == name]
+        if not hits:
+            raise CliError(EXIT_UNKNOWN, f"no publisher named {name!r}")
+        out.extend(hits)
+    return out
+
+
+def _uptime(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}:{s % 60:02d}"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _info_dict(i: Any) -> dict[str, object]:
+    return {
+        "name": i.name,
+        "program": i.program,
+        "state": i.state,
+        "pid": i.pid or None,
+        "health": i.health,
+        "restarts": i.restarts,
+        "last_exit": i.lastExit,
+        "last_exit_reason": i.lastExitReason,
+        "uptime": i.uptime,
+        "port": i.port or None,
+        "details": i.statusDetails,
+    }
+
+
+async def cmd_status(remote: Remote, a: Args) -> int:
+    infos = await (_resolve(remote, a.names) if a.names else remote.call("listPublishers"))
+    if a.json:
+        print(json.dumps([_info_dict(i) for i in infos], indent=1))
+        return EXIT_OK
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "DETAILS")]
+    for i in infos:
+        rows.append(
+            (
+                i.name,
+                i.state,
+                str(i.pid or "-"),
+                _uptime(i.uptime),
+                str(i.restarts),
+                i.health,
+                i.statusDetails,
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
+    return EXIT_OK
+
+
+async def cmd_action(remote: Remote, a: Args) -> int:
+    method = {"start": "startPublisher", "stop": "stopPublisher", "restart": "restartPublisher"}
+    code = EXIT_OK
+    for info in await _resolve(remote, a.names):
+        try:
+            i = await remote.call(method[a.command], info.name)
+        except CliError as exc:
+            where = "" if info.name in str(exc) else f"{info.name}: "
+            print(f"pubmon: {where}{exc}", file=sys.stderr)
+            code = code or exc.code
+            continue
+        pid = f" pid {i.pid}" if i.pid else ""
+        extra = f" ({i.statusDetails})" if i.state not in ("RUNNING", "STOPPED") else ""
+        print(f"{i.name}: {i.state}{pid}{extra}")
+    return code
+
+
+async def cmd_reload(remote: Remote, a: Args) -> int:
+    r = await remote.call("reloadConfig")
+    for label, names in (
+        ("added", r.added),
+        ("removed", r.removed),
+        ("changed", r.changed),
+        ("unchanged", r.unchanged),
+    ):
+        print(f"{label}: {', '.join(names) if names else '-'}")
+    return EXIT_OK
+
+
+async def cmd_tail(remote: Remote, a: Args) -> int:
+    name = a.names[0]
+    chunk = await remote.call("tailLog", name, -max(a.lines, 0), 10000)
+    cursor = chunk.nextSeq
+    _print_lines(chunk.lines)
+    while a.follow:
+        try:
+            chunk = await remote.call("tailLog", name, cursor, 1000)
+        except CliError as exc:
+            if exc.code != EXIT_NOT_RUNNING:
+                raise
+            remote = await _reconnect(remote)
+            continue
+        if chunk.missed:
+            print(f"... {chunk.missed} line(s) missed ...", file=sys.stderr)
+        _print_lines(chunk.lines)
+        cursor = chunk.nextSeq
+    return EXIT_OK
+
+
+async def _reconnect(remote: Remote) -> Remote:
+    # The daemon went away (restart): keep trying, as `tail -F` does.
+    await remote.__aexit__()
+    while True:
+        try:
+            return await Remote(remote.args).__aenter__()
+        except CliError:
+            await asyncio.sleep(0.5)
+
+
+def _print_lines(lines: list[Any]) -> None:
+    out = sys.stdout
+    for line in lines:
+        out.write(line.text + ("" if line.partial else "\n"))
+    out.flush()
+
+
+async def cmd_counters(remote: Remote, a: Args) -> int:
+    counters = await remote.call("getCounters")
+    for key in sorted(counters):
+        if key.startswith(a.prefix):
+            print(f"{key} {counters[key]}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Remote, Args], Awaitable[int]]] = {
+    "status": cmd_status,
+    "start": cmd_action,
+    "stop": cmd_action,
+    "restart": cmd_action,
+    "reload": cmd_reload,
+    "tail": cmd_tail,
+    "counters": cmd_counters,
+}
+
+
+async def _remote_main(a: Args) -> int:
+    async with Remote(a) as remote:
+        return await COMMANDS[a.command](remote, a)
+
+
+def _parse(argv: list[str] | None) -> tuple[dict[str, Any], Args | None]:
+    raw: dict[str, Any] = docopt(__doc__, argv=argv, version=f"pubmon {__version__}")
+    command = next((c for c in COMMANDS if raw.get(c)), None)
+    if command is None:
+        return raw, None
+    try:
+        args = Args(
+            command=command,
+            names=tuple(raw["NAME"]) if isinstance(raw["NAME"], list) else (raw["NAME"],),
+            socket=raw["--socket"],
+            host=raw["--host"],
+            port=int(raw["--port"]),
+            timeout=float(raw["--timeout"]),
+            json=bool(raw["--json"]),
+            lines=int(raw["-n"]),
+            follow=bool(raw["-f"]),
+            prefix=raw["PREFIX"] or "",
+        )
+    except ValueError as exc:
+        raise CliError(EXIT_ERROR, f"bad argument: {exc}") from None
+    return raw, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        raw, args = _parse(argv)
+        if raw["daemon"]:
+            return run_daemon(raw["--config"], bool(raw["--debug"]))
+        if raw["demo"]:
+            return run_demo(debug=bool(raw["--debug"]))
+        if raw["check-config"]:
+            from .config import check_config_main
+
+            return check_config_main(raw["FILE"])
+        assert args is not None
+        return asyncio.run(_remote_main(args))
+    except CliError as exc:
+        print(f"pubmon: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `pubmon tail -f x | head`
+        return EXIT_OK

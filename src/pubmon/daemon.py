@@ -1,9 +1,11 @@
 """`pubmon daemon`: the top TaskGroup and the order things start and stop in.
 
-Start: take the config lock, install signal handlers (before anything can be signalled), start
-the supervisor (which spawns autostart publishers), open the listeners, wait for the first round
-to settle, tell systemd READY=1. Stop (first SIGTERM): STOPPING=1, close the listeners, stop the
-publishers dependents-first under shutdown_timeout; a second SIGTERM kills every group at once.
+Start: take the config lock, install signal handlers (before anything can be signalled), open
+the listeners (a live control socket means another daemon: refuse before spawning anything),
+start the supervisor (which spawns autostart publishers), wait for the first round to settle,
+tell systemd READY=1. Stop (first SIGTERM): STOPPING=1, stop the publishers dependents-first
+under shutdown_timeout while the listeners still answer (status says STOPPING; mutating calls
+are refused), then close the listeners. A second SIGTERM kills every group at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Awaitable
 from .config import Config, ConfigDiff, load_config
 from .errors import ConfigError, StartupError
 from .lifecycle import Health, PublisherState
+from .notify import Notifier
+from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
 from .supervisor import Supervisor
 
@@ -45,9 +49,16 @@ def acquire_lock(path: str) -> int:
 class Daemon:
     """One daemon run. `await Daemon(config).run()` returns the process exit code."""
 
-    def __init__(self, config: Config, *, signals: SignalQueue | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        signals: SignalQueue | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self.signals = signals or SignalQueue()
+        self.notifier = notifier or Notifier()
         self.supervisor: Supervisor | None = None
         self.started_at = time.time()
         self.reloads = 0
@@ -56,6 +67,7 @@ class Daemon:
         self.loop_lag_ms = 0
         self.ready = asyncio.Event()  # the first autostart round has settled
         self.forced = False
+        self.listeners: Listeners | None = None
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
 
@@ -74,17 +86,21 @@ class Daemon:
     async def reload(self) -> ConfigDiff:
         """Re-read the config file; on any error keep running the old one and raise ConfigError."""
         assert self.supervisor is not None
+        self.notifier.reloading()
         try:
             new = load_config(self.config.path)
+            diff = await self.supervisor.reload(new)
         except ConfigError as exc:
             self.reload_failures += 1
             self.last_reload_error = str(exc)
             logger.error("reload failed, still running the previous config: %s", exc)
             raise
-        diff = await self.supervisor.reload(new)
+        finally:
+            self.notifier.ready(self.status_details())
         self.config = new
         self.reloads += 1
         self.last_reload_error = ""
+        self.notifier.status(self.status_details())
         return diff
 
     def reopen_logs(self) -> None:
@@ -132,9 +148,13 @@ class Daemon:
         lock = acquire_lock(self.config.path)
         try:
             with self.signals:
+                if os.environ.get("PUBMON_TEST_WEDGE") == "1":
+                    # Test-only: SIGUSR2 blocks the event loop for good, as a deadlock would.
+                    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, time.sleep, 1e6)
                 await self._run()
         finally:
             os.close(lock)
+            self.notifier.close()
         return EXIT_OK
 
     async def _run(self) -> None:
@@ -143,18 +163,27 @@ class Daemon:
                 tg.create_task(self._dispatch_signals(), name="signals"),
                 tg.create_task(self._reload_worker(), name="reloads"),
                 tg.create_task(self._measure_loop_lag(), name="loop lag"),
+                tg.create_task(self.notifier.watchdog(), name="watchdog"),
             ]
+            listeners = Listeners(self, self.config)
             try:
+                await listeners.start()
+                self.listeners = listeners
                 async with Supervisor(self.config) as sup:
                     self.supervisor = sup
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     await _first(sup.wait_settled(), self._stop.wait())
                     if not self.stopping:
                         self.ready.set()
+                        self.notifier.ready(self.status_details())
                         logger.info("ready: %s", sup.summary())
+                        background.append(tg.create_task(self._report_status(), name="status"))
                     await self._stop.wait()
                     logger.info("stopping: %s", sup.summary())
+                    self.notifier.stopping(f"stopping: {sup.summary()}")
+                    background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
             finally:
+                await listeners.close()
                 for task in background:
                     task.cancel()
         logger.info("pubmon %d stopped", os.getpid())
@@ -186,6 +215,28 @@ class Daemon:
                 await self.reload()
             except ConfigError:
                 pass  # logged and counted; the old config keeps running
+
+    async def _report_status(self) -> None:
+        # STATUS= follows the publishers, at most five times a second.
+        assert self.supervisor is not None
+        while True:
+            await self.supervisor.changed.wait()
+            self.notifier.status(self.status_details())
+            await asyncio.sleep(0.2)
+
+    async def _extend_stop_timeout(self) -> None:
+        # While publishers are still stopping within their own stop_timeout, or the number
+        # still running keeps falling, ask systemd for more time; a stuck stop gets none.
+        assert self.supervisor is not None
+        pubs = list(self.supervisor.publishers.values())
+        left = len(pubs) + 1
+        while True:
+            now_left = sum(not p.halted() for p in pubs)
+            stopping = any(p.state == PublisherState.STOPPING for p in pubs)
+            if now_left < left or stopping:
+                self.notifier.extend_timeout(5.0)
+            left = now_left
+            await asyncio.sleep(2.0)
 
     async def _measure_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()

@@ -49,6 +49,10 @@ class Pulse:
         self._event.set()
         self._event = asyncio.Event()
 
+    async def wait(self) -> None:
+        """Wait for the next fire."""
+        await self._event.wait()
+
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         while True:
             event = self._event
