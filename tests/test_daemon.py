@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from daemons import daemon_header, run_daemon, toml_publisher
 from procs import alive, wait_gone
 
@@ -172,10 +173,8 @@ async def test_inherited_ignored_signals_do_not_reach_publishers(tmp_path: Path)
     sigign = ["sh", "-c", "grep SigIgn /proc/self/status"]
     config = write_config(tmp_path, toml_publisher("s", sigign, restart="never"))
     # A daemon started by a shell with SIGINT and SIGTERM ignored, like a background job.
-    proc = await asyncio.create_subprocess_exec(
-        "sh", "-c", f"trap '' INT TERM USR1; exec {sys.executable} -m pubmon daemon --config {config}",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    script = f"trap '' INT TERM USR1; exec {sys.executable} -m pubmon daemon --config {config}"
+    proc = await asyncio.create_subprocess_exec("sh", "-c", script, stderr=asyncio.subprocess.PIPE)
     try:
         await _wait_file_lines(tmp_path / "logs" / "s.log", 1)
         text = (tmp_path / "logs" / "s.log").read_text()
@@ -193,4 +192,3 @@ async def _wait_file_lines(path: Path, n: int, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not path.exists() or path.read_text().count("\n") < n:
             await asyncio.sleep(0.01)
-

@@ -243,7 +243,9 @@ class ThriftServer:
         self.connections = len(self._conns)
         self._cap_logged = False
 
-    def _call(self, frame: bytes, peer: Peer) -> bytes | Coroutine[Any, Any, bytes | None] | None:
+    def _call(
+        self, frame: bytes, peer: Peer, denied: str | None = None
+    ) -> bytes | Coroutine[Any, Any, bytes | None] | None:
         """The encoded reply to one request frame (None: oneway), or a coroutine producing it
         when the handler is async. Raises ProtocolViolation."""
         msg = Reader(frame)
@@ -261,6 +263,8 @@ class ThriftServer:
         msg.expect_end()
         result = method.result_cls()
         try:
+            if denied is not None:
+                raise PermissionDenied(denied)
             if self._on_call is not None:
                 self._on_call(peer, name)
             if self._authorize is not None:
@@ -344,6 +348,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.last = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
+        self.denied: str | None = None  # a refused peer: why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -360,9 +365,11 @@ class _Connection(asyncio.Protocol):
             pid, uid, _ = _UCRED.unpack(creds)
             self.peer = Peer("unix", uid, pid, self.path)
             if self.allowed is not None and uid not in self.allowed:
+                # Answer its first call with PermissionDenied, then close: the client can tell
+                # "refused" from "daemon gone". It never reaches a handler.
                 server.rejected_connections += 1
                 logger.warning("%s: refused uid=%d pid=%d on %s", server.name, uid, pid, self.path)
-                return self._drop()
+                self.denied = f"uid {uid} is not allowed on {self.path} ([control] allow_uids)"
         else:
             host, port = (transport.get_extra_info("peername") or ("?", 0))[:2]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -414,11 +421,17 @@ class _Connection(asyncio.Protocol):
             del buf[: 4 + size]
             self.last = self.loop.time()
             try:
-                outcome = server._call(frame, self.peer)
+                outcome = server._call(frame, self.peer, self.denied)
             except ProtocolViolation as e:
                 server.errors += 1
                 logger.info("%s: closing %s: %s", server.name, self.peer, e)
                 return self._drop()
+            if self.denied is not None:
+                if isinstance(outcome, bytes):
+                    self.transport.write(outcome)
+                self.closing = True
+                self.transport.close()
+                return
             if isinstance(outcome, bytes):
                 self.transport.write(outcome)
             elif outcome is not None:

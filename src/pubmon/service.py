@@ -274,8 +274,12 @@ class Listeners:
         ctl, mon = self.config.control, self.config.monitor
         if ctl.socket:
             os.makedirs(os.path.dirname(ctl.socket) or ".", mode=0o755, exist_ok=True)
+            # 0600 keeps everyone else out at the door; when other uids are allowed the door must
+            # open (0666) and SO_PEERCRED, which the kernel vouches for, is the check.
+            others = set(ctl.allow_uids) - {os.getuid()}
+            mode = 0o666 if others else 0o600
             try:
-                await self.server.start_unix(ctl.socket, mode=0o600, allow_uids=ctl.allow_uids)
+                await self.server.start_unix(ctl.socket, mode=mode, allow_uids=ctl.allow_uids)
             except OSError as exc:
                 raise StartupError(f"control socket {ctl.socket}: {exc.strerror or exc}") from exc
             self.socket_path = ctl.socket

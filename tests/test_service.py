@@ -1,0 +1,298 @@
+"""The daemon's Thrift service and the operator CLI, end to end: real daemon, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from daemons import RunningDaemon, run_daemon, toml_publisher
+from pubmon import idl
+from pubmon.rpc import ThriftClient
+
+SLEEP = ["sleep", "3600"]
+COUNTER = [
+    sys.executable,
+    "-c",
+    "import sys, time\n"
+    "n = int(sys.argv[1]) if len(sys.argv) > 1 else 0\n"
+    "i = 0\n"
+    "while True:\n"
+    "    print(i, flush=True); i += 1; time.sleep(0.002)\n",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def daemon_with_listeners(
+    base: Path, body: str, *, allow_uids: list[int] | None = None
+) -> AsyncIterator[tuple[RunningDaemon, str, int]]:
+    port = free_port()
+    sock = base / "pubmon.sock"
+    uids = "" if allow_uids is None else f"allow_uids = {allow_uids}\n"
+    config = base / "pubmon.toml"
+    config.write_text(
+        f'[daemon]\nlog_dir = "{base / "logs"}"\n'
+        f'[control]\nsocket = "{sock}"\n{uids}'
+        f'[monitor]\nlisten = "127.0.0.1:{port}"\n' + body
+    )
+    async with run_daemon(config) as d:
+        yield d, str(sock), port
+
+
+def nobody_python(base: Path) -> tuple[str, dict[str, str]]:
+    """A python and PYTHONPATH that another user can run: our interpreter lives under /root."""
+    import docopt
+    import ply
+    import thriftpy2
+
+    lib = base / "lib"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for mod in (thriftpy2, docopt, ply):
+        shutil.copytree(Path(mod.__file__).parent, lib / mod.__name__, ignore=ignore)
+    shutil.copytree(Path(__file__).parents[1] / "src" / "pubmon", lib / "pubmon", ignore=ignore)
+    shutil.copytree(Path(__file__).parents[1] / "idl", lib / "pubmon" / "idl")
+    for p in [base, *base.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return "/usr/bin/python3", {"PYTHONPATH": str(lib), "HOME": "/nonexistent", "PATH": "/usr/bin"}
+
+
+async def cli(
+    *args: str, user: int | None = None, python: tuple[str, dict[str, str]] | None = None
+) -> tuple[int, str, str]:
+    exe, env = python or (sys.executable, dict(os.environ))
+    proc = await asyncio.create_subprocess_exec(
+        exe, "-m", "pubmon", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        user=user, cwd="/", env=env,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
+    body = toml_publisher("feed", SLEEP, numprocs=2) + toml_publisher("other", SLEEP)
+    async with daemon_with_listeners(tmp_path, body) as (d, sock, port):
+        rc, out, err = await cli("status", "--socket", sock)
+        assert rc == 0, err
+        header, *rows = out.splitlines()
+        assert header.split()[:6] == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH"]
+        assert [r.split()[:2] for r in rows] == [
+            ["feed:0", "RUNNING"],
+            ["feed:1", "RUNNING"],
+            ["other", "RUNNING"],
+        ]
+        rc, out, _ = await cli("status", "feed", "--json", "--socket", sock)
+        data = json.loads(out)
+        assert [x["name"] for x in data] == ["feed:0", "feed:1"]
+        assert all(x["pid"] == d.publisher_pids()[x["name"]] for x in data)
+
+        rc, out, err = await cli("stop", "feed:1", "--socket", sock)
+        assert (rc, out.strip()) == (0, "feed:1: STOPPED")
+        rc, _, err = await cli("stop", "feed:1", "--socket", sock)
+        assert rc == 7 and err.strip() == "pubmon: feed:1 is already STOPPED"
+        rc, _, err = await cli("start", "nope", "--socket", sock)
+        assert rc == 6 and err.strip() == "pubmon: no publisher named 'nope'"
+        rc, out, _ = await cli("start", "feed", "--socket", sock)  # feed:0 runs already
+        assert rc == 7 and "feed:1: RUNNING" in out
+        rc, _, err = await cli("status", "--socket", str(tmp_path / "absent.sock"))
+        assert rc == 4 and "cannot reach the daemon" in err and "absent.sock" in err
+        assert err.count("\n") == 1
+
+
+async def test_tcp_listener_is_read_only_and_the_socket_is_not(tmp_path: Path) -> None:
+    async with daemon_with_listeners(tmp_path, toml_publisher("a", SLEEP)) as (d, sock, port):
+        svc = idl.pubmon().PubmonService
+        m = idl.pubmon()
+        async with await ThriftClient.connect(svc, host="127.0.0.1", port=port) as tcp:
+            assert idl.FbStatus(await tcp.call("getStatus")) == idl.FbStatus.ALIVE
+            assert [i.name for i in await tcp.call("listPublishers")] == ["a"]
+            for method, args in [
+                ("startPublisher", ("a",)),
+                ("stopPublisher", ("a",)),
+                ("restartPublisher", ("a",)),
+                ("reloadConfig", ()),
+                ("reopenLogs", ()),
+            ]:
+                with pytest.raises(m.PermissionDenied):
+                    await tcp.call(method, *args)
+        async with await ThriftClient.connect(svc, unix_socket=sock) as ctl:
+            info = await ctl.call("restartPublisher", "a")
+            assert info.state == "RUNNING" and info.pid == d.publisher_pids()["a"]
+            result = await ctl.call("reloadConfig")
+            assert result.unchanged == ["a"]
+        await d.wait_log("restartPublisher called by uid 0")
+        rc, _, err = await cli("stop", "a", "--host", "127.0.0.1", "--port", str(port))
+        assert rc == 5 and "not allowed on the TCP monitor listener" in err
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as nobody")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs a python nobody can run")
+async def test_a_uid_that_is_not_allowed_is_refused() -> None:
+    # A directory nobody can traverse (tmp_path is under a 0700 directory).
+    base = Path(tempfile.mkdtemp(prefix="pubmon-uid-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    py = nobody_python(base / "py")
+    try:
+        async with daemon_with_listeners(base, toml_publisher("a", SLEEP)) as (d, sock, _):
+            assert os.stat(sock).st_mode & 0o777 == 0o600
+            rc, _, err = await cli("status", "--socket", sock, user=65534, python=py)
+            assert rc == 5 and "permission denied" in err
+        # Once another uid is allowed the socket opens; SO_PEERCRED still refuses the rest.
+        async with daemon_with_listeners(
+            base, toml_publisher("a", SLEEP), allow_uids=[0, 65534]
+        ) as (d, sock, _):
+            assert os.stat(sock).st_mode & 0o777 == 0o666
+            rc, out, err = await cli("status", "--socket", sock, user=65534, python=py)
+            assert rc == 0 and "RUNNING" in out, err
+            rc, _, err = await cli("status", "--socket", sock, user=65533, python=py)
+            assert rc == 5 and "uid 65533 is not allowed" in err
+    finally:
+        shutil.rmtree(base)
+
+
+async def test_tail_follow_across_restarts_shows_every_line_once(tmp_path: Path) -> None:
+    body = toml_publisher("c", COUNTER, log={"ring_lines": 100000})
+    async with daemon_with_listeners(tmp_path, body) as (d, sock, _):
+        follower = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pubmon", "tail", "c", "-f", "-n", "0", "--socket", sock,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert follower.stdout is not None
+            seen: list[str] = []
+
+            async def read_until(n: int) -> None:
+                assert follower.stdout is not None
+                async with asyncio.timeout(20):
+                    while len(seen) < n:
+                        seen.append((await follower.stdout.readline()).decode().strip())
+
+            async def read_past_restart(zeros: int) -> None:
+                # each run counts from 0: read until the new run's first lines arrived
+                async with asyncio.timeout(20):
+                    while seen[1:].count("0") < zeros:
+                        await read_until(len(seen) + 1)
+                await read_until(len(seen) + 5)
+
+            await read_until(5)
+            for restart in (1, 2):
+                rc, out, err = await cli("restart", "c", "--socket", sock)
+                assert rc == 0, err
+                await read_past_restart(restart)
+        finally:
+            follower.terminate()
+            await follower.wait()
+        ring = await _ring(sock, "c")
+    # Three runs, each counting from 0: the follower saw exactly the ring's lines, in order.
+    assert seen == ring[ring.index(seen[0]) : ring.index(seen[0]) + len(seen)]
+    assert seen[1:].count("0") == 2
+
+
+async def _ring(sock: str, name: str) -> list[str]:
+    async with await ThriftClient.connect(idl.pubmon().PubmonService, unix_socket=sock) as c:
+        chunk = await c.call("tailLog", name, 0, 10000)
+    return [line.text for line in chunk.lines]  # type: ignore[attr-defined]
+
+
+async def test_counters_and_fb303_basics(tmp_path: Path) -> None:
+    async with daemon_with_listeners(tmp_path, toml_publisher("a", SLEEP)) as (d, sock, port):
+        rc, out, _ = await cli("counters", "daemon.", "--socket", sock)
+        keys = [line.split()[0] for line in out.splitlines()]
+        assert keys == [
+            "daemon.loop_lag_ms",
+            "daemon.reload_failures",
+            "daemon.reloads",
+            "daemon.uptime_s",
+        ]
+        svc = idl.pubmon().PubmonService
+        async with await ThriftClient.connect(svc, host="127.0.0.1", port=port) as c:
+            counters = await c.call("getCounters")
+            assert isinstance(counters, dict)
+            assert counters["publisher.a.restarts"] == 0 and counters["rpc.calls"] >= 1
+            assert await c.call("getName") == "pubmon"
+            assert abs(int(str(await c.call("aliveSince"))) - time.time()) < 60
+            assert "1/1 publishers running" in str(await c.call("getStatusDetails"))
+
+
+async def _garbage(port: int, sock: str, rng: random.Random) -> None:
+    """Random bytes, 2 GiB frames and strings, truncated frames, on both listeners."""
+    frames = [
+        rng.randbytes(4096),
+        struct.pack(">i", 2**31 - 1),
+        struct.pack(">i", -5) + b"x" * 10,
+        # a CALL of getName whose name string declares 2 GiB, inside a small frame
+        (b"\x80\x01\x00\x01" + struct.pack(">i", 2**31 - 1) + b"getName").rjust(0),
+        struct.pack(">i", 100) + b"\x80\x01\x00\x01",  # truncated
+    ]
+    frames[3] = struct.pack(">i", len(frames[3])) + frames[3]
+    for data in frames:
+        for opener in (
+            lambda: asyncio.open_connection("127.0.0.1", port),
+            lambda: asyncio.open_unix_connection(sock),
+        ):
+            _, w = await opener()
+            w.write(data)
+            await w.drain()
+            w.close()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_listeners_survive_garbage_and_idle_floods(tmp_path: Path) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    async with daemon_with_listeners(tmp_path, toml_publisher("a", SLEEP)) as (d, sock, port):
+        svc = idl.pubmon().PubmonService
+        async with await ThriftClient.connect(svc, host="127.0.0.1", port=port) as probe:
+            await probe.call("getStatus")
+            rss0 = _rss_kb(d.pid)
+            rng = random.Random(1)
+            idle = []
+            for i in range(1000):
+                if i % 2:
+                    idle.append(await asyncio.open_unix_connection(sock))
+                else:
+                    idle.append(await asyncio.open_connection("127.0.0.1", port))
+            for _ in range(5):
+                await _garbage(port, sock, rng)
+            worst = 0.0
+            for _ in range(50):
+                t0 = time.perf_counter()
+                assert idl.FbStatus(await probe.call("getStatus")) == idl.FbStatus.ALIVE
+                worst = max(worst, time.perf_counter() - t0)
+            grew_mb = (_rss_kb(d.pid) - rss0) / 1024
+            for _, w in idle:
+                w.close()
+        assert worst < 0.050, f"getStatus took {worst * 1000:.1f} ms under load"
+        assert grew_mb < 20, f"RSS grew {grew_mb:.1f} MB"
+        # and the daemon still does its job
+        rc, out, _ = await cli("status", "--socket", sock)
+        assert rc == 0 and "RUNNING" in out
