@@ -33,6 +33,14 @@ def _reap_zombie_children() -> None:
 
 
 @pytest.fixture(autouse=True)
+def no_stolen_exit_statuses(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """asyncio reports 255 when someone else reaped its child: always a pubmon bug."""
+    yield
+    stolen = [r.getMessage() for r in caplog.records if "returncode 255" in r.getMessage()]
+    assert not stolen, stolen
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     before = descendants(os.getpid())
     yield

@@ -322,3 +322,16 @@ async def test_shutdown_with_many_publishers_is_concurrent() -> None:
     took = time.monotonic() - t0
     await wait_gone([p for p in pids if p], timeout=1)
     assert took < 5
+
+
+async def test_instant_exits_keep_their_status_while_spawns_overlap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression: the orphan reaper's deferred sweep ran before a fresh child was tracked and
+    # reaped it, so asyncio reported "exit status already read" and returncode 255.
+    specs = [spec(f"e{i}", ("sh", "-c", "exit 3"), restart="never") for i in range(40)]
+    async with running(*specs) as sup:
+        for pub in sup.publishers.values():
+            await in_state(pub, S.EXITED)
+        assert {p.last_exit for p in sup.publishers.values()} == {3}
+    assert "already read" not in caplog.text

@@ -265,36 +265,39 @@ async def spawn(
     if reaper is not None:
         reaper.spawning += 1
     try:
-        transport, _ = await loop.subprocess_exec(
-            lambda: proto,
-            *req.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            process_group=0,
-            preexec_fn=_make_arm(os.getpid()),
-            cwd=req.directory,
-            env=env,
-            user=uid,
-            group=gid,
-            extra_groups=groups,
-        )
-    except OSError as exc:
-        what = exc.strerror or str(exc)
-        target = exc.filename or req.argv[0]
-        raise SpawnError(
-            req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
-        ) from exc
-    except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
-        raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: proto,
+                *req.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                process_group=0,
+                preexec_fn=_make_arm(os.getpid()),
+                cwd=req.directory,
+                env=env,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        except OSError as exc:
+            what = exc.strerror or str(exc)
+            target = exc.filename or req.argv[0]
+            raise SpawnError(
+                req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
+            ) from exc
+        except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
+            raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        _enlarge_pipes(transport)
+        child = Child(req.name, transport, proto)
+        if reaper is not None:
+            # Owned before the deferred sweep below runs: a child that already exited is a
+            # zombie that asyncio, not the reaper, must collect (else its status reads 255).
+            reaper.track(child)
     finally:
         if reaper is not None:
             reaper.spawn_done()
-    assert isinstance(transport, asyncio.SubprocessTransport)
-    _enlarge_pipes(transport)
-    child = Child(req.name, transport, proto)
-    if reaper is not None:
-        reaper.track(child)
     return child
 
 

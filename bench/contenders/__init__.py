@@ -1,0 +1,10 @@
+"""The supervisors compared: pubmon, supervisord and the floor, one class each."""
+
+from contenders.base import Contender, Conn, DaemonDied, Program, Status
+from contenders.floor import Floor
+from contenders.pubmon import Pubmon
+from contenders.supervisord import Supervisord
+
+CONTENDERS: dict[str, type[Contender]] = {c.name: c for c in (Pubmon, Supervisord, Floor)}
+
+__all__ = ["CONTENDERS", "Conn", "Contender", "DaemonDied", "Program", "Status"]

@@ -1,0 +1,167 @@
+"""pubmon: `pubmon daemon --config FILE`, status over its Thrift control socket.
+
+Until the control socket existed, status came from /proc (children of the daemon carrying
+PUBMON_PUBLISHER=<name>); that path is kept as `proc_status()` for builds without
+`listPublishers`, and as a cross-check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import procs
+from contenders.base import Contender, Program, Status
+
+PUBMON = Path(sys.executable).with_name("pubmon")  # the console script of the same venv
+
+
+def _module_source(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return ""
+    return Path(spec.origin).read_text()
+
+
+def thrift_available() -> bool:
+    return "def listPublishers" in _module_source("pubmon.service")
+
+
+def fb303_available() -> str | None:
+    """None when the demo publisher and the fb303 probe both exist; else what is missing."""
+    if importlib.util.find_spec("pubmon.demo") is None:
+        return "pubmon.demo (the fb303 demo publisher) not yet available"
+    from pubmon.config import ProbeSpec, PublisherSpec
+    from pubmon.probe import make_probe
+
+    spec = PublisherSpec(
+        name="x", program="x", command=("true",), probe=ProbeSpec(kind="fb303", port=1)
+    )
+
+    async def try_probe() -> None:
+        probe = make_probe(spec)
+        assert probe is not None
+        await probe.close()
+
+    try:
+        asyncio.run(try_probe())
+    except NotImplementedError:
+        return "the fb303 probe is not yet available in pubmon.probe"
+    return None
+
+
+def _toml(value: object) -> str:
+    return json.dumps(value)  # JSON strings, numbers and lists are valid TOML
+
+
+def _canonical(name: str) -> str:
+    return name if ":" in name else f"{name}:0"  # numprocs = 1 gives the bare program name
+
+
+class ThriftConn:
+    """A blocking thriftpy2 client (binary protocol, framed) on the control socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        from pubmon import idl
+        from thriftpy2.protocol import TBinaryProtocolFactory
+        from thriftpy2.rpc import make_client
+        from thriftpy2.transport import TFramedTransportFactory
+
+        self._client: Any = make_client(
+            idl.pubmon().PubmonService,
+            unix_socket=str(socket_path),
+            proto_factory=TBinaryProtocolFactory(),
+            trans_factory=TFramedTransportFactory(),
+            timeout=30_000,
+        )
+
+    def status(self) -> Status:
+        return {_canonical(i.name): (i.state, i.pid) for i in self._client.listPublishers()}
+
+    def ping(self) -> object:
+        return self._client.getStatus()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Pubmon(Contender):
+    name = "pubmon"
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "pubmon.sock"
+
+    def start(self, programs: list[Program]) -> int:
+        self._programs = programs
+        lines = [
+            "[daemon]",
+            f"log_dir = {_toml(str(self.logs))}",
+            "[control]",
+            f"socket = {_toml(str(self.socket) if thrift_available() else '')}",
+            "[monitor]",
+            'listen = ""',
+        ]
+        for p in programs:
+            argv = [a.replace("{i}", "{index}") for a in p.argv]
+            lines += [
+                f"[publisher.{p.name}]",
+                f"command = {_toml(argv)}",
+                f"numprocs = {p.numprocs}",
+                "start_timeout = 30" if p.fb303_interval else "start_timeout = 0",
+                "log = { max_bytes = 0 }",  # no rotation: the logs scenario reads one file
+            ]
+            if p.port is not None:
+                lines.append(f"port = {p.port}")
+            if p.fb303_interval:
+                lines += [
+                    f"[publisher.{p.name}.probe]",
+                    'kind = "fb303"',
+                    f"interval = {p.fb303_interval}",
+                ]
+        config = self.workdir / "pubmon.toml"
+        config.write_text("\n".join(lines) + "\n")
+        self.pid = procs.start_daemon(
+            [str(PUBMON), "daemon", "--config", str(config)], self.workdir / "daemon.log"
+        )
+        return self.pid
+
+    def log_path(self, instance: str) -> Path:
+        program, index = instance.rsplit(":", 1)
+        single = any(p.name == program and p.numprocs == 1 for p in self._programs)
+        return self.logs / f"{program if single else instance}.log"
+
+    def status(self) -> Status:
+        if not thrift_available():
+            return self.proc_status()
+        conn = ThriftConn(self.socket)
+        try:
+            return conn.status()
+        finally:
+            conn.close()
+
+    def proc_status(self) -> Status:
+        """Children of the daemon that exec'd with PUBMON_PUBLISHER set count as RUNNING."""
+        out: Status = {}
+        for pid in procs.children(self.pid):
+            name = procs.environ_value(pid, "PUBMON_PUBLISHER")
+            if name is not None and procs.alive(pid):
+                out[_canonical(name)] = ("RUNNING", pid)
+        return out
+
+    def connect(self) -> ThriftConn:
+        return ThriftConn(self.socket)
+
+    def cli_argv(self) -> list[str]:
+        return [str(PUBMON), "status", "--json", "--socket", str(self.socket)]
+
+    def unavailable(self, feature: str) -> str | None:
+        if feature in ("rpc", "cli") and not thrift_available():
+            return "pubmon's Thrift control socket (listPublishers) is not yet available"
+        if feature == "fb303":
+            return fb303_available()
+        return None
