@@ -113,21 +113,26 @@ def run_demo(debug: bool) -> int:
     import tempfile
     from pathlib import Path
 
-    from .demo import demo_config, free_ports
+    from .demo import DEMO_NAMES, demo_config, free_ports
 
+    quotes, trades, news = DEMO_NAMES
     with tempfile.TemporaryDirectory(prefix="pubmon-demo-") as tmp:
         config = Path(tmp) / "pubmon.toml"
-        config.write_text(demo_config(Path(tmp), free_ports(4)))
-        sock = Path(tmp) / "pubmon.sock"
+        ports = free_ports(4)
+        config.write_text(demo_config(Path(tmp), ports))
+        sock = f"--socket {Path(tmp) / 'pubmon.sock'}"
+        bin_ = Path(sys.executable).parent / "pubmon"
+        pubmon = str(bin_) if bin_.exists() else "pubmon"
         print(
-            f"pubmon demo: config {config}\n"
+            f"pubmon demo (pid {os.getpid()}): three demo publishers, config {config}\n"
             "Try, in another terminal:\n"
-            f"  pubmon status --socket {sock}\n"
-            f"  pubmon tail demo-feed -f --socket {sock}\n"
-            f"  pubmon restart demo-feed --socket {sock}\n"
-            f"  pubmon counters publisher. --socket {sock}\n"
-            f"  pubmon stop demo-quotes --socket {sock}\n"
-            f"  kill -HUP <daemon pid>     # reload {config}\n"
+            f"  {pubmon} status {sock}\n"
+            f"  {pubmon} tail {quotes} -f {sock}\n"
+            f"  {pubmon} restart {trades} {sock}\n"
+            f"  {pubmon} counters publisher.{news} {sock}\n"
+            f"  {pubmon} status --host 127.0.0.1 --port {ports[3]}    # read-only TCP\n"
+            f"  python -m pubmon.demo --help    # steer a demo: hang, crash, WARNING, spew\n"
+            f"  kill -HUP {os.getpid()}    # reload {config}\n"
             "Ctrl-C stops the daemon and every publisher.\n",
             flush=True,
         )

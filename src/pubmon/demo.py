@@ -34,7 +34,7 @@ server (no frame or idle limits, see reference/thrift.md: fine for a demo on loo
 
 from __future__ import annotations
 
-__all__ = ["Demo", "demo_config", "free_ports", "main", "serve"]
+__all__ = ["DEMO_DATA_SOURCE", "DEMO_NAMES", "Demo", "demo_config", "free_ports", "main", "serve"]
 
 import argparse
 import asyncio
@@ -117,12 +117,11 @@ class Demo:
     def getStatusDetails(self) -> str:
         status = self.status()
         if self.options.get("status"):
-            why = "told by setOption"
-        elif status == FbStatus.STARTING:
-            why = f"warming up, ready in {self._ready_at - self._clock():.1f} s"
-        else:
-            why = "publishing" if "data_source" in self.options else "no data source yet"
-        return f"{status.name}: {why}; tick {self.ticks}, {self.messages} messages"
+            return f"{status.name}: set by setOption"
+        if status == FbStatus.STARTING:
+            return f"STARTING: warming up, ready in {self._ready_at - self._clock():.1f} s"
+        source = self.options.get("data_source")
+        return f"ALIVE: publishing from {source}" if source else "ALIVE: no data source yet"
 
     def getCounters(self) -> dict[str, int]:
         return {
@@ -343,9 +342,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def _main(args: argparse.Namespace) -> int:
     demo = Demo(args.name, startup_delay=args.startup_delay)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, demo, sig)
+    _catch_stop_signals(demo, asyncio.get_running_loop())
     try:
         await serve(demo, args.pub_port, args.transport)
     except OSError as e:
@@ -355,7 +352,26 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_signal(demo: Demo, sig: signal.Signals) -> None:
+def _catch_stop_signals(demo: Demo, loop: asyncio.AbstractEventLoop) -> None:
+    """SIGTERM and SIGINT set ``demo.stopping``, and stay caught until the process is gone.
+
+    Not ``loop.add_signal_handler``: closing the loop puts back the default action, and a
+    supervisor may send the same signal twice (to the leader, then to its group). A second
+    SIGTERM landing after the loop closed would turn a clean exit 0 into "killed by SIGTERM";
+    ``main()`` ignores both signals once the loop is done, for the same reason.
+    """
+
+    def on_signal(signum: int, frame: object) -> None:
+        try:
+            loop.call_soon_threadsafe(_stop, demo, signal.Signals(signum))
+        except RuntimeError:  # the loop is closed: we are on our way out already
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _stop(demo: Demo, sig: signal.Signals) -> None:
     logger.info("%s: %s, stopping", demo.name, sig.name)
     demo.stopping.set()
 
@@ -364,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pubmon.demo``: returns the exit status."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-    return asyncio.run(_main(args))
+    try:
+        return asyncio.run(_main(args))
+    finally:
+        # Stay deaf to a late duplicate: interpreter shutdown resets caught signals to their
+        # default action (exit by the signal) but leaves ignored ones ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 # --- the built-in config of `pubmon demo` -----------------------------------------------------
@@ -389,7 +411,8 @@ def _toml(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-DEMO_DATA_SOURCE = "tcp://upstream.example:1234"
+DEMO_NAMES = ("quotes", "trades", "news")  # the publishers of demo_config(), in file order
+DEMO_DATA_SOURCE = "tcp://upstream.example:1234"  # quotes' data_source
 
 
 def demo_config(tmpdir: Path, ports: list[int]) -> str:
@@ -433,9 +456,12 @@ def demo_config(tmpdir: Path, ports: list[int]) -> str:
         ]
         return "\n".join(lines) + "\n"
 
-    quotes = publisher("quotes", ports[0], data_source=DEMO_DATA_SOURCE)
-    trades = publisher("trades", ports[1], "--startup_delay=2")
-    news = publisher("news", ports[2], transport="buffered")
+    quotes, trades, news = DEMO_NAMES
+    sections = [
+        publisher(quotes, ports[0], data_source=DEMO_DATA_SOURCE),
+        publisher(trades, ports[1], "--startup_delay=2"),
+        publisher(news, ports[2], transport="buffered"),
+    ]
     return (
         "# pubmon demo: three demo publishers (python -m pubmon.demo), steered with setOption.\n"
         "[daemon]\n"
@@ -445,7 +471,7 @@ def demo_config(tmpdir: Path, ports: list[int]) -> str:
         f"socket = {_toml(str(tmpdir / 'pubmon.sock'))}\n"
         "\n[monitor]\n"
         f"listen = {_toml(listen)}\n"
-        f"\n{quotes}\n{trades}\n{news}"
+        "\n" + "\n".join(sections)
     )
 
 

@@ -87,6 +87,10 @@ async def stop_child(child: Child, sig: signal.Signals, timeout: float, name: st
     """
     if child.returncode is None:
         child.signal(sig)
+        if sig not in (signal.SIGKILL, signal.SIGCONT):
+            # A stopped (SIGSTOP, SIGTSTP) process would keep `sig` pending until the SIGKILL;
+            # continue the group so it can act on it, as systemd does.
+            child.signal(signal.SIGCONT)
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(child.exited)
@@ -492,7 +496,7 @@ class Publisher:
     async def _watch(self, child: Child) -> None:
         """Returns when the child must be killed: unhealthy, or not healthy by start_timeout."""
         spec = self.spec
-        probe = make_probe(spec)
+        probe = make_probe(spec, reaper=self._reaper)
         if probe is None:
             if spec.start_timeout > 0:
                 await asyncio.sleep(spec.start_timeout)
@@ -510,6 +514,7 @@ class Publisher:
         failures = 0
         while True:
             p = self.spec.probe  # re-read each round: a reload may change it
+            began = self._clock()
             health = await probe.check()
             if self.state == S.STARTING:
                 if health in (Health.HEALTHY, Health.DEGRADED):
@@ -532,13 +537,16 @@ class Publisher:
                 self.probe_failures += 1
                 self._set_health(Health.UNHEALTHY, probe.last_error)
                 self.details = f"probe failed {failures}/{p.failure_threshold}: {probe.last_error}"
+                self._fire()
                 if failures >= p.failure_threshold:
                     return
             else:
                 failures = 0
                 self._set_health(health, probe.details)
                 self.details = probe.details
-            await asyncio.sleep(p.interval)
+            # Rounds start every `interval`, however long the check took (a hung child's
+            # check takes the whole timeout): detection is interval * threshold + timeout.
+            await asyncio.sleep(max(0.0, p.interval - (self._clock() - began)))
 
     async def _on_first_healthy(self, probe: Probe) -> None:
         hook = getattr(probe, "on_first_healthy", None)

@@ -203,12 +203,21 @@ class Child:
         return self._proto.exited.result() if self._proto.exited.done() else None
 
     def signal(self, sig: int) -> None:
-        """Send `sig` to the leader (by pidfd: never to a recycled pid) and to its whole group."""
+        """Send `sig` to the child's process group, which holds the leader too.
+
+        Once: a second SIGTERM means "force" to many programs. Only a leader that left its group
+        (setsid) is signalled directly, by pidfd, which can never hit a recycled pid.
+        """
         if self._pidfd is not None and self.returncode is None:
             try:
-                signal.pidfd_send_signal(self._pidfd, sig)
+                left = os.getpgid(self.pid) != self.pgid  # not reaped yet: the pid is still ours
             except ProcessLookupError:
-                pass
+                left = False
+            if left:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:
+                    pass
         try:
             os.killpg(self.pgid, sig)
         except (ProcessLookupError, PermissionError):
