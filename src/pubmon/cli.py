@@ -131,7 +131,9 @@ def run_demo(debug: bool) -> int:
             f"  {pubmon} restart {trades} {sock}\n"
             f"  {pubmon} counters publisher.{news} {sock}\n"
             f"  {pubmon} status --host 127.0.0.1 --port {ports[3]}    # read-only TCP\n"
-            f"  python -m pubmon.demo --help    # steer a demo: hang, crash, WARNING, spew\n"
+            f"  {sys.executable} -m pubmon.demo --pub_port {ports[1]} --set status=WARNING\n"
+            f"  {sys.executable} -m pubmon.demo --pub_port {ports[0]} --set hang=1"
+            "    # the probe finds it and restarts it\n"
             f"  kill -HUP {os.getpid()}    # reload {config}\n"
             "Ctrl-C stops the daemon and every publisher.\n",
             flush=True,

@@ -5,6 +5,8 @@ Run it as::
     python -m pubmon.demo --pub_port 9101 [--name NAME] [--transport framed|buffered]
                           [--startup_delay S]
 
+and steer a running one with ``python -m pubmon.demo --pub_port 9101 --set status=WARNING``.
+
 It serves ``PublisherService`` (fb303 + ``startPublishers``) on 127.0.0.1:PORT, prints
 ``tick N`` to stdout once a second, and exits 0 promptly on SIGTERM or SIGINT. Operators and
 tests steer it with ``setOption(key, value)``:
@@ -337,7 +339,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--startup_delay", type=float, default=0.0, help="answer STARTING for this many seconds"
     )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        help="do not serve: steer the demo already serving on --pub_port (e.g. status=WARNING)",
+    )
     return parser.parse_args(argv)
+
+
+async def _steer(port: int, settings: list[str]) -> int:
+    from . import idl
+    from .errors import RpcError
+    from .rpc import ThriftClient
+
+    try:
+        svc = idl.publisher().PublisherService
+        async with await ThriftClient.connect(svc, host="127.0.0.1", port=port, timeout=5) as c:
+            for item in settings:
+                key, _, value = item.partition("=")
+                await c.call("setOption", key, value)
+                print(f"{key} = {value!r} on 127.0.0.1:{port}")
+    except RpcError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -379,6 +405,8 @@ def _stop(demo: Demo, sig: signal.Signals) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pubmon.demo``: returns the exit status."""
     args = _parse_args(argv)
+    if args.set:
+        return asyncio.run(_steer(args.pub_port, args.set))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     try:
         return asyncio.run(_main(args))
