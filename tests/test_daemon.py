@@ -192,3 +192,19 @@ async def _wait_file_lines(path: Path, n: int, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not path.exists() or path.read_text().count("\n") < n:
             await asyncio.sleep(0.01)
+
+
+async def test_the_lock_survives_an_editor_replacing_the_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, toml_publisher("a", SLEEP))
+    async with run_daemon(config) as d:
+        await d.wait_publishers(1)
+        fresh = tmp_path / "pubmon.toml.new"
+        fresh.write_text(config.read_text())
+        fresh.rename(config)  # a new inode under the same name, as editors save
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pubmon", "daemon", "--config", str(config),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 3 and b"already running" in err
+        assert d.proc.returncode is None

@@ -13,10 +13,12 @@ from __future__ import annotations
 __all__ = ["Daemon", "acquire_lock"]
 
 import asyncio
-import fcntl
+import errno
+import hashlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable
 
@@ -33,17 +35,26 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 
 
-def acquire_lock(path: str) -> int:
-    """flock the config file itself: one daemon per config. Returns the fd to keep open."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def acquire_lock(path: str) -> socket.socket:
+    """One daemon per config file: bind an abstract unix socket named after its real path.
+
+    The kernel frees the name when the holder dies, however it dies; it needs no writable
+    directory (under systemd /etc is read-only) and, unlike an flock on the file, an editor
+    that replaces the file by a rename cannot defeat it. Keep the returned socket open.
+    """
+    real = os.path.realpath(path)
+    name = "\0pubmon-lock:" + hashlib.sha256(real.encode()).hexdigest()[:40]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        sock.bind(name)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise StartupError(f"cannot take the lock for {real}: {exc}") from exc
         raise StartupError(
-            f"another pubmon daemon is already running with {path} (it holds the lock on that file)"
+            f"another pubmon daemon is already running with {path} (it holds the lock for {real})"
         ) from None
-    return fd
+    return sock
 
 
 class Daemon:
@@ -153,7 +164,7 @@ class Daemon:
                     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, time.sleep, 1e6)
                 await self._run()
         finally:
-            os.close(lock)
+            lock.close()
             self.notifier.close()
         return EXIT_OK
 
