@@ -190,6 +190,9 @@ class Daemon:
                         logger.info("ready: %s", sup.summary())
                         background.append(tg.create_task(self._report_status(), name="status"))
                     await self._stop.wait()
+                    for task in background:
+                        if task.get_name() == "status":
+                            task.cancel()  # from now on STATUS= says "stopping"
                     logger.info("stopping: %s", sup.summary())
                     self.notifier.stopping(f"stopping: {sup.summary()}")
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))

@@ -218,10 +218,14 @@ class Child:
                     signal.pidfd_send_signal(self._pidfd, sig)
                 except ProcessLookupError:
                     pass
+                except PermissionError as exc:  # no CAP_KILL over another user's process
+                    logger.warning("cannot signal %s pid %d: %s", self.name, self.pid, exc)
         try:
             os.killpg(self.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is empty (or its last member is a zombie of another parent)
+        except ProcessLookupError:
+            pass  # the group is empty
+        except PermissionError as exc:  # no CAP_KILL over another user's processes
+            logger.warning("cannot signal %s group %d: %s", self.name, self.pgid, exc)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until both pipes reach EOF (every holder is gone). False if `timeout` passed."""
