@@ -173,12 +173,16 @@ async def test_inherited_ignored_signals_do_not_reach_publishers(tmp_path: Path)
     sigign = ["sh", "-c", "grep SigIgn /proc/self/status"]
     config = write_config(tmp_path, toml_publisher("s", sigign, restart="never"))
     # A daemon started by a shell with SIGINT and SIGTERM ignored, like a background job.
-    script = f"trap '' INT TERM USR1; exec {sys.executable} -m pubmon daemon --config {config}"
+    daemon = f"{sys.executable} -m pubmon daemon --config {config}"
+    script = f"trap '' INT TERM USR1 HUP QUIT 40; exec {daemon}"
     proc = await asyncio.create_subprocess_exec("sh", "-c", script, stderr=asyncio.subprocess.PIPE)
     try:
         await _wait_file_lines(tmp_path / "logs" / "s.log", 1)
         text = (tmp_path / "logs" / "s.log").read_text()
-        assert text.strip() == "SigIgn:\t0000000000000000"
+        ignored = int(text.split()[1], 16)
+        # Signals 32 and 33 belong to glibc (make starts recipes with them ignored; nothing
+        # but a raw syscall could reset them, and nothing but glibc uses them).
+        assert ignored & ~((1 << 31) | (1 << 32)) == 0, text
         proc.send_signal(signal.SIGTERM)  # handled, though it was ignored at exec
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

@@ -17,24 +17,21 @@ HANDLED = (*GRACEFUL, signal.SIGHUP, signal.SIGUSR1)
 
 # Ignored dispositions and the blocked mask survive exec: whatever started the daemon with
 # SIGINT ignored (a background job of a shell) would otherwise hand that to every publisher.
-_RESET = (
-    signal.SIGHUP,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGTERM,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGCHLD,
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-)
+# Python itself ignores SIGPIPE and SIGXFSZ; subprocess resets those two in the child.
+# glibc keeps two real-time signals (32, 33) for itself; they cannot be set through it and are
+# not in valid_signals(): GNU make, for one, starts its recipes with both ignored.
+_KEEP = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP}
 
 
 def reset_inherited_dispositions() -> None:
-    for sig in _RESET:
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
+    for sig in signal.valid_signals():
+        if sig in _KEEP:
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
