@@ -37,7 +37,8 @@ bench-quick: $(STAMP)
 
 MINUTES ?= 30
 soak: $(STAMP)
-	PUBMON_CHAOS_SECONDS=$$(( $(MINUTES) * 60 )) $(PY) -m pytest -q -m chaos tests/chaos -s
+	PUBMON_CHAOS_SECONDS=$$(( $(MINUTES) * 60 )) $(PY) -m pytest -q -m chaos tests/chaos -s \
+		-o faulthandler_timeout=0
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

@@ -53,6 +53,10 @@ from .errors import PermissionDenied, RpcError
 logger = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# SO_SNDBUF of accepted sockets (the kernel doubles it). Left alone, loopback TCP grows a send
+# buffer to 4 MiB (tcp_wmem) even for a peer that reads nothing: dozens of replies computed and
+# held for nobody before backpressure reaches us.
+_SNDBUF = 128 * 1024
 _CERT_NAMES = {
     "commonName": "CN",
     "organizationName": "O",
@@ -355,6 +359,12 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         server._protocols.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            except OSError:
+                pass
         if self.kind == "unix":
             try:
                 creds = transport.get_extra_info("socket").getsockopt(

@@ -1,0 +1,128 @@
+"""Bugs the chaos run (tests/chaos) found, one focused test each, named after what broke."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from children import SLEEP, config, spec
+from control import call_frame
+from procs import state
+from pubmon import idl
+from pubmon.lifecycle import PublisherState
+from pubmon.rpc import ThriftServer
+from pubmon.supervisor import Supervisor
+
+S = PublisherState
+
+
+async def test_stopping_a_sigstopped_publisher_delivers_the_stop_signal() -> None:
+    # Chaos: a SIGSTOPped demo publisher failed its probes, and pubmon's SIGTERM then sat pending
+    # in the stopped process for all of stop_timeout, ending in SIGKILL (exit -9) with no chance
+    # to clean up. A stop must continue the group after the stop signal, as systemd does.
+    async with Supervisor(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
+        pub = sup.get("frozen")
+        async with asyncio.timeout(5):
+            await pub.wait_until(lambda: pub.state == S.RUNNING)
+        pid = pub.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        async with asyncio.timeout(5):
+            while state(pid) != "T":
+                await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        snap = await sup.stop("frozen")
+        assert time.monotonic() - t0 < 2.0  # not the 5 s stop_timeout
+        assert snap.state == S.STOPPED
+        assert snap.last_exit == -signal.SIGTERM
+
+
+class _BigTail:
+    """A handler whose tailLog answers ~120 KB at once, counting the calls it answered."""
+
+    def __init__(self) -> None:
+        m = idl.pubmon()
+        lines = [m.LogLine(seq=i, time=0.0, stream="stdout", text="x" * 40, partial=False)
+                 for i in range(1, 2001)]  # fmt: skip
+        self.chunk = m.LogChunk(lines=lines, nextSeq=2000, missed=0)
+        self.calls = 0
+
+    def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
+        self.calls += 1
+        return self.chunk
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+async def test_a_client_that_never_reads_gets_only_a_few_replies_computed(
+    tmp_path: Path, family: str
+) -> None:
+    # Found by tests/test_faults.py (clients that never read): on loopback TCP the kernel grew the
+    # send buffer of each such connection to 4 MiB, so the daemon computed ~40 tailLog replies
+    # per connection for nobody (200 of them: ~50 s of CPU with the control socket starved, and
+    # ~400 MB of kernel memory). The server caps SO_SNDBUF of accepted sockets.
+    handler = _BigTail()
+    async with ThriftServer(idl.pubmon().PubmonService, handler, name="t") as server:
+        frames = b"".join(call_frame("tailLog", "x", 0, 10000, seqid=i) for i in range(50))
+        if family == "tcp":
+            port = await server.start_tcp("127.0.0.1", 0)
+            rude = socket.create_connection(("127.0.0.1", port))
+        else:
+            await server.start_unix(tmp_path / "s.sock")
+            rude = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            rude.connect(str(tmp_path / "s.sock"))
+        with rude:
+            rude.sendall(frames)  # 50 calls, ~2 KB: the kernel takes them all
+            async with asyncio.timeout(10):
+                while True:  # until the server stops answering (backpressure)
+                    before = handler.calls
+                    await asyncio.sleep(0.3)
+                    if handler.calls == before:
+                        break
+            assert 1 <= handler.calls <= 8, f"{handler.calls} replies computed for nobody"
+
+
+_SMALL_CHUNKS = """
+import os
+from pubmon.config import LogSpec
+from pubmon.output import OutputLog
+
+log = OutputLog("x", LogSpec(ring_lines=10000), None)
+sink = log.open_stream("stdout")
+r, w = os.pipe()
+def maps():
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+maps0, rss0 = maps(), rss()
+for i in range(3000):
+    os.write(w, b"line %d\\n" % i)
+    sink.feed(os.read(r, 262144))  # as asyncio reads a pipe: 256 KiB asked, a line got
+assert len(log.tail(0, 10000).lines) == 3000
+print(maps() - maps0, rss() - rss0)
+"""
+
+
+async def test_small_output_chunks_kept_in_the_ring_do_not_pin_a_page_each() -> None:
+    # Chaos soak: the daemon's RSS climbed ~0.27 MiB/s without end. Each pipe read is a 256 KiB
+    # buffer (mmap'ed by malloc) shrunk to the bytes read; the ring kept those chunks as they
+    # came, so every retained chunk of a line or two pinned a mapping of a whole page: 18,000
+    # mappings and +70 MiB for 200 publishers with 200-line rings (default rings: 2000 lines).
+    # Run in a fresh interpreter: malloc's mmap threshold depends on the process's history.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SMALL_CHUNKS, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    mappings, rss_kib = map(int, out.split())
+    assert mappings < 300, f"{mappings} new memory mappings for 3000 lines"
+    assert rss_kib < 3 * 1024, f"RSS grew {rss_kib} KiB for 3000 short lines"
