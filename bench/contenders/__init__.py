@@ -1,6 +1,6 @@
 """The supervisors compared: pubmon, supervisord and the floor, one class each."""
 
-from contenders.base import Contender, Conn, DaemonDied, Program, Status
+from contenders.base import Conn, Contender, DaemonDied, Program, Status
 from contenders.floor import Floor
 from contenders.pubmon import Pubmon
 from contenders.supervisord import Supervisord

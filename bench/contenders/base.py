@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-import procs
+import procfs
 
 Status = dict[str, tuple[str, int]]  # instance -> (state, pid); pid 0 = none
 
@@ -93,15 +93,20 @@ class Contender(ABC):
         return "\n".join(text.splitlines()[-lines:])
 
     def wait_running(self, names: list[str], timeout: float) -> tuple[float, Status]:
-        """Poll status() until every name is RUNNING with a pid. Returns (time.monotonic() of
-        the answer that said so, that status). Polls at most half the time: after a call that took t, it sleeps
-        max(t, 20 ms), so that a slow status answer does not slow the daemon it measures."""
+        """Wait until status() says every name is RUNNING with a pid. Returns (time.monotonic()
+        of the answer that said so, that status).
+
+        Status is only asked once /proc shows as many children of the daemon as names, all past
+        their exec: a status call made while the daemon is spawning would slow the very thing
+        measured (and a busy daemon answers late). From then on status is polled every 20 ms.
+        """
         start = time.monotonic()
+        deadline = start + timeout
+        self._wait_children(len(names), deadline)
         wanted = set(names)
         while True:
-            if procs.exited(self.pid):
+            if procfs.exited(self.pid):
                 raise DaemonDied(f"{self.name} exited:\n{self.daemon_log_tail()}")
-            before = time.monotonic()
             try:
                 st = self.status()
             except Exception:  # not listening yet: every client raises its own kind
@@ -109,10 +114,26 @@ class Contender(ABC):
             now = time.monotonic()
             if all(st.get(n, ("", 0))[0] == "RUNNING" and st[n][1] for n in wanted):
                 return now, st
-            if now - start > timeout:
+            if now > deadline:
                 missing = sorted(n for n in wanted if st.get(n, ("", 0))[0] != "RUNNING")
                 raise TimeoutError(
                     f"{self.name}: {len(missing)} of {len(wanted)} not RUNNING after "
                     f"{timeout} s (e.g. {missing[:3]})\n{self.daemon_log_tail()}"
                 )
-            time.sleep(max(now - before, 0.02))
+            time.sleep(0.02)
+
+    def _wait_children(self, count: int, deadline: float) -> None:
+        """Until the daemon has `count` live children that exec'd (their cmdline is no longer
+        the daemon's), or the deadline; /proc only, every 10 ms."""
+        mine = procfs.cmdline(self.pid)
+        execd: set[int] = set()
+        while len(execd) < count and time.monotonic() < deadline:
+            if procfs.exited(self.pid):
+                raise DaemonDied(f"{self.name} exited:\n{self.daemon_log_tail()}")
+            kids = procfs.children(self.pid)
+            execd &= kids
+            for pid in kids - execd:
+                line = procfs.cmdline(pid)
+                if line and line != mine and procfs.alive(pid):
+                    execd.add(pid)
+            time.sleep(0.01)

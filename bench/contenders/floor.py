@@ -7,7 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
-import procs
+import procfs
+
 from contenders.base import Contender, Program, Status
 
 SCRIPT = Path(__file__).resolve().parents[1] / "floor.py"
@@ -52,7 +53,7 @@ class Floor(Contender):
         }
         path = self.workdir / "floor.json"
         path.write_text(json.dumps(config))
-        self.pid = procs.start_daemon(
+        self.pid = procfs.start_daemon(
             [sys.executable, str(SCRIPT), str(path)], self.workdir / "daemon.log"
         )
         return self.pid

@@ -14,7 +14,8 @@ import sys
 import xmlrpc.client
 from pathlib import Path
 
-import procs
+import procfs
+
 from contenders.base import Contender, Program, Status
 
 VENV = Path(__file__).resolve().parents[1] / ".venv-supervisor"
@@ -102,6 +103,7 @@ class Supervisord(Contender):
 
     def start(self, programs: list[Program]) -> int:
         w = self.workdir
+        total = sum(p.numprocs for p in programs)
         lines = [
             "[unix_http_server]",
             f"file={self.socket}",
@@ -111,8 +113,10 @@ class Supervisord(Contender):
             f"logfile={w / 'supervisord.log'}",
             f"pidfile={w / 'supervisord.pid'}",
             f"childlogdir={w}",
-            "minfds=8192",
-            "minprocs=4096",
+            # supervisord closes fds 3..minfds-1 in every child before exec: a generous value
+            # slows each spawn, so ask for what the children need (pipes and a log file each).
+            f"minfds={max(1024, 4 * total + 64)}",
+            f"minprocs={max(200, total + 64)}",
             "[rpcinterface:supervisor]",
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
             "[supervisorctl]",
@@ -137,7 +141,7 @@ class Supervisord(Contender):
             ]
         self.config.write_text("\n".join(lines) + "\n")
         argv = [str(VENV / "bin" / "supervisord"), "-c", str(self.config)]
-        self.pid = procs.start_daemon(argv, w / "daemon.log")
+        self.pid = procfs.start_daemon(argv, w / "daemon.log")
         return self.pid
 
     def status(self) -> Status:

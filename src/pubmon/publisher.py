@@ -144,6 +144,7 @@ class Publisher:
         self.restarts = 0  # automatic restarts (not the operator's)
         self.exits = 0
         self.probe_failures = 0
+        self.probe_kills = 0  # runs ended because the probe gave up on them
         self.last_exit: int | None = None
         self.last_exit_reason = ""
         self.start_times: deque[float] = deque(maxlen=256)  # clock() of each spawn
@@ -208,6 +209,7 @@ class Publisher:
             p + "restarts": self.restarts,
             p + "exits": self.exits,
             p + "probe_failures": self.probe_failures,
+            p + "probe_kills": self.probe_kills,
             p + "uptime_s": int(self.uptime()),
             p + "log_lines": self.output.lines,
             p + "log_bytes": self.output.bytes,
@@ -408,6 +410,7 @@ class Publisher:
         if outcome in ("stop", "restart"):
             self._transition(S.STOPPING, "stop requested" if outcome == "stop" else "restart")
         elif outcome == "unhealthy":
+            self.probe_kills += 1
             logger.warning(
                 "%s pid %d is unhealthy: %s; killing it", self.name, child.pid, self.details
             )

@@ -28,6 +28,46 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def _machine_ticks() -> tuple[int, int]:
+    """(all ticks, busy ticks) of every CPU since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return sum(fields), sum(fields) - fields[3] - fields[4]  # less idle and iowait
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Percent of all CPUs busy (any process) over `seconds`."""
+    total0, busy0 = _machine_ticks()
+    time.sleep(seconds)
+    total1, busy1 = _machine_ticks()
+    return 100 * (busy1 - busy0) / max(1, total1 - total0)
+
+
+class ForeignCpu:
+    """CPU that processes outside this benchmark used while it measured, in % of one core:
+    the machine's busy time less ours (this process and every descendant it or its daemons
+    reaped). Read it after the daemons were reaped. Only an indicator of a noisy machine: it
+    also counts interrupts, which no process is charged with."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        return _machine_ticks()[1] / TICK, ours, time.monotonic()
+
+    def percent(self) -> float | None:
+        """None for a span under a second: ticks are 10 ms, too coarse to say."""
+        (busy0, ours0, t0), (busy1, ours1, t1) = self._start, self._sample()
+        if t1 - t0 < 1:
+            return None
+        return max(0.0, 100 * ((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0))
+
+    def seconds(self) -> float:
+        return time.monotonic() - self._start[2]
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name: [0] is the state letter."""
     try:
@@ -63,6 +103,13 @@ def comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def environ_value(pid: int, key: str) -> str | None:
