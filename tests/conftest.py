@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,3 +76,22 @@ def no_leaked_processes(spared_pids: list[Callable[[], set[int]]]) -> Iterator[N
             except OSError:
                 cmds[pid] = b"?"
         pytest.fail(f"test left {len(leaked)} process(es) running: {cmds}")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if not shutil.which("openssl"):
+        pytest.skip("needs openssl")
+    d = tmp_path_factory.mktemp("certs")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test-ca")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/O=pubmon/CN=operator")):
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+        run("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", "-days", "2")
+    yield d

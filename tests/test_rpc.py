@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -653,25 +653,6 @@ async def test_close_ends_open_connections() -> None:
 
 
 # --- TLS ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if not shutil.which("openssl"):
-        pytest.skip("needs openssl")
-    d = tmp_path_factory.mktemp("certs")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
-    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test-ca")
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, subject in (("server", "/CN=localhost"), ("client", "/O=pubmon/CN=operator")):
-        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
-        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
-        run("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", "-days", "2")
-    yield d
 
 
 async def test_mutual_tls_gives_the_peer_subject(certs: Path) -> None:

@@ -299,3 +299,32 @@ async def test_listeners_survive_garbage_and_idle_floods(tmp_path: Path) -> None
         # and the daemon still does its job
         rc, out, _ = await cli("status", "--socket", sock)
         assert rc == 0 and "RUNNING" in out
+
+
+async def test_mutual_tls_allows_control_only_when_configured(tmp_path: Path, certs: Path) -> None:
+    import ssl
+
+    client = ssl.create_default_context(cafile=certs / "ca.pem")
+    client.load_cert_chain(certs / "client.pem", certs / "client.key")
+    svc = idl.pubmon().PubmonService
+    for allow in (False, True):
+        port = free_port()
+        config = tmp_path / f"tls-{allow}.toml"
+        config.write_text(
+            f'[control]\nsocket = ""\n[monitor]\nlisten = "127.0.0.1:{port}"\n'
+            f'tls_cert = "{certs / "server.pem"}"\ntls_key = "{certs / "server.key"}"\n'
+            f'tls_client_ca = "{certs / "ca.pem"}"\nallow_control = {str(allow).lower()}\n'
+            + toml_publisher("a", SLEEP)
+        )
+        async with (
+            run_daemon(config) as d,
+            await ThriftClient.connect(svc, host="127.0.0.1", port=port, ssl_context=client) as c,
+        ):
+            assert idl.FbStatus(await c.call("getStatus")) == idl.FbStatus.ALIVE
+            if allow:
+                info = await c.call("restartPublisher", "a")
+                assert info.state == "RUNNING"  # type: ignore[attr-defined]
+                await d.wait_log("restartPublisher called by O=pubmon,CN=operator")
+            else:
+                with pytest.raises(idl.pubmon().PermissionDenied):
+                    await c.call("restartPublisher", "a")
