@@ -273,25 +273,8 @@ async def spawn(
     """Start `req` and return once its pid is known. Raises SpawnError (permanent or not)."""
     loop = asyncio.get_running_loop()
     env, creds = child_environment(req)
-    proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
-    if reaper is not None:
-        # One fork at a time, with a loop pass between them: a first round of 1000 publishers
-        # would otherwise fork in a single pass and leave signals, RPC and watchdog pings
-        # unserved for seconds.
-        async with reaper.gate:
-            return await _spawn(req, proto, env, creds, reaper)
-    return await _spawn(req, proto, env, creds, None)
-
-
-async def _spawn(
-    req: SpawnRequest,
-    proto: _ChildProtocol,
-    env: dict[str, str],
-    creds: tuple[int, int, list[int]] | None,
-    reaper: OrphanReaper | None,
-) -> Child:
-    loop = asyncio.get_running_loop()
     uid, gid, groups = creds if creds is not None else (None, None, None)
+    proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
     if reaper is not None:
         reaper.spawning += 1
     try:
@@ -376,7 +359,6 @@ class OrphanReaper:
         self._owned: set[int] = set()
         self.spawning = 0
         self.reaped = 0
-        self.gate = asyncio.Lock()  # spawn() forks one child at a time
         self._deferred = False
 
     def spawn_done(self) -> None:
