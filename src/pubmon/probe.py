@@ -22,7 +22,8 @@ __all__ = ["ExecProbe", "Fb303Probe", "Probe", "TcpProbe", "make_probe"]
 import asyncio
 import logging
 import signal
-from typing import Literal, Protocol, final
+from collections.abc import Coroutine
+from typing import Any, Literal, Protocol, TypeVar, final
 
 from . import idl
 from .config import ProbeSpec, PublisherSpec
@@ -36,6 +37,37 @@ logger = logging.getLogger(__name__)
 
 _DRAIN_TIMEOUT = 0.2  # after an exec probe's group is gone: how long its pipes may stay open
 _OUTPUT_KEPT = 400  # bytes of an exec probe's output kept for last_error
+# Past an fb303 deadline, how long what already arrived may still complete the call (see _by).
+_GRACE = 0.05
+_BACKSTOP = 30.0  # the fb303 client's own timeout: `_by` enforces the real one
+
+_T = TypeVar("_T")
+
+
+async def _by(deadline: float, coro: Coroutine[Any, Any, _T]) -> _T:
+    """`coro`'s result if it completes by `deadline` (loop time); else TimeoutError.
+
+    Unlike `asyncio.timeout_at`, a deadline that fires late does not beat an answer that is
+    already in: when our own loop was stalled past the deadline (a spawn waiting for its child's
+    exec under load, a busy turn) with a call in flight, the child's reply and the expired timer
+    are seen in the same loop turn, and the timer would win and blame a child that answered in
+    time. Past the deadline the call gets `_GRACE` more seconds of a running loop to finish.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+        if not done:
+            await asyncio.wait({task}, timeout=_GRACE)
+        if not task.done():
+            raise TimeoutError
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved (we were cancelled, or it lost to the deadline)
 
 
 class Probe(Protocol):
@@ -102,8 +134,7 @@ class Fb303Probe:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            async with asyncio.timeout_at(deadline):
-                answer = await self._get_status()
+            answer = await _by(deadline, self._get_status())
         except (RpcError, TimeoutError) as exc:
             await self._drop()
             self.status = None
@@ -141,8 +172,8 @@ class Fb303Probe:
         logger.info("%s: startPublishers(%s)", self.name, url)
         error_cls = idl.publisher().PublisherServiceException
         try:
-            async with asyncio.timeout(self.timeout):
-                await self._call("startPublishers", url)
+            deadline = asyncio.get_running_loop().time() + self.timeout
+            await _by(deadline, self._call("startPublishers", url))
         except error_cls as exc:
             why = f"refused: {exc.message}"
         except (RpcError, TimeoutError) as exc:
@@ -187,7 +218,7 @@ class Fb303Probe:
                 self._service,
                 host=self.host,
                 port=self.port,
-                timeout=self.timeout,
+                timeout=_BACKSTOP,
                 transport=self.transport,
             )
             self._client = client
@@ -201,8 +232,7 @@ class Fb303Probe:
     async def _fetch_details(self, status: FbStatus | int, deadline: float) -> None:
         self._details_for = status
         try:
-            async with asyncio.timeout_at(deadline):
-                text = await self._call("getStatusDetails")
+            text = await _by(deadline, self._call("getStatusDetails"))
         except (RpcError, TimeoutError) as exc:
             await self._drop()
             self._details_failed = True

@@ -253,7 +253,8 @@ class Driver:
         info = await c.call("getPublisher", pub.name)
         pid = info.pid
         if info.state != "RUNNING" or not pid:
-            self.problem(f"{pub.name}: idle and expected RUNNING, but {info.state}")
+            gone = " with its process gone" if info.state == "RUNNING" else ""
+            self.problem(f"{pub.name}: idle and expected RUNNING, but {info.state}{gone}")
             return
         commanded = pub.kind in LINE_KINDS and kind in ("exit", "fork", "burst")
         if commanded and not self._takes_commands(pid):

@@ -160,8 +160,8 @@ class Pub:
             keys["start_timeout"] = 15
             keys["probe"] = {
                 "kind": "fb303",
-                "interval": 0.5,
-                "timeout": 0.5,
+                "interval": 1.0,
+                "timeout": 1.0,
                 "failure_threshold": 2,
             }
         elif self.kind == "doomed":

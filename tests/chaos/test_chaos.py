@@ -148,11 +148,16 @@ async def start_cli_follower(env: Env, name: str) -> tuple[asyncio.subprocess.Pr
     return proc, out
 
 
-async def sample_rss(pid: int, out: list[tuple[float, int]], t0: float) -> None:
-    """The daemon's RSS every 2 s (for the trend in the report: a leak climbs, a ring fills)."""
-    while True:
-        out.append((round(time.monotonic() - t0), usage(pid).rss_kib))
-        await asyncio.sleep(2)  # a sampling period, not a wait
+async def sample(
+    driver: Driver, pid: int, out: list[tuple[float, int]], lags: list[int], t0: float
+) -> None:
+    """Every 2 s, the daemon's RSS (the trend: a leak climbs, a ring fills up and levels off)
+    and its loop lag (how late its last 1 s sleep woke up)."""
+    async with driver.client() as c:
+        while True:
+            out.append((round(time.monotonic() - t0), usage(pid).rss_kib))
+            lags.append(await c.call("getCounter", "daemon.loop_lag_ms"))
+            await asyncio.sleep(2)  # a sampling period, not a wait
 
 
 async def follow_safely(driver: Driver, name: str) -> None:
@@ -203,14 +208,15 @@ async def test_chaos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
             warm_s = min(15.0, seconds / 4)
             followers = stable[2:8]
             rss: list[tuple[float, int]] = []
+            lags: list[int] = []
             async with asyncio.TaskGroup() as tg:
                 for name in followers:
                     tg.create_task(follow_safely(driver, name))
-                sampler = tg.create_task(sample_rss(d.pid, rss, t0))
+                sampler = tg.create_task(sample(driver, d.pid, rss, lags, t0))
                 try:
                     await driver.run_phase(warm_s)
                     report["settle_s"] = [round(await driver.settle(), 1)]
-                    warm = await measure(driver, d.pid, len(followers) + len(cli))
+                    warm = await measure(driver, d.pid, len(followers) + len(cli) + 1)
                     t_chaos = time.monotonic()
                     await driver.run_phase(seconds - warm_s)
                     report["chaos_tail_s"] = round(time.monotonic() - t_chaos, 1)
@@ -218,6 +224,16 @@ async def test_chaos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
                 finally:
                     driver.stop_followers()
                     sampler.cancel()
+            # The first sample still shows the start (200 spawns in a row): reported apart.
+            startup_lag, lags = (lags[0], lags[1:]) if lags else (0, [])
+            report["loop_lag_ms"] = {
+                "startup": startup_lag,
+                "max": max(lags, default=0),
+                "p90": sorted(lags)[int(len(lags) * 0.9)] if lags else 0,
+                "over_500": sum(lag > 500 for lag in lags),
+                "samples": len(lags),
+                "all": lags,
+            }
             report["rss_trend_mib"] = [
                 (t, round(kib / 1024, 1)) for t, kib in rss[:: max(1, len(rss) // 12)]
             ]
@@ -232,7 +248,10 @@ async def test_chaos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
             report["shutdown_s"] = round(time.monotonic() - t1, 1)
             if code != 0:
                 driver.problem(f"the daemon exited {code} on SIGTERM")
-            (env.tmp / "daemon.log").write_text("\n".join(d.stderr) + "\n")
+            daemon_log = "\n".join(d.stderr) + "\n"
+            (env.tmp / "daemon.log").write_text(daemon_log)
+            if path := os.environ.get("PUBMON_CHAOS_REPORT"):  # pytest prunes old tmp dirs
+                Path(path).with_suffix(".daemon.log").write_text(daemon_log)
             for line in d.stderr:
                 if any(word in line for word in _BAD_LOG_WORDS):
                     driver.problem(f"daemon log: {line[:200]}")
@@ -393,6 +412,10 @@ def summarize(driver: Driver, r: dict[str, Any]) -> str:
             f"  restarts {r['restarts']}, exits {r['exits']} (daemon counters "
             + ("= driver's count for every publisher" if agree else "DISAGREE with the driver")
             + f"); exit statuses seen: {statuses}",
+            f"  daemon loop lag (sampled every 2 s): {r['loop_lag_ms']['startup']} ms at the start,"
+            f" then max {r['loop_lag_ms']['max']} ms,"
+            f" p90 {r['loop_lag_ms']['p90']} ms, {r['loop_lag_ms']['over_500']} of"
+            f" {r['loop_lag_ms']['samples']} samples over 500 ms",
             f"  status bursts {s['status.bursts']} on TCP ({s['status.calls']} calls, max latency"
             f" {driver.status_max_latency:.3f} s, {s['status.denied']} mutations refused);"
             f" followers: tailLog {s['follow.lines']} lines ({s['follow.missed']} missed),"
