@@ -1,9 +1,11 @@
-"""Bugs the chaos run (tests/chaos) found, one focused test each, named after what broke."""
+"""Bugs the chaos run (tests/chaos) and the bench (bench/) found, one test each, named after
+what broke."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import signal
 import socket
@@ -181,3 +183,41 @@ async def test_a_probe_call_that_fails_as_its_check_is_cancelled_is_not_reported
     del check
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
+    # Bench, 1000 publishers: every runner forked in the same loop pass (~5 ms each), so for
+    # seconds no signal, RPC or watchdog ping was served. A ticker that yields on every pass
+    # must see the spawn count move by at most one between its turns.
+    n = 150
+    specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
+    seen: list[int] = []
+    async with Supervisor(config(*specs)) as sup:
+        pubs = list(sup.publishers.values())
+
+        def spawned() -> int:
+            return sum(len(p.start_times) for p in pubs)
+
+        async with asyncio.timeout(60):
+            while spawned() < n:
+                seen.append(spawned())
+                await asyncio.sleep(0)
+            await sup.wait_settled()
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(steps) <= 1, f"{max(steps)} forks in one loop pass"
+
+
+async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> None:
+    # Bench: SIGTERM during the first round of 1000 still forked every queued publisher, then
+    # stopped each: 9.5 s. Those not forked yet must not be forked at all.
+    n = 150
+    specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
+    async with Supervisor(config(*specs)) as sup:
+        pubs = list(sup.publishers.values())
+        async with asyncio.timeout(30):
+            while sum(len(p.start_times) for p in pubs) < 5:
+                await asyncio.sleep(0)
+            await sup.stop_all(30)
+        forked = sum(len(p.start_times) for p in pubs)
+        assert forked < n // 2, f"{forked} of {n} forked after the stop"
+        assert all(p.state == S.STOPPED and p.pid is None for p in pubs)

@@ -27,6 +27,7 @@ from children import (
     spec,
 )
 from procs import alive, children, in_group, state, wait_gone
+from pubmon import spawn as spawn_module
 from pubmon.config import Backoff, CrashLoop, PublisherSpec
 from pubmon.errors import InvalidState, UnknownPublisher
 from pubmon.lifecycle import PublisherState
@@ -300,6 +301,82 @@ async def test_environment_is_scrubbed_and_pdeathsig_armed(monkeypatch: pytest.M
         "mine yes env",
         "stdin /dev/null",
     ]
+
+
+@pytest.mark.parametrize("path", ["wrapper", "preexec", "setpriv-refused"])
+async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
+    path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if path == "preexec":  # no setpriv on this machine
+        monkeypatch.setattr(spawn_module, "_SETPRIV", None)
+    elif path == "setpriv-refused":  # as under a seccomp filter that denies its capset
+        refusing = tmp_path / "setpriv"
+        refusing.write_text(
+            "#!/bin/sh\necho 'setpriv: activate capabilities: Operation not permitted' >&2\n"
+            "exit 127\n"
+        )
+        refusing.chmod(0o755)
+        monkeypatch.setattr(spawn_module, "_SETPRIV", str(refusing))
+        monkeypatch.setattr(spawn_module, "_wrapper_works", None)
+    code = (
+        "import ctypes, os, signal, sys\n"
+        "sig = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(sig))\n"  # PR_GET_PDEATHSIG
+        "leads = os.getpgid(0) == os.getpid()\n"
+        "print('pdeathsig', sig.value, 'ppid', os.getppid(), 'pgid', leads)\n"
+        "print('argv', sys.argv[1:])\n"
+    )
+    argv = (*py(code), "one arg", "$two")
+    fast = spawn_module._wrapper_usable() and spawn_module._wrapper_can_run(
+        argv[0], os.environ, None
+    )
+    assert fast == (path == "wrapper")
+    async with running(spec("armed", argv, restart="never")) as sup:
+        pub = sup.get("armed")
+        await in_state(pub, S.EXITED)
+        texts = [line.text for line in pub.output.tail(0, 100).lines]
+    assert texts == [
+        f"pdeathsig {int(signal.SIGKILL)} ppid {os.getpid()} pgid True",
+        "argv ['one arg', '$two']",
+    ]
+    assert pub.last_exit == 0
+    refused = [r.getMessage() for r in caplog.records if "cannot arm" in r.getMessage()]
+    assert len(refused) == (path == "setpriv-refused")
+    assert all("activate capabilities: Operation not permitted" in m for m in refused)
+
+
+async def test_the_wrapper_runs_nothing_when_the_daemon_died_before_it_armed() -> None:
+    # The race of asyncio-gotchas 1.2: were the daemon killed between the fork and the prctl,
+    # nobody would ever send the signal. The check reads the parent after arming.
+    async def run(parent: int) -> tuple[int, bytes]:
+        argv = spawn_module.wrapped(("echo", "ran"), parent)
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out
+
+    assert await run(os.getpid()) == (0, b"ran\n")
+    assert await run(1) == (111, b"")  # "our parent should be pid 1": it is not, so it stops
+
+
+def test_the_wrapper_is_used_only_for_commands_that_surely_exec(tmp_path: Path) -> None:
+    can = spawn_module._wrapper_can_run
+    env = {"PATH": f"{tmp_path}/bin:/usr/bin:/bin"}
+    (tmp_path / "bin").mkdir()
+    script, text, plain, folder = (tmp_path / "bin" / n for n in ("script", "text", "plain", "dir"))
+    script.write_text("#!/bin/sh\nexit 0\n")
+    text.write_text("exit 0\n")  # executable, but no #!: the kernel says ENOEXEC
+    plain.write_text("#!/bin/sh\n")
+    folder.mkdir()
+    for f in (script, text):
+        f.chmod(0o755)
+    assert can("sleep", env, None) and can("script", env, None)
+    assert can("bin/script", env, str(tmp_path))  # relative to the publisher's directory
+    assert not can("bin/script", env, str(tmp_path / "missing"))
+    assert not can("text", env, None)
+    assert not can("plain", env, None)  # not executable: the exact EACCES comes from exec
+    assert not can("dir", env, None)
+    assert not can("no-such-command", env, None)
+    assert not can(str(tmp_path / "bin" / "nope"), env, None)
 
 
 async def test_unknown_and_program_names_resolve() -> None:

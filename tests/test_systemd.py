@@ -249,6 +249,8 @@ def test_start_returns_after_ready_with_every_publisher_running(pubmon: Pubmon) 
     # The control socket lives in RuntimeDirectory=pubmon, where the CLI finds it by default.
     status_table = pubmon.machine.run(str(VENV_PUBMON), "status").stdout
     assert all(name in status_table for name in pubs), status_table
+    # The unit's system call filter lets the spawn wrapper (setpriv) arm PDEATHSIG: no fallback.
+    assert not [line for line in pubmon.journal() if "cannot arm" in line]
 
 
 def test_reload_applies_a_change_in_the_same_main_process(pubmon: Pubmon) -> None:

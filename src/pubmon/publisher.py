@@ -30,7 +30,7 @@ from .lifecycle import Health, PublisherState, check_transition
 from .output import OutputLog
 from .policy import CrashWindow, next_delay, should_restart
 from .probe import Probe, make_probe
-from .spawn import Child, OrphanReaper, SpawnRequest, describe_exit, spawn
+from .spawn import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -365,27 +365,30 @@ class Publisher:
 
     async def _run_once(self) -> Outcome:
         """Spawn, watch until it ends or must end, and stop it. Returns why it ended."""
-        spec = self.spec
-        self._transition(S.STARTING, "spawning " + spec.command[0])
-        self.health = Health.UNKNOWN
-        self.start_times.append(self._clock())
-        req = SpawnRequest(
-            name=spec.name,
-            argv=spec.command,
-            directory=spec.directory,
-            environment=spec.environment,
-            user=spec.user,
-        )
-        try:
-            child = await spawn(
-                req,
-                self.output.open_stream("stdout"),
-                self.output.open_stream("stderr"),
-                reaper=self._reaper,
+        async with fork_turn():  # many due at once (the first round): one fork per loop pass
+            if not self._wanted:  # stopped while it waited for its turn: nothing to undo
+                return "stop"
+            spec = self.spec
+            self._transition(S.STARTING, "spawning " + spec.command[0])
+            self.health = Health.UNKNOWN
+            self.start_times.append(self._clock())
+            req = SpawnRequest(
+                name=spec.name,
+                argv=spec.command,
+                directory=spec.directory,
+                environment=spec.environment,
+                user=spec.user,
             )
-        except SpawnError as exc:
-            self._spawn_error = exc
-            return "spawn-failed"
+            try:
+                child = await spawn(
+                    req,
+                    self.output.open_stream("stdout"),
+                    self.output.open_stream("stderr"),
+                    reaper=self._reaper,
+                )
+            except SpawnError as exc:
+                self._spawn_error = exc
+                return "spawn-failed"
         self.child = child
         self._run_started = self._clock()
         logger.info("%s spawned pid %d: %s", spec.name, child.pid, " ".join(spec.command))

@@ -2,9 +2,14 @@
 
 Every publisher is started by `spawn()`:
 - in its own process group (`process_group=0`), so a stop reaches its whole tree;
-- with PR_SET_PDEATHSIG = SIGKILL armed in a minimal preexec hook (a `prctl` resolved before the
-  fork, then a check that the daemon did not die before the hook ran), so it dies with the daemon
-  even after `kill -9`; credentials are switched by CPython *before* the hook, so it stays armed;
+- with PR_SET_PDEATHSIG = SIGKILL armed, so it dies with the daemon even after `kill -9`, and a
+  check, after arming, that the daemon did not die first (then nobody would send the signal).
+  Usually by an exec wrapper, `setpriv --pdeathsig KILL -- sh -c CHECK`, which keeps CPython's
+  vfork fast path (a real fork costs ~4 ms more per spawn and grows with the daemon's RSS);
+  else (another user, an executable we cannot vouch for, no setpriv) by a minimal preexec hook
+  that runs after CPython switched credentials, so the switch cannot clear it;
+- one fork per loop pass when many start at once (`fork_turn()`): signals, RPC and watchdog
+  pings are served between forks;
 - stdin from /dev/null, stdout and stderr as pipes read by an `OutputLog`;
 - with an environment that never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
 
@@ -25,6 +30,7 @@ __all__ = [
     "SpawnRequest",
     "become_subreaper",
     "describe_exit",
+    "fork_turn",
     "install_child_watcher",
     "spawn",
 ]
@@ -36,10 +42,15 @@ import fcntl
 import logging
 import os
 import pwd
+import shutil
 import signal
+import stat
+import subprocess
 import time
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +120,98 @@ def _make_arm(parent: int) -> Callable[[], None]:
             exit_(127)
 
     return arm
+
+
+_SETPRIV = shutil.which("setpriv")
+_SH = "/bin/sh"
+# Run as `sh -c _CHECK <daemon pid> argv...` once setpriv armed the signal: a daemon that died
+# before the prctl would never send it, so the child must not go on.
+_CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
+_EXEC_MAGIC = (b"\x7fELF", b"#!")
+
+
+def wrapped(argv: tuple[str, ...], parent: int) -> list[str]:
+    """`argv` behind the parent-death-signal wrapper, for a child of `parent`."""
+    assert _SETPRIV is not None
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _CHECK, str(parent), *argv]
+
+
+_wrapper_works: bool | None = None  # unknown until the first spawn tries it
+
+
+def _wrapper_usable() -> bool:
+    """Whether setpriv can run here: a sandbox may forbid what it does (systemd's
+    SystemCallFilter=~@privileged denies its capset). Tried once, with a blocking run of a few
+    milliseconds (no loop callback can run meanwhile, so no reaper can take its status)."""
+    global _wrapper_works
+    if _SETPRIV is None:
+        return False
+    if _wrapper_works is None:
+        try:
+            done = subprocess.run(
+                wrapped((_SH, "-c", "exit 0"), os.getpid()),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=5,
+                check=False,
+            )
+            why = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+            _wrapper_works = done.returncode == 0
+        except (OSError, subprocess.SubprocessError) as exc:
+            why, _wrapper_works = str(exc), False
+        if not _wrapper_works:
+            logger.warning(
+                "%s cannot arm the parent-death signal here (%s); publishers are spawned "
+                "through a preexec hook instead (a real fork: a few ms more per spawn)",
+                _SETPRIV,
+                why,
+            )
+    return _wrapper_works
+
+
+def _wrapper_can_run(argv0: str, env: Mapping[str, str], cwd: str | None) -> bool:
+    """True when `argv0` surely execs: the wrapper's `exec` then fails no differently than ours.
+
+    Anything else (missing, not executable, a format we do not know) takes the preexec path,
+    where the failure comes back as the exact OSError (a permanent spawn error: FATAL).
+    """
+    if cwd is not None and not os.path.isdir(cwd):
+        return False
+    dirs = [""] if "/" in argv0 else os.get_exec_path(dict(env))
+    for d in dirs:
+        path = os.path.join(cwd or "", d, argv0)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+            return False  # execvp would stop with EACCES here
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return False
+        return head.startswith(_EXEC_MAGIC)
+    return False
+
+
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@asynccontextmanager
+async def fork_turn() -> AsyncIterator[None]:
+    """Hold the loop's one turn to fork. Alone, it is taken at once; when many spawns are due
+    (the first round of 1000 publishers) they fork one per loop pass, in order, instead of all
+    in one pass that would hold up signals, RPC and watchdog pings for seconds."""
+    loop = asyncio.get_running_loop()
+    lock = _turns.get(loop)
+    if lock is None:
+        lock = _turns[loop] = asyncio.Lock()
+    async with lock:
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,16 +380,20 @@ async def spawn(
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
     if reaper is not None:
         reaper.spawning += 1
+    if creds is None and _wrapper_usable() and _wrapper_can_run(req.argv[0], env, req.directory):
+        argv, arm = wrapped(req.argv, os.getpid()), None
+    else:
+        argv, arm = list(req.argv), _make_arm(os.getpid())
     try:
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: proto,
-                *req.argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 process_group=0,
-                preexec_fn=_make_arm(os.getpid()),
+                preexec_fn=arm,
                 cwd=req.directory,
                 env=env,
                 user=uid,

@@ -180,9 +180,6 @@ class Supervisor:
     def _deps_ready(self, spec: PublisherSpec) -> bool:
         return all(p.state == S.RUNNING for dep in spec.depends_on for p in self._instances(dep))
 
-    def _dependents(self, pub: Publisher) -> list[Publisher]:
-        return [p for p in self.publishers.values() if pub.spec.program in p.spec.depends_on]
-
     def _settled(self, pub: Publisher) -> bool:
         if not pub.wanted or pub.state in (S.RUNNING, *_TERMINAL):
             return True
@@ -239,11 +236,17 @@ class Supervisor:
             await asyncio.gather(halted, return_exceptions=True)
 
     async def _stop_in_order(self, pubs: list[Publisher]) -> None:
+        dependents: dict[str, list[Publisher]] = {}  # program -> publishers that depend on it
+        for p in self.publishers.values():
+            for dep in p.spec.depends_on:
+                dependents.setdefault(dep, []).append(p)
         remaining = set(pubs)
         while remaining:
             # A publisher may stop once nothing that depends on it is still running.
             level = [
-                p for p in remaining if not any(d in remaining for d in self._dependents(p))
+                p
+                for p in remaining
+                if not any(d in remaining for d in dependents.get(p.spec.program, ()))
             ] or list(remaining)  # a cycle cannot pass config checks; never hang on one
             for p in level:
                 p.stop_soon()
