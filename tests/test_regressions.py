@@ -221,3 +221,40 @@ async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> N
         forked = sum(len(p.start_times) for p in pubs)
         assert forked < n // 2, f"{forked} of {n} forked after the stop"
         assert all(p.state == S.STOPPED and p.pid is None for p in pubs)
+
+
+async def test_a_thousand_exits_at_once_do_not_drown_an_operators_signal() -> None:
+    # Profiling a stop of 1000 publishers: every exit raised SIGCHLD, which the orphan reaper
+    # handled through the loop's signal wakeup socket. A few hundred one-byte writes fill that
+    # socket; past that, signal numbers are dropped (an operator's second SIGTERM among them),
+    # and CPython 3.11 once spun for ever reporting the overflow. Exits no longer signal the loop.
+    n = 400
+    specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0, restart="never") for i in range(n)]
+    loop = asyncio.get_running_loop()
+    got = asyncio.Event()
+    async with Supervisor(config(*specs)) as sup:
+        await sup.wait_settled()
+        pids = [p.pid for p in sup.publishers.values()]
+        assert all(pids)
+
+        def all_die_then_a_signal() -> None:
+            # While the loop is busy (one long pass), the children die one after the other
+            # (each SIGCHLD delivered before the next death: pending signals do not pile up),
+            # then USR1 comes.
+            for pid in pids:
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                while state(pid) not in ("Z", None):
+                    time.sleep(0.0002)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        try:
+            loop.call_soon(all_die_then_a_signal)
+            async with asyncio.timeout(5):
+                await got.wait()
+        finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+        async with asyncio.timeout(10):
+            for pub in sup.publishers.values():
+                await pub.wait_until(lambda p=pub: p.state == S.EXITED)  # type: ignore[misc]

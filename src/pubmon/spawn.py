@@ -18,8 +18,11 @@ Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no threa
 of the pipes (a grandchild can keep them open for ever).
 
 The daemon is a child subreaper: orphaned grandchildren are re-parented to it. `OrphanReaper`
-reaps those (and only those) on SIGCHLD, by pid, never with `waitpid(-1)`, which would steal the
-exit statuses asyncio is waiting for.
+reaps those (and only those), by pid, never with `waitpid(-1)`, which would steal the exit
+statuses asyncio is waiting for: shortly after each exit of a child of ours, and once a second.
+Not on SIGCHLD: a thousand children ending at once would overflow the loop's signal wakeup
+socket (a few hundred one-byte writes fill it) and lose the bytes of other signals, an
+operator's second SIGTERM among them.
 """
 
 from __future__ import annotations
@@ -460,13 +463,21 @@ class OrphanReaper:
 
     asyncio owns every pid that `spawn()` returned until its exit is reported; a spawn in flight
     may not be tracked yet, so sweeps wait while `spawning > 0` and run again afterwards.
+    A sweep runs `SOON` after an owned child exits (its orphans are killed with its group right
+    then) and every `PERIOD` (an escaped grandchild may end at any time).
     """
+
+    SOON = 0.1
+    PERIOD = 1.0
 
     def __init__(self) -> None:
         self._owned: set[int] = set()
         self.spawning = 0
         self.reaped = 0
         self._deferred = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._periodic: asyncio.TimerHandle | None = None
+        self._soon: asyncio.TimerHandle | None = None
 
     def spawn_done(self) -> None:
         self.spawning -= 1
@@ -475,7 +486,21 @@ class OrphanReaper:
 
     def track(self, child: Child) -> None:
         self._owned.add(child.pid)
-        child.exited.add_done_callback(lambda _: self._owned.discard(child.pid))
+        child.exited.add_done_callback(lambda _: self._exited(child.pid))
+
+    def _exited(self, pid: int) -> None:
+        self._owned.discard(pid)
+        if self._loop is not None and self._soon is None:  # one sweep for a burst of exits
+            self._soon = self._loop.call_later(self.SOON, self._sweep_soon)
+
+    def _sweep_soon(self) -> None:
+        self._soon = None
+        self.sweep()
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        self.sweep()
+        self._periodic = self._loop.call_later(self.PERIOD, self._tick)
 
     def sweep(self) -> int:
         """Reap every zombie child of ours that asyncio does not own. Returns how many."""
@@ -507,7 +532,11 @@ class OrphanReaper:
         return strays
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGCHLD, self.sweep)
+        self._loop = loop
+        self._periodic = loop.call_later(self.PERIOD, self._tick)
 
     def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_signal_handler(signal.SIGCHLD)
+        for handle in (self._periodic, self._soon):
+            if handle is not None:
+                handle.cancel()
+        self._loop = self._periodic = self._soon = None
