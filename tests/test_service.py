@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,6 +234,35 @@ async def test_counters_and_fb303_basics(tmp_path: Path) -> None:
             assert await c.call("getName") == "pubmon"
             assert abs(int(str(await c.call("aliveSince"))) - time.time()) < 60
             assert "1/1 publishers running" in str(await c.call("getStatusDetails"))
+
+
+async def test_list_publishers_is_fresh_after_every_change(tmp_path: Path) -> None:
+    # listPublishers re-encodes a PublisherInfo only when it changed: it must never serve an
+    # old state, pid or reason, and its uptime must always be the current one.
+    body = toml_publisher("a", SLEEP) + toml_publisher("b", SLEEP)
+    async with daemon_with_listeners(tmp_path, body) as (d, sock, port):
+        await d.wait_publishers(2)
+        svc = idl.pubmon().PubmonService
+        async with await ThriftClient.connect(svc, unix_socket=sock) as c:
+
+            async def infos() -> dict[str, Any]:
+                return {i.name: i for i in await c.call("listPublishers")}
+
+            first = await infos()
+            one = await c.call("getPublisher", "a")
+            assert one.uptime >= first["a"].uptime
+            one.uptime = first["a"].uptime
+            assert first["a"] == one  # every other field decoded alike (uptime sent first)
+            again = await infos()
+            assert again["a"].uptime > first["a"].uptime and again["a"].pid == first["a"].pid
+            await c.call("stopPublisher", "a")
+            stopped = await infos()
+            assert (stopped["a"].state, stopped["a"].pid, stopped["a"].uptime) == ("STOPPED", 0, 0)
+            assert "stopped" in stopped["a"].statusDetails
+            assert stopped["b"].pid == first["b"].pid and stopped["b"].state == "RUNNING"
+            await c.call("startPublisher", "a")
+            back = await infos()
+            assert back["a"].state == "RUNNING" and back["a"].pid not in (0, first["a"].pid)
 
 
 async def _garbage(port: int, sock: str, rng: random.Random) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 __all__ = [
     "MAX_DEPTH",
     "BadFrame",
+    "Encoded",
     "Incomplete",
     "Method",
     "ProtocolViolation",
@@ -33,10 +34,13 @@ __all__ = [
     "decode_reply",
     "encode_error",
     "encode_message",
+    "encode_struct",
+    "field_encoder",
     "methods",
 ]
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,6 +328,43 @@ def encode_error(name: str, seqid: int, kind: int, message: str) -> bytes:
     return encode_message(name, TMessageType.EXCEPTION, seqid, err, framed=True)
 
 
+class Encoded(bytes):
+    """A struct value already encoded (fields, then STOP): written as is where one is expected.
+
+    For replies that repeat mostly unchanged structs (1000 PublisherInfo in listPublishers).
+    """
+
+
+def encode_struct(obj: TPayload, *, skip: str = "") -> Encoded:
+    """`obj` encoded, leaving out field `skip` (to be sent fresh, see `field_encoder`)."""
+    out = bytearray()
+    try:
+        _write_struct(out, obj, MAX_DEPTH, skip=skip)
+    except struct.error as e:
+        raise TypeError(f"cannot encode {type(obj).__name__}: {e}") from e
+    return Encoded(out)
+
+
+def field_encoder(cls: type, attr: str) -> Callable[[Any], bytes]:
+    """Encodes one field of `cls` (header and value). Thrift fields may come in any order, so
+    these bytes put in front of an `encode_struct(..., skip=attr)` make the whole struct."""
+    found = [(header, ttype, sub) for name, header, ttype, sub in _plan(cls) if name == attr]
+    if not found:
+        raise KeyError(f"{cls.__name__} has no field {attr!r}")
+    header, ttype, sub = found[0]
+    scalar = _SCALARS.get(ttype)
+    if scalar is not None:
+        pack = scalar.pack
+        return lambda value: header + pack(value)
+
+    def encode(value: Any) -> bytes:
+        out = bytearray(header)
+        _write_value(out, ttype, sub, value, MAX_DEPTH - 1)
+        return bytes(out)
+
+    return encode
+
+
 # Per struct class: (attribute, field header bytes, type, subspec) for each field.
 _PLANS: dict[type, tuple[tuple[str, bytes, int, Any], ...]] = {}
 
@@ -339,12 +380,12 @@ def _plan(cls: type) -> tuple[tuple[str, bytes, int, Any], ...]:
     return plan
 
 
-def _write_struct(out: bytearray, obj: TPayload, depth: int) -> None:
+def _write_struct(out: bytearray, obj: TPayload, depth: int, skip: str = "") -> None:
     if depth <= 0:
         raise ValueError("structs nested too deeply")
     for name, header, ttype, sub in _plan(type(obj)):
         value = getattr(obj, name, None)
-        if value is None:
+        if value is None or name == skip:
             continue  # unset optional (thriftpy2 also drops unset required fields)
         out += header
         try:
@@ -371,6 +412,9 @@ def _write_value(out: bytearray, ttype: int, spec: Any, value: Any, depth: int) 
     elif depth <= 0:
         raise ValueError("values nested too deeply")
     elif ttype == TType.STRUCT:
+        if type(value) is Encoded:
+            out += value
+            return
         if not isinstance(value, spec):
             raise TypeError(f"expected {spec.__name__}, got {type(value).__name__}")
         _write_struct(out, value, depth)

@@ -81,6 +81,7 @@ class Daemon:
         self.listeners: Listeners | None = None
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
+        self._status_cache = (-1, "")  # (supervisor.changed.fires, verdict)
 
     # --- requests (signals, RPC) --------------------------------------------------------------
 
@@ -126,7 +127,16 @@ class Daemon:
             return "STOPPING"
         if not self.ready.is_set() or self.supervisor is None:
             return "STARTING"
-        for pub in self.supervisor.publishers.values():
+        # Every change of a publisher's state or health fires `changed`: until the next one,
+        # the verdict over 1000 publishers stands (getStatus is what monitors poll).
+        fires = self.supervisor.changed.fires
+        if self._status_cache[0] != fires:
+            self._status_cache = (fires, self._rollup(self.supervisor))
+        return self._status_cache[1]
+
+    @staticmethod
+    def _rollup(supervisor: Supervisor) -> str:
+        for pub in supervisor.publishers.values():
             if pub.wanted and (
                 pub.state != PublisherState.RUNNING
                 or pub.health in (Health.UNHEALTHY, Health.DEGRADED)

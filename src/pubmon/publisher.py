@@ -21,8 +21,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
@@ -44,8 +43,10 @@ class Pulse:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.fires = 0  # how many so far: a cache of something derived is good while unchanged
 
     def fire(self) -> None:
+        self.fires += 1
         self._event.set()
         self._event = asyncio.Event()
 
@@ -61,8 +62,10 @@ class Pulse:
             await event.wait()
 
 
-@dataclass(frozen=True, slots=True)
-class PublisherSnapshot:
+class PublisherSnapshot(NamedTuple):
+    """One publisher as the API shows it. A tuple: cheap to build 1000 of, and `snap[:-1]`
+    (all but the uptime) tells whether anything else changed."""
+
     name: str
     program: str
     state: PublisherState
@@ -72,9 +75,9 @@ class PublisherSnapshot:
     exits: int
     last_exit: int | None
     last_exit_reason: str
-    uptime: float  # seconds in the current run (0 when not running)
     port: int | None
     details: str  # why it is in this state (fatal reason, probe error, waiting for ...)
+    uptime: float  # seconds in the current run (0 when not running); last, see above
 
 
 StopFunc = Callable[[Child, signal.Signals, float, str], Awaitable[None]]
@@ -188,19 +191,26 @@ class Publisher:
         return self._clock() - self._run_started
 
     def snapshot(self) -> PublisherSnapshot:
+        # Positional and inline: listPublishers builds one per publisher per call.
+        child, started, spec = self.child, self._run_started, self.spec
+        pid, uptime = None, 0.0
+        if child is not None and not child.exited.done():
+            pid = child.pid
+            if started is not None:
+                uptime = self._clock() - started
         return PublisherSnapshot(
-            name=self.name,
-            program=self.spec.program,
-            state=self.state,
-            pid=self.pid,
-            health=self.health,
-            restarts=self.restarts,
-            exits=self.exits,
-            last_exit=self.last_exit,
-            last_exit_reason=self.last_exit_reason,
-            uptime=self.uptime(),
-            port=self.spec.port,
-            details=self.details,
+            self.name,
+            spec.program,
+            self.state,
+            pid,
+            self.health,
+            self.restarts,
+            self.exits,
+            self.last_exit,
+            self.last_exit_reason,
+            spec.port,
+            self.details,
+            uptime,
         )
 
     def counters(self) -> dict[str, int]:
@@ -430,7 +440,8 @@ class Publisher:
         self.exits += 1
         self.last_exit = child.returncode
         self.last_exit_reason = describe_exit(child.returncode)
-        logger.info("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
+        # No line of its own: the transition that follows names the reason.
+        logger.debug("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
 
     async def _wait_for_request(self) -> None:
         """Returns when the operator asks for a stop or a restart of the running child."""
