@@ -113,6 +113,7 @@ def setup_logging(debug: bool) -> None:
 
 def run_daemon(config_path: str, debug: bool) -> int:
     import asyncio
+    import logging
 
     from .config import load_config
     from .daemon import Daemon
@@ -125,10 +126,17 @@ def run_daemon(config_path: str, debug: bool) -> int:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(Daemon(config).run(), debug=debug)
+        code = asyncio.run(Daemon(config).run(), debug=debug)
     except StartupError as exc:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    # Every publisher is stopped and every file closed: skip the interpreter's teardown (module
+    # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
+    # scripts wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_demo(debug: bool) -> int:
