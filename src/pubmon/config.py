@@ -290,6 +290,9 @@ class _Loader:
         self.doc = doc
         self.chk = Checker()
         self.sections: set[str] = set()  # every [publisher.X] name, even invalid ones
+        # (argv[0], cwd, PATH) -> argv[0] to store, for programs found: numprocs = 1000 looks
+        # one up once (a PATH search per instance was half a second of loading).
+        self._found: dict[tuple[str, str | None, str | None], str] = {}
 
     def load(self) -> Config:
         self.chk.known_keys(self.doc, (), _SECTIONS)
@@ -605,7 +608,17 @@ class _Loader:
         key: Key,
     ) -> tuple[str, ...]:
         expanded = self.chk.expand(argv, values, key) if argv else None
-        return find_program(self.chk, expanded, cwd, env_path, key) if expanded else argv
+        if not expanded:
+            return argv
+        memo = (expanded[0], cwd, env_path)
+        found = self._found.get(memo)
+        if found is not None:
+            return (found, *expanded[1:])
+        problems = len(self.chk.problems)
+        out = find_program(self.chk, expanded, cwd, env_path, key)
+        if len(self.chk.problems) == problems:
+            self._found[memo] = out[0]
+        return out
 
     def _check_ports(self, instances: list[PublisherSpec], monitor: tuple[str, int] | None) -> None:
         """No two instances on one port, none on the monitor's port (publishers run on this
