@@ -28,6 +28,7 @@ from children import (
 )
 from procs import alive, children, in_group, state, wait_gone
 from pubmon import spawn as spawn_module
+from pubmon._reaper import OrphanReaper
 from pubmon.config import Backoff, CrashLoop, PublisherSpec
 from pubmon.errors import InvalidState, UnknownPublisher
 from pubmon.lifecycle import PublisherState
@@ -188,6 +189,24 @@ async def test_orphaned_grandchild_is_killed_with_its_group_and_reaped() -> None
             while state(grandchild) is not None:
                 await asyncio.sleep(0.01)
         assert grandchild not in children(os.getpid())
+
+
+async def test_a_grandchild_orphaned_while_its_publisher_runs_is_reaped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The publisher's own child exits and leaves its child (a grandchild of ours) re-parented
+    # to us, the subreaper, while the publisher keeps running: no exit of ours says "sweep".
+    # The periodic sweep reaps it when it ends (its quiet period shortened for the test).
+    monkeypatch.setattr(OrphanReaper, "QUIET_PERIOD", 0.2)
+    script = "sh -c 'sleep 0.3 & echo $!'; exec sleep 3600"
+    async with running(spec("parent", ("sh", "-c", script))) as sup:
+        pub = sup.get("parent")
+        await lines_seen(pub, 1)
+        orphan = int(pub.output.last(1).lines[0].text)
+        async with asyncio.timeout(10):
+            while state(orphan) is not None:  # alive, then a zombie, then reaped
+                await asyncio.sleep(0.02)
+        assert pub.state == S.RUNNING and orphan not in children(os.getpid())
 
 
 async def test_escaped_grandchild_is_killed_at_shutdown() -> None:
