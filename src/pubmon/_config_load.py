@@ -1,0 +1,438 @@
+"""The loader behind `config.parse_config`: one parsed TOML document -> `Config`.
+
+Every section is read through a `Checker`, which records problems and hands back defaults, so
+a file with problems is still walked to the end and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Loader"]
+
+import os
+import re
+from dataclasses import replace
+from typing import cast
+
+from ._config_checks import (
+    Checker,
+    Key,
+    Table,
+    check_depends,
+    dotted,
+    find_program,
+    is_local,
+    parse_listen,
+    parse_signal,
+)
+from .config import (
+    Backoff,
+    Config,
+    ControlConfig,
+    CrashLoop,
+    DaemonConfig,
+    LogSpec,
+    MonitorConfig,
+    ProbeKind,
+    ProbeSpec,
+    PublisherSpec,
+    RestartMode,
+    ThriftTransport,
+)
+from .errors import ConfigError
+
+# A section name becomes part of instance names ("feed:0"), counters and log file names.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MIB = 1 << 20
+_MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid"
+_PORT_PROBES = ("fb303", "tcp")
+
+
+# The keys each table accepts. Listed rather than derived from the dataclass fields, so a field
+# added to a dataclass is not silently accepted in files before a reader for it exists.
+_SECTIONS = ("daemon", "control", "monitor", "publisher")
+_DAEMON_KEYS = ("log_dir", "shutdown_timeout")
+_CONTROL_KEYS = ("socket", "allow_uids")
+_MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow_control",
+                 "max_frame", "idle_timeout", "max_connections")  # fmt: skip
+_PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
+                   "autostart", "depends_on", "restart", "success_exit_codes", "start_timeout",
+                   "stop_signal", "stop_timeout", "backoff", "crash_loop", "data_source", "log",
+                   "probe")  # fmt: skip
+_BACKOFF_KEYS = ("initial", "max", "factor", "jitter", "reset_after")
+_CRASH_LOOP_KEYS = ("max_restarts", "window")
+_LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
+_PROBE_KEYS = ("kind", "interval", "timeout", "failure_threshold", "transport", "host", "port",
+               "command")  # fmt: skip
+
+
+class Loader:
+    """One parsed document -> Config: each section, then the checks that span sections.
+
+    Builders read through `self.chk`, which records problems and hands back defaults, so a
+    file with problems is still walked to the end and every problem is reported.
+    """
+
+    def __init__(self, file: str, doc: Table) -> None:
+        self.file = file
+        self.folder = os.path.dirname(file)
+        self.doc = doc
+        self.chk = Checker()
+        self.sections: set[str] = set()  # every [publisher.X] name, even invalid ones
+        # (argv[0], cwd, PATH) -> argv[0] to store, for programs found: numprocs = 1000 looks
+        # one up once (a PATH search per instance was half a second of loading).
+        self._found: dict[tuple[str, str | None, str | None], str] = {}
+
+    def load(self) -> Config:
+        self.chk.known_keys(self.doc, (), _SECTIONS)
+        daemon, control, monitor = self._daemon(), self._control(), self._monitor()
+        programs = self._programs()
+        check_depends(self.chk, {p.program: p.depends_on for p in programs}, self.sections)
+        instances = [spec for program in programs for spec in self._instances(program)]
+        # An invalid listen address was replaced by the default: do not judge ports against it.
+        listen_ok = not self.chk.failed(("monitor", "listen"))
+        self._check_ports(instances, monitor.address() if listen_ok else None)
+        if self.chk.problems:
+            raise ConfigError(self.file, self.chk.in_file_order(self.doc))
+        return Config(
+            path=self.file,
+            daemon=daemon,
+            control=control,
+            monitor=monitor,
+            publishers=tuple(instances),
+        )
+
+    def _path(self, value: str) -> str:
+        """A path from the file, made absolute against the file's folder."""
+        return os.path.normpath(os.path.join(self.folder, value))
+
+    def _section(self, parent: Table, name: str, key: Key, allowed: tuple[str, ...]) -> Table:
+        table = self.chk.table(parent, name, key)
+        if table is None:
+            return {}
+        self.chk.known_keys(table, key, allowed)
+        return table
+
+    # --- [daemon] [control] [monitor] -------------------------------------------------------
+
+    def _daemon(self) -> DaemonConfig:
+        chk, key, d = self.chk, ("daemon",), DaemonConfig()
+        t = self._section(self.doc, "daemon", key, _DAEMON_KEYS)
+        log_dir = chk.string(t, "log_dir", key)  # "" = none, as for control.socket
+        return DaemonConfig(
+            log_dir=self._path(log_dir) if log_dir else None,
+            shutdown_timeout=chk.number(t, "shutdown_timeout", key, d.shutdown_timeout, gt=0),
+        )
+
+    def _control(self) -> ControlConfig:
+        chk, key, d = self.chk, ("control",), ControlConfig()
+        t = self._section(self.doc, "control", key, _CONTROL_KEYS)
+        socket = chk.string(t, "socket", key)
+        uids = chk.int_list(t, "allow_uids", key, lo=0, hi=_MAX_UID)
+        return ControlConfig(
+            socket=d.socket if socket is None else self._path(socket) if socket else None,
+            allow_uids=d.allow_uids if uids is None else uids,
+        )
+
+    def _monitor(self) -> MonitorConfig:
+        chk, key, d = self.chk, ("monitor",), MonitorConfig()
+        t = self._section(self.doc, "monitor", key, _MONITOR_KEYS)
+        listen = chk.string(t, "listen", key)
+        if listen:
+            try:
+                parse_listen(listen)
+            except ValueError as e:
+                chk.problem((*key, "listen"), str(e))
+                listen = None
+        cert, tls_key, ca = (
+            self._file(t, n, key) for n in ("tls_cert", "tls_key", "tls_client_ca")
+        )
+        allow_control = chk.boolean(t, "allow_control", key, d.allow_control)
+        # A pairing is judged only when both sides parsed: a bad value is already reported.
+        tls_failed = chk.failed(*((*key, n) for n in ("tls_cert", "tls_key", "tls_client_ca")))
+        if (cert is None) != (tls_key is None) and not tls_failed:
+            missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+            chk.problem((*key, missing), f"required with {given} (they come as a pair)")
+        if ca is not None and cert is None and not tls_failed:
+            chk.problem((*key, "tls_client_ca"), "needs tls_cert and tls_key (mutual TLS is TLS)")
+        if allow_control and ca is None and not tls_failed:
+            chk.problem(
+                (*key, "allow_control"),
+                "true needs tls_client_ca (control over TCP "
+                "is allowed only to peers with client certificates)",
+            )
+        return MonitorConfig(
+            listen=d.listen if listen is None else listen,
+            tls_cert=cert,
+            tls_key=tls_key,
+            tls_client_ca=ca,
+            allow_control=allow_control,
+            max_frame=chk.integer(t, "max_frame", key, d.max_frame, lo=1024, hi=256 * _MIB),
+            idle_timeout=chk.number(t, "idle_timeout", key, d.idle_timeout, gt=0),
+            max_connections=chk.integer(t, "max_connections", key, d.max_connections, lo=1),
+        )
+
+    def _file(self, t: Table, name: str, key: Key) -> str | None:
+        value = self.chk.string(t, name, key, nonempty=True)
+        if value is None:
+            return None
+        path = self._path(value)
+        if not os.path.isfile(path):
+            self.chk.problem((*key, name), f"expected an existing file, got {path}")
+        return path
+
+    # --- [publisher.NAME] -------------------------------------------------------------------
+
+    def _programs(self) -> list[PublisherSpec]:
+        """One template per valid [publisher.NAME] section: name = program, placeholders kept."""
+        programs = []
+        for name, raw in (self.chk.table(self.doc, "publisher", ("publisher",)) or {}).items():
+            key: Key = ("publisher", name)
+            self.sections.add(name)
+            if not _NAME.fullmatch(name):
+                self.chk.problem(
+                    key,
+                    "invalid publisher name: use letters, digits, '_', '.' "
+                    "and '-' (':' is kept for instance names such as feed:0)",
+                )
+            if not isinstance(raw, dict):
+                self.chk.problem(key, f"expected a table [publisher.{dotted((name,))}]")
+            else:
+                template = self._program(name, raw, key)
+                if _NAME.fullmatch(name):
+                    programs.append(template)
+        return programs
+
+    def _program(self, name: str, t: Table, key: Key) -> PublisherSpec:
+        chk, d = self.chk, PublisherSpec(name="", program="", command=())
+        chk.known_keys(t, key, _PUBLISHER_KEYS)
+        if "command" not in t:
+            chk.problem((*key, "command"), "required: the program and its arguments")
+        port = chk.integer(t, "port", key, None, lo=1, hi=65535)
+        numprocs = chk.integer(t, "numprocs", key, d.numprocs, lo=1, hi=1000)
+        if port is not None and port + numprocs - 1 > 65535:
+            chk.problem((*key, "port"), f"port {port} + numprocs {numprocs} - 1 exceeds 65535")
+        directory = chk.string(t, "directory", key, nonempty=True)
+        if directory is not None:
+            directory = self._path(directory)
+            if not os.path.isdir(directory):
+                chk.problem((*key, "directory"), f"expected an existing directory, got {directory}")
+        stop_signal = d.stop_signal
+        if "stop_signal" in t:
+            try:
+                stop_signal = parse_signal(t["stop_signal"])
+            except ValueError as e:
+                chk.problem((*key, "stop_signal"), str(e))
+        restart = chk.choice(t, "restart", key, ("always", "on-failure", "never"))
+        exit_codes = chk.int_list(t, "success_exit_codes", key, lo=0, hi=255)
+        data_source = chk.string(t, "data_source", key, nonempty=True)
+        probe = self._probe(t, (*key, "probe"), numprocs)
+        kind_failed = chk.failed((*key, "probe", "kind"))
+        if data_source is not None and probe.kind != "fb303" and not kind_failed:
+            chk.problem(
+                (*key, "data_source"),
+                f"needs probe kind 'fb303', not {probe.kind!r} "
+                "(the source is handed over with an fb303-side call)",
+            )
+        if (
+            probe.kind in _PORT_PROBES
+            and probe.port is None
+            and port is None
+            and not chk.failed((*key, "port"), (*key, "probe", "port"))
+        ):
+            chk.problem(
+                (*key, "probe", "port"),
+                f"probe kind {probe.kind!r} needs a port: set probe.port or the publisher's port",
+            )
+        return PublisherSpec(
+            name=name,
+            program=name,
+            command=chk.command(t, "command", key) or (),
+            port=port,
+            numprocs=numprocs,
+            directory=directory,
+            environment=self._environment(t, key),
+            user=chk.string(t, "user", key, nonempty=True),
+            autostart=chk.boolean(t, "autostart", key, d.autostart),
+            depends_on=tuple(dict.fromkeys(chk.str_list(t, "depends_on", key) or ())),
+            restart=cast(RestartMode, restart or d.restart),
+            success_exit_codes=d.success_exit_codes
+            if exit_codes is None
+            else frozenset(exit_codes),
+            start_timeout=chk.number(t, "start_timeout", key, d.start_timeout, ge=0),
+            stop_signal=stop_signal,
+            stop_timeout=chk.number(t, "stop_timeout", key, d.stop_timeout, ge=0),
+            backoff=self._backoff(t, (*key, "backoff")),
+            crash_loop=self._crash_loop(t, (*key, "crash_loop")),
+            data_source=data_source,
+            log=self._log(t, (*key, "log")),
+            probe=probe,
+        )
+
+    def _environment(self, t: Table, key: Key) -> tuple[tuple[str, str], ...]:
+        """Sorted by name, so reordering the table in the file is not a spawn change."""
+        key = (*key, "environment")
+        env = {}
+        for name, value in (self.chk.table(t, "environment", key) or {}).items():
+            if not name or "=" in name or "\0" in name:
+                self.chk.problem((*key, name), "invalid variable name (empty, or has '=' or NUL)")
+            text = self.chk.str_value(value, (*key, name))
+            if text is not None:
+                env[name] = text
+        return tuple(sorted(env.items()))
+
+    def _backoff(self, t: Table, key: Key) -> Backoff:
+        chk, d = self.chk, Backoff()
+        b = self._section(t, "backoff", key, _BACKOFF_KEYS)
+        initial = chk.number(b, "initial", key, d.initial, gt=0)
+        longest = chk.number(b, "max", key, d.max, gt=0)
+        if longest < initial and not chk.failed((*key, "initial"), (*key, "max")):
+            default = "" if "max" in b else " (the default)"
+            chk.problem(
+                (*key, "max"), f"expected a number >= initial {initial:g}, got {longest:g}{default}"
+            )
+        return Backoff(
+            initial=initial,
+            max=longest,
+            factor=chk.number(b, "factor", key, d.factor, ge=1),
+            jitter=chk.number(b, "jitter", key, d.jitter, ge=0, le=1),
+            reset_after=chk.number(b, "reset_after", key, d.reset_after, ge=0),
+        )
+
+    def _crash_loop(self, t: Table, key: Key) -> CrashLoop:
+        chk, d = self.chk, CrashLoop()
+        c = self._section(t, "crash_loop", key, _CRASH_LOOP_KEYS)
+        return CrashLoop(
+            max_restarts=chk.integer(c, "max_restarts", key, d.max_restarts, lo=0),
+            window=chk.number(c, "window", key, d.window, gt=0),
+        )
+
+    def _log(self, t: Table, key: Key) -> LogSpec:
+        chk, d = self.chk, LogSpec()
+        g = self._section(t, "log", key, _LOG_KEYS)
+        return LogSpec(
+            max_bytes=chk.integer(g, "max_bytes", key, d.max_bytes, lo=0),
+            backups=chk.integer(g, "backups", key, d.backups, lo=0),
+            ring_lines=chk.integer(g, "ring_lines", key, d.ring_lines, lo=1),
+            max_line=chk.integer(g, "max_line", key, d.max_line, lo=64, hi=16 * _MIB),
+            echo=chk.boolean(g, "echo", key, d.echo),
+        )
+
+    def _probe(self, t: Table, key: Key, numprocs: int) -> ProbeSpec:
+        chk, d = self.chk, ProbeSpec()
+        p = self._section(t, "probe", key, _PROBE_KEYS)
+        kind = chk.choice(p, "kind", key, ("none", "fb303", "tcp", "exec")) or d.kind
+        interval = chk.number(p, "interval", key, d.interval, gt=0)
+        timeout = chk.number(p, "timeout", key, d.timeout, gt=0)
+        if timeout > interval and not chk.failed((*key, "interval"), (*key, "timeout")):
+            chk.problem(
+                (*key, "timeout"), f"expected a number <= interval {interval:g}, got {timeout:g}"
+            )
+        if kind == "exec" and "command" not in p:
+            chk.problem((*key, "command"), "required when kind = 'exec'")
+        if kind != "exec" and "command" in p and not chk.failed((*key, "kind")):
+            chk.problem((*key, "command"), f"only allowed with kind = 'exec', not {kind!r}")
+        port = chk.integer(p, "port", key, None, lo=1, hi=65535)
+        if port is not None and port + numprocs - 1 > 65535:
+            chk.problem((*key, "port"), f"port {port} + numprocs {numprocs} - 1 exceeds 65535")
+        transport = chk.choice(p, "transport", key, ("framed", "buffered")) or d.transport
+        return ProbeSpec(
+            kind=cast(ProbeKind, kind),
+            interval=interval,
+            timeout=timeout,
+            failure_threshold=chk.integer(p, "failure_threshold", key, d.failure_threshold, lo=1),
+            transport=cast(ThriftTransport, transport),
+            host=chk.string(p, "host", key, nonempty=True) or d.host,
+            port=port,
+            command=chk.command(p, "command", key) or (),
+        )
+
+    # --- instances, and checks across them ---------------------------------------------------
+
+    def _instances(self, program: PublisherSpec) -> list[PublisherSpec]:
+        """feed -> [feed] or [feed:0 .. feed:N-1]: ports shifted by index, placeholders expanded.
+
+        The probe port shifts like the port: instance i probes probe.port + i, or port + i when
+        the probe has no port of its own; that effective port is what ProbeSpec.port holds.
+        Instance names cannot collide: TOML forbids duplicate sections and section names
+        cannot contain ":".
+        """
+        key: Key = ("publisher", program.program)
+        n, probe = program.numprocs, program.probe
+        names = [program.program] if n == 1 else [f"{program.program}:{i}" for i in range(n)]
+        # A port that failed its own check is not also reported as "{port} with no port set".
+        port_failed = self.chk.failed((*key, "port"))
+        # argv[0] is looked up relative to `directory` (None: it is missing, already reported).
+        cwd = None if self.chk.failed((*key, "directory")) else program.directory or self.folder
+        env_path = dict(program.environment).get("PATH")
+        out = []
+        for i, name in enumerate(names):
+            port = None if program.port is None else program.port + i
+            values: dict[str, object] = {"name": name, "index": i}
+            if port is not None or port_failed:
+                values["port"] = port or 0
+            argv = self._argv(program.command, values, cwd, env_path, (*key, "command"))
+            probe_argv = self._argv(
+                probe.command, values, cwd, env_path, (*key, "probe", "command")
+            )
+            probe_port = port if probe.port is None else probe.port + i
+            out.append(
+                replace(
+                    program,
+                    name=name,
+                    index=i,
+                    command=argv,
+                    port=port,
+                    probe=replace(probe, port=probe_port, command=probe_argv),
+                )
+            )
+        return out
+
+    def _argv(
+        self,
+        argv: tuple[str, ...],
+        values: dict[str, object],
+        cwd: str | None,
+        env_path: str | None,
+        key: Key,
+    ) -> tuple[str, ...]:
+        expanded = self.chk.expand(argv, values, key) if argv else None
+        if not expanded:
+            return argv
+        memo = (expanded[0], cwd, env_path)
+        found = self._found.get(memo)
+        if found is not None:
+            return (found, *expanded[1:])
+        problems = len(self.chk.problems)
+        out = find_program(self.chk, expanded, cwd, env_path, key)
+        if len(self.chk.problems) == problems:
+            self._found[memo] = out[0]
+        return out
+
+    def _check_ports(self, instances: list[PublisherSpec], monitor: tuple[str, int] | None) -> None:
+        """No two instances on one port, none on the monitor's port (publishers run on this
+        host, whatever address they bind), no probe aimed at another instance's port here."""
+        owners: dict[int, PublisherSpec] = {}
+        for spec in instances:
+            if spec.port is None:
+                continue
+            key: Key = ("publisher", spec.program, "port")
+            owner = owners.setdefault(spec.port, spec)
+            if owner is not spec:
+                self.chk.problem(
+                    key, f"port {spec.port} of {spec.name} is already used by {owner.name}"
+                )
+            if monitor is not None and monitor[1] == spec.port:
+                self.chk.problem(
+                    key, f"port {spec.port} of {spec.name} is also the monitor.listen port"
+                )
+        for spec in instances:
+            probe = spec.probe
+            if probe.kind not in _PORT_PROBES or probe.port is None or not is_local(probe.host):
+                continue
+            owner = owners.get(probe.port, spec)
+            if owner.name != spec.name:
+                self.chk.problem(
+                    ("publisher", spec.program, "probe", "port"),
+                    f"the probe of {spec.name} would connect to port {probe.port}, "
+                    f"which is the port of {owner.name}",
+                )
