@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import alive, descendants
+from procs import alive, descendants, environ
 
 
 def toml_publisher(name: str, command: list[str], **keys: object) -> str:
@@ -77,7 +77,7 @@ class RunningDaemon:
         out: dict[str, int] = {}
         for pid in descendants(self.pid):
             try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                env = environ(pid)
                 ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 
@@ -69,3 +70,15 @@ async def wait_gone(pids: set[int] | list[int], timeout: float = 5.0, step: floa
     async with asyncio.timeout(timeout):
         while any(alive(p) for p in pids):
             await asyncio.sleep(step)
+
+
+def environ(pid: int) -> list[bytes]:
+    """The environment of `pid`. A publisher that was just spawned may still be going through
+    the exec chain of the spawn wrapper (setpriv, sh, the command): in the middle of an exec
+    the kernel shows an empty environment for a moment, so an empty one is read again."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        if raw or time.monotonic() > deadline:
+            return raw.split(b"\0")
+        time.sleep(0.001)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import alive
+from procs import alive, environ
 from systemd import NestedSystemd, cannot_boot_reason, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -172,7 +172,7 @@ class Pubmon:
         for pid in self.machine.unit_pids(SERVICE):
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                env = environ(pid)
             except OSError:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) != main or not alive(pid):
