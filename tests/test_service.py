@@ -253,7 +253,9 @@ async def test_list_publishers_is_fresh_after_every_change(tmp_path: Path) -> No
             assert one.uptime >= first["a"].uptime
             one.uptime = first["a"].uptime
             assert first["a"] == one  # every other field decoded alike (uptime sent first)
-            again = await infos()
+            async with asyncio.timeout(5):  # uptime has millisecond steps: wait for the next
+                while (again := await infos())["a"].uptime == first["a"].uptime:
+                    await asyncio.sleep(0.002)
             assert again["a"].uptime > first["a"].uptime and again["a"].pid == first["a"].pid
             await c.call("stopPublisher", "a")
             stopped = await infos()

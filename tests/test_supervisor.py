@@ -175,7 +175,10 @@ async def test_graceful_stop_kills_the_grandchildren_of_the_group(tmp_path: Path
         assert leader is not None and alive(grandchild)
         assert os.getpgid(grandchild) == leader
         await sup.stop("parent")
-        assert not alive(grandchild) and not in_group(leader)
+        # Killed with its group; under CPU load it may still be inside exit (its memory and
+        # files already released, not yet a zombie) for a moment after the stop returns.
+        await wait_gone([grandchild], timeout=5)
+        assert not in_group(leader)
 
 
 async def test_orphaned_grandchild_is_killed_with_its_group_and_reaped() -> None:
