@@ -14,6 +14,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,35 @@ def write_config(tmp: Path, body: str, listen: str = "") -> Path:
     return path
 
 
+@asynccontextmanager
+async def talker_and_bystander(
+    tmp: Path,
+) -> AsyncIterator[tuple[RunningDaemon, Any, dict[str, int], Path]]:
+    """A daemon running a fast talker and a sleeping bystander, once the talker's log file has
+    its first lines: (daemon, control client, their pids, the talker's log file)."""
+    body = toml_publisher("talker", TALKER, log=BIG_LOG) + toml_publisher("bystander", SLEEP)
+    async with (
+        run_daemon(write_config(tmp, body)) as d,
+        control(tmp / "pubmon.sock") as c,
+    ):
+        pids = await d.wait_publishers(2)
+        log = tmp / "logs" / "talker.log"
+        await poll(lambda: _async(len(numbers_in(log)) > 50), "talker's first lines")
+        yield d, c, pids, log
+
+
+async def drops_keep_coming(c: Any) -> None:
+    """Wait until the talker's dropped lines are counted, and then until more are."""
+    dropped = await poll(lambda: counter(c, "publisher.talker.log_dropped"), "drops counted")
+    await poll(lambda: _gt(counter(c, "publisher.talker.log_dropped"), dropped), "more drops")
+
+
+async def lines_keep_coming(log: Path, what: str) -> None:
+    """Wait until the log file holds 200 more lines than it does now."""
+    last = numbers_in(log)[-1]
+    await poll(lambda: _async(numbers_in(log)[-1] > last + 200), what)
+
+
 def numbers_in(path: Path) -> list[int]:
     """The whole (8-digit) numbered lines of a talker's log file."""
     try:
@@ -96,31 +127,17 @@ def assert_nothing_lost_silently(whole: list[int], counts: dict[str, int]) -> No
 async def test_full_log_dir_counts_drops_keeps_running_and_resumes(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     with tmpfs(logs, "1m"):
-        body = toml_publisher("talker", TALKER, log=BIG_LOG) + toml_publisher("bystander", SLEEP)
-        async with (
-            run_daemon(write_config(tmp_path, body)) as d,
-            control(tmp_path / "pubmon.sock") as c,
-        ):
-            pids = await d.wait_publishers(2)
-            log = logs / "talker.log"
-            await poll(lambda: _async(len(numbers_in(log)) > 50), "talker's first lines")
+        async with talker_and_bystander(tmp_path) as (d, c, pids, log):
             fill(logs / "filler")
-            dropped = await poll(
-                lambda: counter(c, "publisher.talker.log_dropped"), "drops counted"
-            )
-            await poll(
-                lambda: _gt(counter(c, "publisher.talker.log_dropped"), dropped), "more drops"
-            )
+            await drops_keep_coming(c)
             assert await states(c) == {"talker": "RUNNING", "bystander": "RUNNING"}
             assert d.publisher_pids() == pids
             assert await c.call("getStatus") == FbStatus.ALIVE  # only a disk is full
 
             (logs / "filler").unlink()
-            last = numbers_in(log)[-1]
-            await poll(lambda: _async(numbers_in(log)[-1] > last + 200), "writing resumes")
+            await lines_keep_coming(log, "writing resumes")
             before = await counter(c, "publisher.talker.log_dropped")
-            now = numbers_in(log)[-1]
-            await poll(lambda: _async(numbers_in(log)[-1] > now + 200), "more lines on file")
+            await lines_keep_coming(log, "more lines on file")
             assert await counter(c, "publisher.talker.log_dropped") == before  # stopped dropping
             whole, counts = await stop_and_count(c, "talker", log)
             assert d.publisher_pids() == {"bystander": pids["bystander"]}
@@ -136,14 +153,7 @@ async def test_full_log_dir_counts_drops_keeps_running_and_resumes(tmp_path: Pat
 
 async def test_log_dir_removed_at_runtime_is_recreated_with_safe_modes(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    body = toml_publisher("talker", TALKER, log=BIG_LOG) + toml_publisher("bystander", SLEEP)
-    async with (
-        run_daemon(write_config(tmp_path, body)) as d,
-        control(tmp_path / "pubmon.sock") as c,
-    ):
-        pids = await d.wait_publishers(2)
-        log = logs / "talker.log"
-        await poll(lambda: _async(len(numbers_in(log)) > 50), "talker's first lines")
+    async with talker_and_bystander(tmp_path) as (d, c, pids, log):
         # Moved away first, so the daemon can't recreate a file inside a half-removed folder.
         logs.rename(tmp_path / "gone")
         shutil.rmtree(tmp_path / "gone")
@@ -157,25 +167,12 @@ async def test_log_dir_removed_at_runtime_is_recreated_with_safe_modes(tmp_path:
 
 async def test_log_file_made_unwritable_counts_drops_and_resumes(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    body = toml_publisher("talker", TALKER, log=BIG_LOG) + toml_publisher("bystander", SLEEP)
-    async with (
-        run_daemon(write_config(tmp_path, body)) as d,
-        control(tmp_path / "pubmon.sock") as c,
-    ):
-        pids = await d.wait_publishers(2)
-        log = logs / "talker.log"
-        await poll(lambda: _async(len(numbers_in(log)) > 50), "talker's first lines")
+    async with talker_and_bystander(tmp_path) as (d, c, pids, log):
         with immutable(log, logs):  # not even root may write, create or rename there
-            dropped = await poll(
-                lambda: counter(c, "publisher.talker.log_dropped"), "drops counted"
-            )
-            await poll(
-                lambda: _gt(counter(c, "publisher.talker.log_dropped"), dropped), "more drops"
-            )
+            await drops_keep_coming(c)
             assert d.publisher_pids() == pids
             assert await states(c) == {"talker": "RUNNING", "bystander": "RUNNING"}
-        last = numbers_in(log)[-1]
-        await poll(lambda: _async(numbers_in(log)[-1] > last + 200), "writing resumes")
+        await lines_keep_coming(log, "writing resumes")
         whole, counts = await stop_and_count(c, "talker", log)
     assert_nothing_lost_silently(whole, counts)
     assert counts["log_dropped"] > 0

@@ -346,23 +346,14 @@ def encode_struct(obj: TPayload, *, skip: str = "") -> Encoded:
 
 
 def field_encoder(cls: type, attr: str) -> Callable[[Any], bytes]:
-    """Encodes one field of `cls` (header and value). Thrift fields may come in any order, so
-    these bytes put in front of an `encode_struct(..., skip=attr)` make the whole struct."""
-    found = [(header, ttype, sub) for name, header, ttype, sub in _plan(cls) if name == attr]
-    if not found:
-        raise KeyError(f"{cls.__name__} has no field {attr!r}")
-    header, ttype, sub = found[0]
-    scalar = _SCALARS.get(ttype)
-    if scalar is not None:
-        pack = scalar.pack
-        return lambda value: header + pack(value)
-
-    def encode(value: Any) -> bytes:
-        out = bytearray(header)
-        _write_value(out, ttype, sub, value, MAX_DEPTH - 1)
-        return bytes(out)
-
-    return encode
+    """Encodes one numeric field of `cls` (header and value). Thrift fields may come in any
+    order, so these bytes put in front of an `encode_struct(..., skip=attr)` make the struct."""
+    found = [(header, ttype) for name, header, ttype, _ in _plan(cls) if name == attr]
+    if not found or found[0][1] not in _SCALARS:
+        raise KeyError(f"{cls.__name__} has no numeric field {attr!r}")
+    header, ttype = found[0]
+    pack = _SCALARS[ttype].pack
+    return lambda value: header + pack(value)
 
 
 # Per struct class: (attribute, field header bytes, type, subspec) for each field.

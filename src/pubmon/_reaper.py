@@ -1,9 +1,10 @@
 """Reaping the daemon's children that asyncio does not own: orphans re-parented to the subreaper.
 
 By pid, never with `waitpid(-1)`, which would steal the exit statuses asyncio is waiting for;
-shortly after each exit of a child of ours, and once a second. Not on SIGCHLD: a thousand
-children ending at once would overflow the loop's signal wakeup socket (a few hundred one-byte
-writes fill it) and lose the bytes of other signals, an operator's second SIGTERM among them.
+shortly after each exit of a child of ours, and on a timer (see `OrphanReaper`). Not on
+SIGCHLD: a thousand children ending at once would overflow the loop's signal wakeup socket (a
+few hundred one-byte writes fill it) and lose the bytes of other signals, an operator's second
+SIGTERM among them.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ class OrphanReaper:
         self.sweep()
 
     def _tick(self) -> None:
-        assert self._loop is not None
         self.sweep()
         self._schedule()
 
@@ -132,7 +132,7 @@ class OrphanReaper:
         self._loop = loop
         self._schedule()
 
-    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+    def uninstall(self) -> None:
         for handle in (self._periodic, self._soon):
             if handle is not None:
                 handle.cancel()

@@ -85,12 +85,12 @@ class Args(NamedTuple):
 
 def setup_logging(debug: bool) -> None:
     import logging
+    import time
 
     # Under systemd the journal stamps every line itself.
     fmt = "%(levelname)s %(name)s: %(message)s"
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
-    import time
 
     class Formatter(logging.Formatter):
         """asctime made once a second: strftime per line was a third of stopping 1000."""

@@ -20,8 +20,8 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Literal, NamedTuple
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal, NamedTuple, TypeVar
 
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
@@ -34,6 +34,7 @@ from .spawn import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, 
 logger = logging.getLogger(__name__)
 
 S = PublisherState
+_T = TypeVar("_T")
 DRAIN_TIMEOUT = 2.0  # after the group is gone, how long pipes may stay open (an escaped holder)
 _STARTING_POLL_FIRST = 0.02  # the first probe while STARTING; doubles up to the interval
 
@@ -60,6 +61,18 @@ class Pulse:
             if predicate():
                 return
             await event.wait()
+
+    async def wait_for_each(self, items: Iterable[_T], done: Callable[[_T], bool]) -> None:
+        """Wait until `done(item)` has held for every item, in order: each fire looks only at
+        the first item still pending (a scan of all on every fire is O(N^2) at 1000)."""
+        pending = deque(items)
+
+        def all_done() -> bool:
+            while pending and done(pending[0]):
+                pending.popleft()
+            return not pending
+
+        await self.wait_for(all_done)
 
 
 class PublisherSnapshot(NamedTuple):
@@ -191,18 +204,13 @@ class Publisher:
         return self._clock() - self._run_started
 
     def snapshot(self) -> PublisherSnapshot:
-        # Positional and inline: listPublishers builds one per publisher per call.
-        child, started, spec = self.child, self._run_started, self.spec
-        pid, uptime = None, 0.0
-        if child is not None and not child.exited.done():
-            pid = child.pid
-            if started is not None:
-                uptime = self._clock() - started
+        # Positional: listPublishers builds one per publisher per call.
+        spec = self.spec
         return PublisherSnapshot(
             self.name,
             spec.program,
             self.state,
-            pid,
+            self.pid,
             self.health,
             self.restarts,
             self.exits,
@@ -210,7 +218,7 @@ class Publisher:
             self.last_exit_reason,
             spec.port,
             self.details,
-            uptime,
+            self.uptime(),
         )
 
     def counters(self) -> dict[str, int]:
@@ -299,9 +307,6 @@ class Publisher:
         return (
             self.child is None and not self._wanted and self.state not in (S.STARTING, S.STOPPING)
         )
-
-    async def wait_halted(self) -> None:
-        await self._pulse.wait_for(self.halted)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until `predicate()` holds; re-checked after each change of this publisher."""

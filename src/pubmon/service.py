@@ -161,9 +161,8 @@ class PubmonHandler:
         sup = self._daemon.supervisor
         if sup is None:
             return []
-        cls = idl.pubmon().PublisherInfo
         if self._uptime is None:
-            self._uptime = field_encoder(cls, "uptime")
+            self._uptime = field_encoder(idl.pubmon().PublisherInfo, "uptime")
         uptime, old, new = self._uptime, self._infos, {}
         out: list[Any] = []
         for snap in sup.snapshots():

@@ -378,12 +378,12 @@ async def spawn(
     env, creds = child_environment(req)
     uid, gid, groups = creds if creds is not None else (None, None, None)
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
-    if reaper is not None:
-        reaper.spawning += 1
     if creds is None and _wrapper_usable() and _wrapper_can_run(req.argv[0], env, req.directory):
         argv, arm = wrapped(req.argv, os.getpid()), None
     else:
         argv, arm = list(req.argv), _make_arm(os.getpid())
+    if reaper is not None:
+        reaper.spawning += 1
     try:
         try:
             transport, _ = await loop.subprocess_exec(

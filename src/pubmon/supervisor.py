@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
 
@@ -82,7 +81,7 @@ class Supervisor:
                 await self._tg.__aexit__(exc_type, exc, tb)
             finally:
                 self._final_sweep()
-                self.reaper.uninstall(asyncio.get_running_loop())
+                self.reaper.uninstall()
                 for pub in self.publishers.values():
                     pub.output.close()
 
@@ -194,16 +193,7 @@ class Supervisor:
 
     async def wait_settled(self) -> None:
         """Wait until every wanted publisher is RUNNING or has failed at least once."""
-        # In spawn order: each change looks at the first still pending only (a scan of all
-        # on every change was O(N^2): 1M checks in a first round of 1000).
-        pending = deque(self.publishers.values())
-
-        def done() -> bool:
-            while pending and self._settled(pending[0]):
-                pending.popleft()
-            return not pending
-
-        await self.changed.wait_for(done)
+        await self.changed.wait_for_each(self.publishers.values(), self._settled)
 
     def summary(self) -> str:
         """One line for sd_notify STATUS= and getStatusDetails."""
@@ -232,17 +222,12 @@ class Supervisor:
     async def _all_halted(self, pubs: Iterable[Publisher]) -> None:
         """Wait until every one of `pubs` halted, or its runner ended (a pubmon bug must not
         hang shutdown). One waiter for all: a task per publisher was a fifth of stopping 1000."""
-        pending = deque(pubs)
 
-        def done() -> bool:
-            while pending:
-                runner = self._tasks.get(pending[0].name)
-                if not (pending[0].halted() or runner is None or runner.done()):
-                    return False
-                pending.popleft()
-            return True
+        def halted(pub: Publisher) -> bool:
+            runner = self._tasks.get(pub.name)
+            return pub.halted() or runner is None or runner.done()
 
-        await self.changed.wait_for(done)
+        await self.changed.wait_for_each(pubs, halted)
 
     async def _stop_in_order(self, pubs: list[Publisher]) -> None:
         dependents: dict[str, list[Publisher]] = {}  # program -> publishers that depend on it

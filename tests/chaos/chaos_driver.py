@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -237,17 +237,22 @@ class Driver:
             params["bad"] = rng.randint(0, 20)
         elif kind == "spew":
             params["count"] = rng.randint(1000, 20000)
-        pub.busy = True
-        self._spawn(self._fault(pub, kind, params))
+        self._busy(pub, f"fault {kind}", lambda c: self._fault_on(c, pub, kind, params))
 
-    async def _fault(self, pub: Pub, kind: str, params: dict[str, Any]) -> None:
-        try:
-            async with self.client() as c:
-                await self._fault_on(c, pub, kind, params)
-        except RpcError as exc:
-            self.problem(f"{pub.name}: fault {kind}: control call failed: {exc}")
-        finally:
-            pub.busy = False
+    def _busy(self, pub: Pub, what: str, act: Callable[[Any], Awaitable[None]]) -> None:
+        """Run `act(control client)` in the background with `pub` marked busy meanwhile."""
+        pub.busy = True
+
+        async def run() -> None:
+            try:
+                async with self.client() as c:
+                    await act(c)
+            except RpcError as exc:
+                self.problem(f"{pub.name}: {what}: control call failed: {exc}")
+            finally:
+                pub.busy = False
+
+        self._spawn(run())
 
     async def _fault_on(self, c: Any, pub: Pub, kind: str, params: dict[str, Any]) -> None:
         info = await c.call("getPublisher", pub.name)
@@ -355,17 +360,7 @@ class Driver:
         else:  # EXITED, FATAL
             action = rng.choice(["start", "restart", "stop"])
         via_cli = rng.random() < 0.05
-        pub.busy = True
-        self._spawn(self._op(pub, action, via_cli))
-
-    async def _op(self, pub: Pub, action: str, via_cli: bool) -> None:
-        try:
-            async with self.client() as c:
-                await self._op_on(c, pub, action, via_cli)
-        except RpcError as exc:
-            self.problem(f"{pub.name}: {action}: control call failed: {exc}")
-        finally:
-            pub.busy = False
+        self._busy(pub, action, lambda c: self._op_on(c, pub, action, via_cli))
 
     async def _op_on(self, c: Any, pub: Pub, action: str, via_cli: bool) -> None:
         before = await c.call("getPublisher", pub.name)
