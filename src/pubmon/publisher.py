@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal, NamedTuple, TypeVar
 
+from ._stats import EXIT_REASONS as EXIT_REASONS_ALL
+from ._stats import ExitReason, Histogram
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -163,6 +165,10 @@ class Publisher:
         self.probe_kills = 0  # runs ended because the probe gave up on them
         self.last_exit: int | None = None
         self.last_exit_reason = ""
+        # For metrics: exits by reason (a closed set), probe round-trip times, wall-clock start.
+        self.exit_reasons: dict[ExitReason, int] = dict.fromkeys(EXIT_REASONS_ALL, 0)
+        self.probe_seconds = Histogram()
+        self.started_wall: float | None = None  # time.time() when the current process started
         self.start_times: deque[float] = deque(maxlen=256)  # clock() of each spawn
         self.child: Child | None = None
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
@@ -406,6 +412,7 @@ class Publisher:
                 return "spawn-failed"
         self.child = child
         self._run_started = self._clock()
+        self.started_wall = time.time()
         logger.info("%s spawned pid %d: %s", spec.name, child.pid, " ".join(spec.command))
         self._fire()
         outcome: Outcome
@@ -433,15 +440,28 @@ class Publisher:
                 "%s pid %d is unhealthy: %s; killing it", self.name, child.pid, self.details
             )
         await self._stop(child, spec.stop_signal, spec.stop_timeout, spec.name)
-        self._record_exit(child)
+        reasons: dict[Outcome, ExitReason] = {
+            "stop": "operator",
+            "restart": "operator",
+            "unhealthy": "unhealthy",
+        }
+        self._record_exit(child, reasons.get(outcome))
         self.child = None
         self._run_started = None
+        self.started_wall = None
         if outcome in ("stop", "restart"):
             self.health = Health.UNKNOWN
             self._transition(S.STOPPED, f"stopped ({self.last_exit_reason})")
         return outcome
 
-    def _record_exit(self, child: Child) -> None:
+    def _record_exit(self, child: Child, reason: ExitReason | None) -> None:
+        # `reason` None: the child ended by itself, so its status says which.
+        if reason is not None:
+            self.exit_reasons[reason] += 1
+        elif not (child.returncode or 0) < 0:
+            self.exit_reasons["exit"] += 1
+        else:
+            self.exit_reasons["signal"] += 1
         self.exits += 1
         self.last_exit = child.returncode
         self.last_exit_reason = describe_exit(child.returncode)
@@ -538,6 +558,7 @@ class Publisher:
             p = self.spec.probe  # re-read each round: a reload may change it
             began = self._clock()
             health = await probe.check()
+            self.probe_seconds.observe(self._clock() - began)
             if self.state == S.STARTING:
                 if health in (Health.HEALTHY, Health.DEGRADED):
                     self._set_health(health, probe.details)
