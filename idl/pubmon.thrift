@@ -49,12 +49,26 @@ struct PublisherInfo {
   11: string statusDetails,
 }
 
+/** What a reload did to one publisher instance. */
+struct PublisherChange {
+  1: string name,
+  /** added, removed, restarted (spawn settings changed), updated (applied live), unchanged. */
+  2: string change,
+  /** The settings that differ, as dotted config keys (probe.interval, stop_timeout, ...). */
+  3: list<string> fields,
+}
+
 /** What a config reload did, by publisher instance name. */
 struct ReloadResult {
   1: list<string> added,
   2: list<string> removed,
+  /** Restarted or updated (see `publishers` for which, and the fields). */
   3: list<string> changed,
   4: list<string> unchanged,
+  /** Every instance of the old and the new config, in the new config's order. */
+  5: list<PublisherChange> publishers,
+  /** Daemon-level settings applied ([control], [monitor], [daemon]), one line each. */
+  6: list<string> daemon,
 }
 
 /** One line of a publisher's output. */

@@ -142,6 +142,11 @@ STRUCTS: dict[str, Fields] = {
         (5, "partial", BOOL, None),
     ),
     "PermissionDenied": ((1, "message", STRING, None),),
+    "PublisherChange": (
+        (1, "name", STRING, None),
+        (2, "change", STRING, None),
+        (3, "fields", LIST, (STRING, None)),
+    ),
     "PublisherInfo": (
         (1, "name", STRING, None),
         (2, "program", STRING, None),
@@ -160,6 +165,8 @@ STRUCTS: dict[str, Fields] = {
         (2, "removed", LIST, (STRING, None)),
         (3, "changed", LIST, (STRING, None)),
         (4, "unchanged", LIST, (STRING, None)),
+        (5, "publishers", LIST, (STRUCT, "PublisherChange")),
+        (6, "daemon", LIST, (STRING, None)),
     ),
     "UnknownPublisher": ((1, "message", STRING, None),),
 }
