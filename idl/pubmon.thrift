@@ -62,7 +62,7 @@ struct PublisherChange {
 struct ReloadResult {
   1: list<string> added,
   2: list<string> removed,
-  /** Restarted or updated (see `publishers` for which, and the fields). */
+  /** Restarted: spawn settings changed. (Those updated live are in `publishers`.) */
   3: list<string> changed,
   4: list<string> unchanged,
   /** Every instance of the old and the new config, in the new config's order. */

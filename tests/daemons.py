@@ -108,9 +108,13 @@ async def _pump(d: RunningDaemon) -> None:
 
 
 @asynccontextmanager
-async def run_daemon(config: Path, *extra: str, ready: bool = True) -> AsyncIterator[RunningDaemon]:
-    """Start `pubmon daemon --config config`; on exit make sure it and its children are gone."""
+async def run_daemon(
+    config: Path, *extra: str, ready: bool = True, wrap: tuple[str, ...] = ()
+) -> AsyncIterator[RunningDaemon]:
+    """Start `pubmon daemon --config config` (behind `wrap`, e.g. setpriv); on exit make sure
+    it and its children are gone."""
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "pubmon",

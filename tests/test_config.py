@@ -16,12 +16,13 @@ import pytest
 
 from pubmon._config_checks import find_cycles, parse_listen, parse_signal
 from pubmon.config import (
+    FIELD_EFFECTS,
     Backoff,
     Config,
-    ConfigDiff,
     CrashLoop,
     LogSpec,
     ProbeSpec,
+    PublisherSpec,
     check_config_main,
     diff_configs,
     load_config,
@@ -643,13 +644,34 @@ def test_diff_sorts_instances_into_actions() -> None:
         .replace("numprocs = 2", "numprocs = 3")
         + '[publisher.fresh]\ncommand = "sleep 60"\n'
     )
-    assert diff_configs(old, new) == ConfigDiff(
-        added=("fresh", "pool:2"),
-        removed=("gone",),
-        changed=("respawn",),
-        policy_only=("pool:0", "pool:1", "tune"),  # numprocs is not a spawn setting
-        unchanged=("keep",),
+    diff = diff_configs(old, new)
+    assert diff.added == ("fresh", "pool:2")
+    assert diff.removed == ("gone",)
+    assert diff.changed == ("respawn",)
+    assert diff.policy_only == ("pool:0", "pool:1", "tune")  # numprocs is not a spawn setting
+    assert diff.unchanged == ("keep",)
+    by_name = {c.name: (c.change, c.fields) for c in diff.changes}
+    assert by_name["respawn"] == ("restarted", ("command",))
+    assert by_name["tune"] == ("updated", ("stop_timeout",))
+    assert by_name["pool:0"] == ("updated", ("numprocs",))
+    # The new config's order, removed ones last.
+    assert [c.name for c in diff.changes][-1] == "gone"
+
+
+def test_every_publisher_field_has_a_reload_effect() -> None:
+    # A new field of PublisherSpec must say what a reload does with it.
+    assert set(FIELD_EFFECTS) == {f.name for f in dataclasses.fields(PublisherSpec)}
+
+
+def test_diff_names_probe_settings_with_dotted_keys() -> None:
+    old = parse('[publisher.a]\ncommand = "sleep 1"\n')
+    new = parse(
+        '[publisher.a]\ncommand = "sleep 1"\n'
+        '[publisher.a.probe]\nkind = "tcp"\nport = 1\ninterval = 0.5\ntimeout = 0.25\n'
     )
+    (change,) = diff_configs(old, new).changes
+    assert change.change == "updated"
+    assert change.fields == ("probe.kind", "probe.interval", "probe.timeout", "probe.port")
 
 
 def test_diff_of_identical_configs_is_all_unchanged() -> None:

@@ -411,3 +411,52 @@ async def test_a_wedged_loop_stops_the_pings(
         d.signal(signal.SIGKILL)  # what systemd does next (SIGABRT there)
         await d.wait_exit()
         await wait_gone(list(pubs.values()), timeout=2)
+
+
+async def test_a_sighup_during_the_first_round_does_not_make_it_ready_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    config = write_config(tmp_path)
+    async with (
+        fake_manager(str(short_dir / "notify")) as mgr,
+        notified_daemon(monkeypatch, mgr, config) as d,
+    ):
+        await d.wait_log("started with")
+        d.signal(signal.SIGHUP)  # while "slow" is still STARTING
+        await d.wait_log("reloaded")
+        ready = await mgr.next(state_change)
+        assert ready.fields["READY"] == "1"
+        assert age(d.publisher_pids()["slow"]) >= SLOW_START - 0.02
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    # Once: no RELOADING=1 / READY=1 pair for a reload before the daemon was ready.
+    assert [m for m in mgr.seen if state_change(m)][:1] == [ready]
+    assert sum(m.has("READY") for m in mgr.seen) == 1
+    assert not any(m.has("RELOADING") for m in mgr.seen)
+
+
+async def test_nothing_but_status_after_stopping_even_with_a_reload_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('up', flush=True)\ntime.sleep(3600)\n",
+    ]
+    config = write_config(tmp_path, toml_publisher("stubborn", stubborn, stop_timeout=1))
+    async with (
+        fake_manager(str(short_dir / "notify")) as mgr,
+        notified_daemon(monkeypatch, mgr, config) as d,
+    ):
+        await mgr.next(state_change)  # READY=1
+        # A reload that restarts "stubborn" waits for its stop_timeout: SIGTERM meanwhile.
+        config.write_text(config.read_text().replace("print('up'", "print('up again'"))
+        d.signal(signal.SIGHUP)
+        await d.wait_log("(config changed: command)")
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    changes = [m for m in mgr.seen if state_change(m)]
+    stopping = next(i for i, m in enumerate(changes) if m.has("STOPPING"))
+    assert changes[stopping + 1 :] == []
+    assert [m.has("RELOADING") for m in changes[:stopping]] == [False, True]

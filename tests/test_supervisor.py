@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,7 +30,7 @@ from children import (
 from procs import alive, children, in_group, state, wait_gone
 from pubmon import spawn as spawn_module
 from pubmon._reaper import OrphanReaper
-from pubmon.config import Backoff, CrashLoop, PublisherSpec
+from pubmon.config import Backoff, CrashLoop, ProbeSpec, PublisherSpec
 from pubmon.errors import InvalidState, UnknownPublisher
 from pubmon.lifecycle import PublisherState
 from pubmon.publisher import Publisher
@@ -350,7 +351,7 @@ async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
     )
     argv = (*py(code), "one arg", "$two")
     fast = spawn_module._wrapper_usable() and spawn_module._wrapper_can_run(
-        argv[0], os.environ, None
+        spawn_module._find(argv[0], os.environ, None), None
     )
     assert fast == (path == "wrapper")
     async with running(spec("armed", argv, restart="never")) as sup:
@@ -381,7 +382,9 @@ async def test_the_wrapper_runs_nothing_when_the_daemon_died_before_it_armed() -
 
 
 def test_the_wrapper_is_used_only_for_commands_that_surely_exec(tmp_path: Path) -> None:
-    can = spawn_module._wrapper_can_run
+    def can(argv0: str, env: dict[str, str], cwd: str | None) -> bool:
+        return spawn_module._wrapper_can_run(spawn_module._find(argv0, env, cwd), cwd)
+
     env = {"PATH": f"{tmp_path}/bin:/usr/bin:/bin"}
     (tmp_path / "bin").mkdir()
     script, text, plain, folder = (tmp_path / "bin" / n for n in ("script", "text", "plain", "dir"))
@@ -434,3 +437,108 @@ async def test_instant_exits_keep_their_status_while_spawns_overlap(
             await in_state(pub, S.EXITED)
         assert {p.last_exit for p in sup.publishers.values()} == {3}
     assert "already read" not in caplog.text
+
+
+# --- requests that race the child, reloads that change a running publisher ---------------------
+
+
+async def _kill_and_see_the_exit(pub: Publisher) -> None:
+    """SIGKILL the child and return as soon as its exit is known (its `exited` future is
+    done), before its runner had a turn: a request posted now races the exit."""
+    child = pub.child
+    assert child is not None
+    os.kill(child.pid, signal.SIGKILL)
+    async with asyncio.timeout(5):
+        while child.returncode is None:
+            await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("restart", ["never", "always"])
+async def test_a_stop_that_races_the_childs_own_exit_ends_stopped(restart: str) -> None:
+    slow_backoff = Backoff(initial=30, max=30, factor=1, jitter=0)
+    async with running(spec("racer", restart=restart, backoff=slow_backoff)) as sup:
+        pub = sup.get("racer")
+        await in_state(pub, S.RUNNING)
+        await _kill_and_see_the_exit(pub)
+        async with asyncio.timeout(5):  # not the 30 s backoff, not for ever
+            snap = await sup.stop("racer")
+        assert snap.state == S.STOPPED
+        assert pub.restarts == 0 and pub.exits == 1  # no restart was counted, none happened
+
+
+async def test_a_restart_that_races_the_childs_own_exit_runs_once_more() -> None:
+    async with running(spec("racer", restart="never")) as sup:
+        pub = sup.get("racer")
+        await in_state(pub, S.RUNNING)
+        old = pub.pid
+        await _kill_and_see_the_exit(pub)
+        async with asyncio.timeout(5):
+            snap = await sup.restart("racer")
+        assert snap.state == S.RUNNING and snap.pid not in (None, old)
+
+
+async def test_a_script_whose_interpreter_is_missing_is_fatal_at_once(tmp_path: Path) -> None:
+    script = tmp_path / "publisher"
+    script.write_text("#!/nonexistent/python3\nprint('never')\n")
+    script.chmod(0o755)
+    async with running(spec("script", (str(script),))) as sup:
+        pub = sup.get("script")
+        await in_state(pub, S.FATAL)
+        assert "its interpreter /nonexistent/python3 cannot be used" in pub.details
+        assert pub.restarts == 0 and pub.exits == 0
+
+
+async def test_reload_rebuilds_a_changed_probe_at_once_without_a_restart() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    before = spec("probed")
+    probe = ProbeSpec(kind="tcp", port=dead, interval=0.05, timeout=0.05, failure_threshold=2)
+    after = replace(before, probe=probe)
+    async with running(before) as sup:
+        pub = sup.get("probed")
+        await in_state(pub, S.RUNNING)
+        old = pub.pid
+        diff = await sup.reload(config(after))
+        assert [(c.change, c.fields) for c in diff.changes] == [
+            (
+                "updated",
+                (
+                    "probe.kind",
+                    "probe.interval",
+                    "probe.timeout",
+                    "probe.failure_threshold",
+                    "probe.port",
+                ),
+            )
+        ]
+        # The new probe finds nothing on its port and, past its threshold, the run is killed.
+        await until(pub, lambda: pub.probe_kills == 1 and pub.exits == 1)
+        assert pub.probe_failures >= 2 and old is not None and not alive(old)
+
+
+async def test_reloaded_stop_settings_apply_to_the_next_stop() -> None:
+    before = spec("stubborn", IGNORE_TERM, stop_timeout=60)
+    async with running(before) as sup:
+        pub = sup.get("stubborn")
+        await lines_seen(pub, 1)
+        await sup.reload(config(replace(before, stop_timeout=0.1)))
+        assert pub.state == S.RUNNING  # a stop setting is applied live: no restart
+        async with asyncio.timeout(10):  # not the old 60 s
+            snap = await sup.stop("stubborn")
+        assert snap.state == S.STOPPED and snap.last_exit == -signal.SIGKILL
+
+
+async def test_requests_are_refused_once_the_supervisor_is_stopping() -> None:
+    async with running(spec("a"), spec("b", IGNORE_TERM, stop_timeout=60)) as sup:
+        await lines_seen(sup.get("b"), 1)
+        stopping = asyncio.ensure_future(sup.stop_all(30))
+        await in_state(sup.get("b"), S.STOPPING)
+        for request in (sup.start, sup.restart):
+            with pytest.raises(InvalidState, match="STOPPING"):
+                await request("a")
+        with pytest.raises(InvalidState, match="STOPPING"):
+            await sup.reload(config(spec("a")))
+        sup.kill_all()
+        async with asyncio.timeout(10):
+            assert await stopping == []

@@ -278,7 +278,7 @@ def test_reload_applies_a_change_in_the_same_main_process(pubmon: Pubmon) -> Non
     assert pubmon.show("StatusText")["StatusText"] == "4/4 publishers running, 0 fatal"
     assert after["worker"] != before["worker"] and not alive(before["worker"])
     assert after["ticker"] == before["ticker"] and after["nobody"] == before["nobody"]
-    pubmon.wait_journal("1 added, 0 removed, 1 changed, 0 policy-only, 2 unchanged")
+    pubmon.wait_journal("1 added, 0 removed, 1 restarted, 0 updated, 2 unchanged")
 
 
 def test_journal_has_the_daemon_log_and_publisher_output(pubmon: Pubmon) -> None:

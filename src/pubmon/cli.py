@@ -111,7 +111,7 @@ def setup_logging(debug: bool) -> None:
     )
 
 
-def run_daemon(config_path: str, debug: bool) -> int:
+def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | None = None) -> int:
     import asyncio
     import logging
 
@@ -134,6 +134,8 @@ def run_daemon(config_path: str, debug: bool) -> int:
     # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
     # scripts wait for.
     logging.shutdown()
+    if cleanup is not None:
+        cleanup()  # what a `with` around us would have done: os._exit skips it
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -141,6 +143,7 @@ def run_daemon(config_path: str, debug: bool) -> int:
 
 def run_demo(debug: bool) -> int:
     """The daemon on a built-in config: three demo publishers on free ports, in a temp dir."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -169,7 +172,7 @@ def run_demo(debug: bool) -> int:
             "Ctrl-C stops the daemon and every publisher.\n",
             flush=True,
         )
-        return run_daemon(str(config), debug)
+        return run_daemon(str(config), debug, cleanup=lambda: shutil.rmtree(tmp, True))
 
 
 # --- talking to a running daemon ------------------------------------------------------------
@@ -323,21 +326,29 @@ def cmd_action(remote: Remote, a: Args) -> int:
 
 def cmd_reload(remote: Remote, a: Args) -> int:
     r = remote.call("reloadConfig")
-    for label, names in (
-        ("added", r.added),
-        ("removed", r.removed),
-        ("changed", r.changed),
-        ("unchanged", r.unchanged),
-    ):
-        print(f"{label}: {', '.join(names) if names else '-'}")
+    unchanged = []
+    for c in r.publishers or ():
+        if c.change == "unchanged":
+            unchanged.append(c.name)
+        else:
+            fields = f" ({', '.join(c.fields)})" if c.fields else ""
+            print(f"{c.name}: {c.change}{fields}")
+    if unchanged:
+        print(f"unchanged: {', '.join(unchanged)}")
+    for line in r.daemon or ():
+        print(line)
+    if not r.publishers and not r.daemon:
+        print("nothing to do: no publishers")
     return EXIT_OK
 
 
 def cmd_tail(remote: Remote, a: Args) -> int:
     name = a.names[0]
-    chunk = remote.call("tailLog", name, -max(a.lines, 0), 10000)
+    # afterSeq < 0 asks for the last -afterSeq lines; -n 0 asks for one only to learn the
+    # cursor (0 would mean "from the start of the ring").
+    chunk = remote.call("tailLog", name, -max(a.lines, 1), 10000)
     cursor = chunk.nextSeq
-    _print_lines(chunk.lines)
+    _print_lines(chunk.lines if a.lines > 0 else [])
     while a.follow:
         try:
             chunk = remote.call("tailLog", name, cursor, 1000)

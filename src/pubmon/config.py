@@ -7,6 +7,7 @@ reports every problem of a file at once as a ConfigError(file, [ConfigProblem(ke
 from __future__ import annotations
 
 __all__ = [
+    "FIELD_EFFECTS",
     "Backoff",
     "Config",
     "ConfigDiff",
@@ -16,6 +17,7 @@ __all__ = [
     "LogSpec",
     "MonitorConfig",
     "ProbeSpec",
+    "PublisherChange",
     "PublisherSpec",
     "check_config_main",
     "diff_configs",
@@ -28,7 +30,7 @@ import os
 import signal
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -105,10 +107,6 @@ class PublisherSpec:
     log: LogSpec = field(default_factory=LogSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)
 
-    def spawn_key(self) -> tuple[object, ...]:
-        """What a running process was started with: a change here needs a restart."""
-        return (self.command, self.directory, self.environment, self.user)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
@@ -153,15 +151,94 @@ class Config:
         return None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConfigDiff:
-    """Instance names, each sorted: what a reload must do."""
+# What a reload does when a publisher's field changes. Every field of PublisherSpec is listed
+# (a test checks it, and diff_configs refuses an unlisted one), so a new field cannot be
+# silently ignored by a reload:
+# - restart: the process was started with it; the publisher restarts with the new value;
+# - probe: the health watch is rebuilt at once, in the phase the run is in (no restart);
+# - live: read where it is used (the next stop, backoff, exit decision, log write...).
+FieldEffect = Literal["restart", "probe", "live"]
+FIELD_EFFECTS: dict[str, FieldEffect] = {
+    "name": "restart",
+    "program": "restart",
+    "index": "restart",
+    "command": "restart",
+    "directory": "restart",
+    "environment": "restart",
+    "user": "restart",
+    "port": "live",  # what it changes ({port} in the command, the probe's port) says itself
+    "numprocs": "live",
+    "autostart": "live",  # the next daemon start; a reload starts only what it adds
+    "depends_on": "live",
+    "restart": "live",
+    "success_exit_codes": "live",
+    "start_timeout": "live",
+    "stop_signal": "live",
+    "stop_timeout": "live",
+    "backoff": "live",
+    "crash_loop": "live",
+    "data_source": "probe",  # handed over by the new probe once the child is healthy
+    "log": "live",
+    "probe": "probe",
+}
 
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()  # spawn settings differ: restart
-    policy_only: tuple[str, ...] = ()  # only policy differs: apply live, keep the process
-    unchanged: tuple[str, ...] = ()
+ChangeKind = Literal["added", "removed", "restarted", "updated", "unchanged"]
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherChange:
+    """What a reload does to one instance, and the settings (dotted keys) that differ."""
+
+    name: str
+    change: ChangeKind
+    fields: tuple[str, ...] = ()
+    top: frozenset[str] = frozenset()  # the differing top-level fields of PublisherSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDiff:
+    """Every instance of the old and the new config, new ones in file order, removed last."""
+
+    changes: tuple[PublisherChange, ...] = ()
+
+    def _names(self, kind: ChangeKind) -> tuple[str, ...]:
+        return tuple(sorted(c.name for c in self.changes if c.change == kind))
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        return self._names("added")
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        return self._names("removed")
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """Restarted: spawn settings differ."""
+        return self._names("restarted")
+
+    @property
+    def policy_only(self) -> tuple[str, ...]:
+        """Updated: applied to the running publisher, no restart."""
+        return self._names("updated")
+
+    @property
+    def unchanged(self) -> tuple[str, ...]:
+        return self._names("unchanged")
+
+
+def _differences(a: object, b: object, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two dataclasses of one type."""
+    out = []
+    for f in fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x == y:
+            continue
+        if is_dataclass(x) and type(x) is type(y):
+            out.extend(_differences(x, y, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
 
 
 def load_config(path: str | Path) -> Config:
@@ -203,29 +280,30 @@ def parse_config(text: str, path: str | Path) -> Config:
 
 
 def diff_configs(old: Config, new: Config) -> ConfigDiff:
-    """Compare two configs instance by instance (by instance name).
-
-    `changed` = spawn_key() differs (the process must be restarted); `policy_only` = same
-    spawn_key but some other field differs (apply live); `unchanged` = equal specs.
-    """
+    """Compare two configs instance by instance (by instance name): see FIELD_EFFECTS."""
     before = {spec.name: spec for spec in old.publishers}
-    after = {spec.name: spec for spec in new.publishers}
-    changed, policy_only, unchanged = [], [], []
-    for name in before.keys() & after.keys():
-        a, b = before[name], after[name]
-        if a == b:
-            unchanged.append(name)
-        elif a.spawn_key() != b.spawn_key():
-            changed.append(name)
+    changes = []
+    for spec in new.publishers:
+        was = before.get(spec.name)
+        if was is None:
+            changes.append(PublisherChange(spec.name, "added"))
+            continue
+        dotted = _differences(was, spec)
+        top = frozenset(key.split(".", 1)[0] for key in dotted)
+        unlisted = top - FIELD_EFFECTS.keys()
+        assert not unlisted, f"FIELD_EFFECTS does not say what a reload does with {unlisted}"
+        if not top:
+            kind: ChangeKind = "unchanged"
+        elif any(FIELD_EFFECTS[f] == "restart" for f in top):
+            kind = "restarted"
         else:
-            policy_only.append(name)
-    return ConfigDiff(
-        added=tuple(sorted(after.keys() - before.keys())),
-        removed=tuple(sorted(before.keys() - after.keys())),
-        changed=tuple(sorted(changed)),
-        policy_only=tuple(sorted(policy_only)),
-        unchanged=tuple(sorted(unchanged)),
+            kind = "updated"
+        changes.append(PublisherChange(spec.name, kind, tuple(dotted), top))
+    after = {spec.name for spec in new.publishers}
+    changes.extend(
+        PublisherChange(spec.name, "removed") for spec in old.publishers if spec.name not in after
     )
+    return ConfigDiff(tuple(changes))
 
 
 def check_config_main(path: str) -> int:

@@ -3,14 +3,26 @@
 Start: take the config lock, install signal handlers (before anything can be signalled), open
 the listeners (a live control socket means another daemon: refuse before spawning anything),
 start the supervisor (which spawns autostart publishers), wait for the first round to settle,
-tell systemd READY=1. Stop (first SIGTERM): STOPPING=1, stop the publishers dependents-first
-under shutdown_timeout while the listeners still answer (status says STOPPING; mutating calls
-are refused), then close the listeners. A second SIGTERM kills every group at once.
+tell systemd READY=1 (once: never before the first round settled, even if a reload came first).
+
+Reloads (SIGHUP, `reloadConfig`, `reinitialize`) are queued to one worker and run one at a time;
+SIGHUPs that arrive while one is queued are one reload. Each reload validates the file, applies
+[control] and [monitor] (Listeners.reconfigure: a bind failure fails the reload with nothing
+changed), then the publishers (Supervisor.reload). systemd hears RELOADING=1 then READY=1 only
+while the daemon is running and ready.
+
+Stop (first SIGTERM): STOPPING=1, the supervisor refuses start/restart/reload from now on, the
+reload worker is cancelled and waited for (a reload never overlaps the ordered stop), then the
+publishers stop dependents-first under shutdown_timeout while the listeners still answer. A child
+that outlives its SIGKILL by KILL_BOUND is given up on: the daemon still ends, within
+shutdown_timeout + KILL_BOUND, exits 1 and names it. After STOPPING=1 systemd hears only STATUS=
+and EXTEND_TIMEOUT_USEC=, the latter only while stops are making progress. A second SIGTERM
+kills every group at once.
 """
 
 from __future__ import annotations
 
-__all__ = ["Daemon", "acquire_lock"]
+__all__ = ["EXIT_LEFT_BEHIND", "Daemon", "ReloadReport", "acquire_lock"]
 
 import asyncio
 import errno
@@ -21,18 +33,21 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable
+from dataclasses import fields
+from typing import NamedTuple
 
 from .config import Config, ConfigDiff, load_config
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
 from .notify import Notifier
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
-from .supervisor import Supervisor
+from .supervisor import Leftover, Supervisor
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_LEFT_BEHIND = 1  # a graceful stop had to give up on a child that would not die
 
 
 def acquire_lock(path: str) -> socket.socket:
@@ -55,6 +70,13 @@ def acquire_lock(path: str) -> socket.socket:
             f"another pubmon daemon is already running with {path} (it holds the lock for {real})"
         ) from None
     return sock
+
+
+class ReloadReport(NamedTuple):
+    """What a reload did: the publishers' diff, and one line per daemon-level change."""
+
+    diff: ConfigDiff
+    daemon: list[str]
 
 
 class Daemon:
@@ -80,7 +102,9 @@ class Daemon:
         self.forced = False
         self.listeners: Listeners | None = None
         self._stop = asyncio.Event()
-        self._reload_wanted = asyncio.Event()
+        # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
+        self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
+        self._sighup_queued = False
         self._status_cache = (-1, "")  # (supervisor.changed.fires, verdict)
 
     # --- requests (signals, RPC) --------------------------------------------------------------
@@ -93,27 +117,72 @@ class Daemon:
         return self._stop.is_set()
 
     def request_reload(self) -> None:
-        self._reload_wanted.set()
+        """SIGHUP or `reinitialize`: reload soon; several before it runs are one reload."""
+        if self.stopping:
+            logger.warning("reload refused: pubmon is stopping")
+            return
+        if not self._sighup_queued:
+            self._sighup_queued = True
+            self._reloads.put_nowait(None)
 
-    async def reload(self) -> ConfigDiff:
-        """Re-read the config file; on any error keep running the old one and raise ConfigError."""
-        assert self.supervisor is not None
-        self.notifier.reloading()
+    async def reload(self) -> ReloadReport:
+        """Reload and say what changed; ConfigError (the old config keeps running),
+        StartupError (a listener could not be rebound) or InvalidState (stopping)."""
+        if self.stopping:
+            raise InvalidState("pubmon is stopping: reload refused")
+        answer: asyncio.Future[ReloadReport] = asyncio.get_running_loop().create_future()
+        self._reloads.put_nowait(answer)
+        return await asyncio.shield(answer)
+
+    async def _reload_worker(self) -> None:
+        current: asyncio.Future[ReloadReport] | None = None
+        try:
+            while True:
+                current = await self._reloads.get()
+                if current is None:
+                    self._sighup_queued = False
+                try:
+                    report = await self._reload_once()
+                except (ConfigError, StartupError, InvalidState) as exc:
+                    if current is not None and not current.done():
+                        current.set_exception(exc)
+                else:
+                    if current is not None and not current.done():
+                        current.set_result(report)
+                current = None
+        finally:
+            # Cancelled at shutdown: the reload under way and every queued one are refused.
+            refused = InvalidState("pubmon is stopping: reload refused")
+            pending = [current]
+            while not self._reloads.empty():
+                pending.append(self._reloads.get_nowait())
+            for answer in pending:
+                if answer is not None and not answer.done():
+                    answer.set_exception(refused)
+
+    async def _reload_once(self) -> ReloadReport:
+        assert self.supervisor is not None and self.listeners is not None
+        announce = self.ready.is_set()
+        if announce:
+            self.notifier.reloading()
         try:
             new = load_config(self.config.path)
+            lines = _daemon_changes(self.config, new)
+            lines += await self.listeners.reconfigure(new)
             diff = await self.supervisor.reload(new)
-        except ConfigError as exc:
+        except (ConfigError, StartupError) as exc:
             self.reload_failures += 1
             self.last_reload_error = str(exc)
             logger.error("reload failed, still running the previous config: %s", exc)
             raise
         finally:
-            self.notifier.ready(self.status_details())
+            if announce:
+                self.notifier.ready(self.status_details())  # dropped once STOPPING=1 went out
         self.config = new
         self.reloads += 1
         self.last_reload_error = ""
         self.notifier.status(self.status_details())
-        return diff
+        return ReloadReport(diff, lines)
 
     def reopen_logs(self) -> None:
         assert self.supervisor is not None
@@ -172,17 +241,17 @@ class Daemon:
                 if os.environ.get("PUBMON_TEST_WEDGE") == "1":
                     # Test-only: SIGUSR2 blocks the event loop for good, as a deadlock would.
                     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, time.sleep, 1e6)
-                await self._run()
+                code = await self._run()
         finally:
             lock.close()
             self.notifier.close()
-        return EXIT_OK
+        return code
 
-    async def _run(self) -> None:
+    async def _run(self) -> int:
+        left: list[Leftover] = []
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(self._dispatch_signals(), name="signals"),
-                tg.create_task(self._reload_worker(), name="reloads"),
                 tg.create_task(self._measure_loop_lag(), name="loop lag"),
                 tg.create_task(self.notifier.watchdog(), name="watchdog"),
             ]
@@ -193,6 +262,8 @@ class Daemon:
                 async with Supervisor(self.config) as sup:
                     self.supervisor = sup
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
+                    reloads = tg.create_task(self._reload_worker(), name="reloads")
+                    background.append(reloads)
                     await _first(sup.wait_settled(), self._stop.wait())
                     if not self.stopping:
                         self.ready.set()
@@ -205,12 +276,21 @@ class Daemon:
                             task.cancel()  # from now on STATUS= says "stopping"
                     logger.info("stopping: %s", sup.summary())
                     self.notifier.stopping(f"stopping: {sup.summary()}")
+                    sup.begin_stopping()
+                    reloads.cancel()  # a reload never overlaps the ordered stop
+                    await asyncio.wait([reloads])
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
+                    left = await sup.stop_all(self.config.daemon.shutdown_timeout)
             finally:
                 await listeners.close()
                 for task in background:
                     task.cancel()
+        if left:
+            names = ", ".join(f"{x.name} (pid {x.pid}: {x.details})" for x in left)
+            logger.error("pubmon %d stopped, leaving behind %s", os.getpid(), names)
+            return EXIT_LEFT_BEHIND
         logger.info("pubmon %d stopped", os.getpid())
+        return EXIT_OK
 
     async def _dispatch_signals(self) -> None:
         while True:
@@ -228,18 +308,6 @@ class Daemon:
             elif sig == signal.SIGUSR1 and self.supervisor is not None:
                 self.reopen_logs()
 
-    async def _reload_worker(self) -> None:
-        # One reload at a time; a storm of SIGHUPs while one runs becomes one more reload.
-        while True:
-            await self._reload_wanted.wait()
-            self._reload_wanted.clear()
-            if self.stopping or self.supervisor is None:
-                continue
-            try:
-                await self.reload()
-            except ConfigError:
-                pass  # logged and counted; the old config keeps running
-
     async def _report_status(self) -> None:
         # STATUS= follows the publishers, at most five times a second.
         assert self.supervisor is not None
@@ -249,14 +317,15 @@ class Daemon:
             await asyncio.sleep(0.2)
 
     async def _extend_stop_timeout(self) -> None:
-        # While publishers are still stopping within their own stop_timeout, or the number
-        # still running keeps falling, ask systemd for more time; a stuck stop gets none.
+        # Ask systemd for more time only while the stop is making progress: the number still
+        # running fell, or a publisher is within its own stop bounds (stop_timeout, then
+        # KILL_BOUND after SIGKILL). A child stuck after SIGKILL gets no more time.
         assert self.supervisor is not None
         pubs = list(self.supervisor.publishers.values())
         left = len(pubs) + 1
         while True:
             now_left = sum(not p.halted() for p in pubs)
-            stopping = any(p.state == PublisherState.STOPPING for p in pubs)
+            stopping = any(p.state == PublisherState.STOPPING and not p.stuck for p in pubs)
             if now_left < left or stopping:
                 self.notifier.extend_timeout(5.0)
             left = now_left
@@ -268,6 +337,17 @@ class Daemon:
             before = loop.time()
             await asyncio.sleep(1.0)
             self.loop_lag_ms = max(0, int((loop.time() - before - 1.0) * 1000))
+
+
+def _daemon_changes(old: Config, new: Config) -> list[str]:
+    """One line per changed [daemon] setting (the listeners report their own)."""
+    out = []
+    for f in fields(old.daemon):
+        a, b = getattr(old.daemon, f.name), getattr(new.daemon, f.name)
+        if a != b:
+            later = " (takes effect at the next daemon start)" if f.name == "log_dir" else ""
+            out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
+    return out
 
 
 async def _first(*aws: Awaitable[object]) -> None:

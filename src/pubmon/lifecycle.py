@@ -32,7 +32,8 @@ ALLOWED: dict[PublisherState, frozenset[PublisherState]] = {
     _S.STARTING: frozenset({_S.RUNNING, _S.BACKOFF, _S.STOPPING, _S.EXITED, _S.FATAL}),
     _S.RUNNING: frozenset({_S.BACKOFF, _S.STOPPING, _S.EXITED, _S.FATAL}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.FATAL}),
-    _S.STOPPING: frozenset({_S.STOPPED}),
+    # A stop that began because the child failed (its probe) ends in a restart decision.
+    _S.STOPPING: frozenset({_S.STOPPED, _S.BACKOFF, _S.EXITED, _S.FATAL}),
     _S.EXITED: frozenset({_S.STARTING, _S.STOPPED}),
     _S.FATAL: frozenset({_S.STARTING, _S.STOPPED}),
 }

@@ -1,8 +1,11 @@
 """sd_notify without libsystemd: READY, RELOADING, STOPPING, STATUS, EXTEND_TIMEOUT, WATCHDOG.
 
-Everything is a no-op unless systemd set NOTIFY_SOCKET. Sends are non-blocking datagrams: a full
-queue drops the message rather than stall the loop. The watchdog is pinged from a task on the
-event loop, never a thread, so a wedged loop stops the pings and systemd kills the daemon.
+Everything is a no-op unless systemd set NOTIFY_SOCKET. Once STOPPING=1 is out, READY=1 and
+RELOADING=1 are never sent again (a reload still finishing must not tell systemd "ready" to a
+unit that is deactivating): only STATUS=, EXTEND_TIMEOUT_USEC= and WATCHDOG=1.
+Sends are non-blocking datagrams: a full queue drops the message rather than stall the loop.
+The watchdog is pinged from a task on the event loop, never a thread, so a wedged loop stops
+the pings and systemd kills the daemon.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Notifier:
             except ValueError:
                 logger.warning("ignoring WATCHDOG_USEC=%r: not a number", usec)
         self._last_status = ""
+        self.stopping_sent = False
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +62,8 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> None:
+        if self.stopping_sent:
+            return
         self._last_status = status
         self.send("READY=1", f"STATUS={status}")
 
@@ -68,10 +74,13 @@ class Notifier:
 
     def reloading(self) -> None:
         # systemd wants MONOTONIC_USEC in the same datagram as RELOADING=1.
+        if self.stopping_sent:
+            return
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={now}", "STATUS=reloading")
 
     def stopping(self, status: str = "stopping") -> None:
+        self.stopping_sent = True
         self.send("STOPPING=1", f"STATUS={status}")
 
     def extend_timeout(self, seconds: float) -> None:

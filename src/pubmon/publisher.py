@@ -1,10 +1,24 @@
-"""One publisher's runner: spawn, watch, stop escalation, restart loop.
+"""One publisher instance: a state machine driven by requests, run by one task.
 
-A `Publisher` lives as long as its name is in the config. Its `run()` task (owned by the
-supervisor's TaskGroup) loops: wait until the publisher is wanted and its dependencies are
-RUNNING, spawn it, watch it until it exits, turns unhealthy or is told to stop, then decide what
-comes next from its restart policy (`policy.py`). The operator's wish (`_wanted`) is the only
-thing that decides whether it runs; the loop never undoes an operator's stop.
+Everything that can change a publisher is a message in its inbox, handled one at a time, in
+order, by its runner task (`run()`): the operator's requests (start, stop, restart), a reload's
+update, the supervisor's shutdown and kill, the child's exit, the probe's verdicts, and timers
+(backoff, the stop's SIGKILL escalation, the bound after SIGKILL). The runner is the only writer
+of the publisher's state; nothing else reads a flag to decide what to do. A caller posts a
+request and awaits its answer, which always comes: done, refused with the reason (InvalidState),
+or superseded by a later request (a stop that overtook a start).
+
+Why one inbox instead of flags: the first design kept the operator's wish in `_wanted`,
+`_restart_requested` and `_kick`, read by the restart loop and the watcher. A stop that raced
+the child's own exit let the exit branch consume the kick, and the stop waited for ever. Here
+the exit is a message like the stop: whichever comes first is handled first, and the second
+finds the state the first left.
+
+Stops: the stop signal (with SIGCONT) to the group, `stop_timeout` later SIGKILL to the group,
+and `KILL_BOUND` after that, if the child has still not exited (D state on hung storage), the
+publisher stays STOPPING with the pid and its /proc state in `details` and `stuck` set, so a
+shutdown can give up on it and say so. Once the leader is gone, the rest of its group is killed
+at once (systemd's KillMode=mixed) and the pipes are drained (bounded) before the state moves.
 
 Every state change goes through `_transition()`, which checks the table in `lifecycle.py` and
 logs one line with the name, pid and reason.
@@ -12,19 +26,20 @@ logs one line with the name, pid and reason.
 
 from __future__ import annotations
 
-__all__ = ["Publisher", "PublisherSnapshot", "StopFunc", "stop_child"]
+__all__ = ["KILL_BOUND", "Outcome", "Publisher", "PublisherSnapshot", "Pulse"]
 
 import asyncio
+import enum
 import logging
 import random
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
-from ._stats import EXIT_REASONS as EXIT_REASONS_ALL
-from ._stats import ExitReason, Histogram
+from ._stats import EXIT_REASONS, ExitReason, Histogram
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -38,11 +53,19 @@ logger = logging.getLogger(__name__)
 S = PublisherState
 _T = TypeVar("_T")
 DRAIN_TIMEOUT = 2.0  # after the group is gone, how long pipes may stay open (an escaped holder)
+KILL_BOUND = 10.0  # after SIGKILL, how long before a child that has not exited is reported stuck
 _STARTING_POLL_FIRST = 0.02  # the first probe while STARTING; doubles up to the interval
+_LIVE = (S.STARTING, S.RUNNING)
+_IDLE = (S.STOPPED, S.EXITED, S.FATAL)
 
 
 class Pulse:
-    """A broadcast 'something changed': waiters re-check their own condition after each fire."""
+    """A broadcast 'something changed': waiters re-check their own condition after each fire.
+
+    Not an asyncio.Condition: that needs a lock taken around every wait and notify, and a
+    wait_for over 1000 publishers would re-run every waiter's predicate on each fire; here
+    `wait_for_each` looks at one item per fire (the first round of 1000 settles in O(N)).
+    """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -95,51 +118,66 @@ class PublisherSnapshot(NamedTuple):
     uptime: float  # seconds in the current run (0 when not running); last, see above
 
 
-StopFunc = Callable[[Child, signal.Signals, float, str], Awaitable[None]]
+class Outcome(enum.StrEnum):
+    """How a request ended, when it was not refused."""
+
+    DONE = "done"
+    SUPERSEDED = "superseded"  # a later request changed the goal before this one was reached
 
 
-async def stop_child(child: Child, sig: signal.Signals, timeout: float, name: str) -> None:
-    """Stop a child and its group: `sig`, up to `timeout` seconds, then SIGKILL; drain the pipes.
-
-    Safe to call on a child that already exited: the rest of its group is still killed.
-    """
-    if child.returncode is None:
-        child.signal(sig)
-        if sig not in (signal.SIGKILL, signal.SIGCONT):
-            # A stopped (SIGSTOP, SIGTSTP) process would keep `sig` pending until the SIGKILL;
-            # continue the group so it can act on it, as systemd does.
-            child.signal(signal.SIGCONT)
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(child.exited)
-        except TimeoutError:
-            logger.warning(
-                "%s pid %d ignored %s for %g s; sending SIGKILL to its process group",
-                name,
-                child.pid,
-                sig.name,
-                timeout,
-            )
-    # Once the leader is gone, what remains of its group (grandchildren) is killed at once, as
-    # systemd's KillMode=mixed does; a SIGKILL'd process cannot refuse.
-    child.signal(signal.SIGKILL)
-    await asyncio.shield(child.exited)
-    if not await child.drain(DRAIN_TIMEOUT):
-        logger.warning(
-            "%s pid %d: its output pipes are still held open by a process outside its group "
-            "after %g s; closing them",
-            name,
-            child.pid,
-            DRAIN_TIMEOUT,
-        )
-    child.close()
+RequestKind = Literal["start", "stop", "restart", "shutdown", "kill", "update"]
 
 
-Outcome = Literal["exited", "unhealthy", "stop", "restart", "spawn-failed"]
+@dataclass(eq=False, slots=True)
+class _Request:
+    kind: RequestKind
+    answer: asyncio.Future[Outcome]
+    spec: PublisherSpec | None = None  # update: the new spec
+    fields: frozenset[str] = frozenset()  # update: the top-level fields that differ
+    restart: bool = False  # update: spawn settings changed
+
+
+@dataclass(eq=False, slots=True)
+class _Exited:
+    child: Child
+
+
+@dataclass(eq=False, slots=True)
+class _Verdict:
+    watch: int  # which watch task sent it: a verdict of a replaced one is dropped
+    kind: Literal["up", "health", "start-timeout", "unhealthy"]
+    health: Health = Health.UNKNOWN
+    details: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class _Timer:
+    token: int
+    kind: Literal["backoff", "kill", "stuck"]
+
+
+@dataclass(eq=False, slots=True)
+class _Nudge:
+    """Something outside changed (a dependency's state): re-check whether a spawn is due."""
+
+
+_Message = _Request | _Exited | _Verdict | _Timer | _Nudge
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    done: Callable[[], bool]
+    superseded: Callable[[], bool]
+    answer: asyncio.Future[Outcome] = field(repr=False)
 
 
 class Publisher:
-    """The runner of one publisher instance. See the module docstring."""
+    """One publisher instance. See the module docstring.
+
+    Others read its state, snapshot and counters; they change it only through `start()`,
+    `stop()`, `restart()`, `update()`, `shutdown()` and `kill()`, all of which post to the
+    inbox of the runner, `run()`, a task the supervisor owns.
+    """
 
     def __init__(
         self,
@@ -148,8 +186,8 @@ class Publisher:
         log_dir: str | None,
         changed: Pulse,
         deps_ready: Callable[[PublisherSpec], bool],
+        on_transition: Callable[[Publisher], None] = lambda _: None,
         reaper: OrphanReaper | None = None,
-        stop: StopFunc = stop_child,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -159,36 +197,49 @@ class Publisher:
         self.state = S.STOPPED
         self.health = Health.UNKNOWN
         self.details = ""
-        self.restarts = 0  # automatic restarts (not the operator's)
+        self.restarts = 0  # automatic restarts (spawns after a failure), not the operator's
         self.exits = 0
         self.probe_failures = 0
         self.probe_kills = 0  # runs ended because the probe gave up on them
+        self.stuck_stops = 0  # children that outlived SIGKILL by KILL_BOUND
         self.last_exit: int | None = None
         self.last_exit_reason = ""
         # For metrics: exits by reason (a closed set), probe round-trip times, wall-clock start.
-        self.exit_reasons: dict[ExitReason, int] = dict.fromkeys(EXIT_REASONS_ALL, 0)
+        self.exit_reasons: dict[ExitReason, int] = dict.fromkeys(EXIT_REASONS, 0)
         self.probe_seconds = Histogram()
         self.started_wall: float | None = None  # time.time() when the current process started
+        self.backoff_until: float | None = None  # time.time() of the next automatic start
         self.start_times: deque[float] = deque(maxlen=256)  # clock() of each spawn
         self.child: Child | None = None
+        self.stuck = False  # STOPPING, and the child outlived SIGKILL by KILL_BOUND
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
-        self._pulse = Pulse()  # this publisher's own changes (operators waiting on it)
-        self.settled = asyncio.Event()  # set once it first ran or failed (sd_notify READY)
+        self._pulse = Pulse()  # this publisher's own changes
         self._deps_ready = deps_ready
+        self._on_transition = on_transition
         self._reaper = reaper
-        self._stop = stop
         self._clock = clock
         self._rng = rng or random.Random()
-        self._wanted = spec.autostart
-        self._restart_requested = False
-        self._kick = asyncio.Event()
+        self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._waiters: list[_Waiter] = []
+        # The runner's own bookkeeping: written and read by the runner task only.
+        self._wanted = spec.autostart  # the operator's intent: run it (or not)
+        self._due = spec.autostart  # a spawn should happen as soon as dependencies allow
+        self._then_start = False  # STOPPING: spawn again once stopped (restart)
+        self._stop_ends: Literal["stopped", "failed"] = "stopped"
+        self._fail_why = ""  # why a stop that ends in a failure began (the probe's verdict)
+        self._closed = False  # shutdown began: start and restart are refused
+        self._runs = 0  # spawns so far (a request waits for a run later than the current)
         self._failures = 0  # failures in a row, for the backoff delay
         self._crashes = CrashWindow(
             max_restarts=spec.crash_loop.max_restarts, window=spec.crash_loop.window
         )
         self._running_since: float | None = None  # clock() when it last became RUNNING
         self._run_started: float | None = None  # clock() when the current process started
-        self._spawn_error: SpawnError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_token = 0
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watches = 0
+        self._tg: asyncio.TaskGroup | None = None
 
     def __repr__(self) -> str:
         pid = self.child.pid if self.child else None
@@ -202,6 +253,7 @@ class Publisher:
 
     @property
     def wanted(self) -> bool:
+        """Whether the operator (or autostart) wants it running."""
         return self._wanted
 
     def uptime(self) -> float:
@@ -234,162 +286,261 @@ class Publisher:
             p + "exits": self.exits,
             p + "probe_failures": self.probe_failures,
             p + "probe_kills": self.probe_kills,
+            p + "stuck_stops": self.stuck_stops,
             p + "uptime_s": int(self.uptime()),
             p + "log_lines": self.output.lines,
             p + "log_bytes": self.output.bytes,
             p + "log_dropped": self.output.dropped,
         }
 
-    # --- operator's requests ----------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start a publisher that is not running; returns once it left STARTING."""
-        if self.state in (S.STARTING, S.RUNNING) and self._wanted:
-            raise InvalidState(f"{self.name} is already {self.state}")
-        # Asks the runner for a fresh process as soon as it can (this also cuts a backoff delay
-        # short); the runner clears it when it spawns, which is what _wait_started waits for.
-        self._restart_requested = True
-        self._wanted = True
-        self._reset_failures()
-        self._kick.set()
-        await self._wait_started()
-
-    async def stop(self) -> None:
-        """Stop a publisher; returns once it is STOPPED. Nothing restarts it until start()."""
-        if self.state == S.STOPPED and not self._wanted:
-            raise InvalidState(f"{self.name} is already STOPPED")
-        self._wanted = False
-        self._kick.set()
-        if self.state in (S.EXITED, S.FATAL):
-            # The runner is idle in these states: the move is ours to make.
-            self._transition(S.STOPPED, "stopped by operator")
-        await self._pulse.wait_for(lambda: self.state == S.STOPPED)
-
-    async def restart(self) -> None:
-        """Stop (if running) and start again at once, whatever its state."""
-        self._wanted = True
-        self._restart_requested = True
-        self._reset_failures()
-        self._kick.set()
-        await self._wait_started()
-
-    def stop_soon(self) -> None:
-        """Ask for a stop without waiting (shutdown)."""
-        self._wanted = False
-        self._kick.set()
-
-    def kill_now(self) -> None:
-        """SIGKILL the whole group at once (a second SIGTERM to the daemon)."""
-        self._wanted = False
-        if self.child is not None:
-            self.child.signal(signal.SIGKILL)
-        self._kick.set()
-
-    def update_policy(self, spec: PublisherSpec) -> None:
-        """A reload changed only policy settings: apply them to the running publisher."""
-        assert spec.spawn_key() == self.spec.spawn_key()
-        self.spec = spec
-        self._crashes.max_restarts = spec.crash_loop.max_restarts
-        self._crashes.window = spec.crash_loop.window
-        self.output.reconfigure(spec.log)
-        self._kick.set()  # the watcher re-reads probe settings on its next round
-
-    async def wait_started_if_wanted(self) -> None:
-        if self._wanted:
-            await self._wait_started()
-
-    async def _wait_started(self) -> None:
-        # The runner clears _restart_requested once it acted on it; then wait for a verdict.
-        await self._pulse.wait_for(
-            lambda: (
-                not self._restart_requested
-                and self.state not in (S.STARTING, S.STOPPING)
-                and (self.state != S.STOPPED or not self._wanted)
-            )
-        )
-
     def halted(self) -> bool:
-        """Not running, and not about to be: no child, and not wanted."""
-        return (
-            self.child is None and not self._wanted and self.state not in (S.STARTING, S.STOPPING)
-        )
+        """Not running, and not about to be: no child, idle, no spawn due."""
+        return self.child is None and self.state in _IDLE and not (self._wanted and self._due)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until `predicate()` holds; re-checked after each change of this publisher."""
         await self._pulse.wait_for(predicate)
 
-    def _reset_failures(self) -> None:
-        self._failures = 0
-        self._crashes.reset()
+    # --- requests -----------------------------------------------------------------------------
+
+    async def start(self) -> Outcome:
+        """Start it; answers once the new run left STARTING (RUNNING, or failed)."""
+        return await self._request("start")
+
+    async def stop(self) -> Outcome:
+        """Stop it; answers once it is STOPPED. Nothing restarts it until a start."""
+        return await self._request("stop")
+
+    async def restart(self) -> Outcome:
+        """Stop it if it runs, start it again; answers once the new run left STARTING."""
+        return await self._request("restart")
+
+    def update(
+        self, spec: PublisherSpec, fields: frozenset[str], *, restart: bool
+    ) -> asyncio.Future[Outcome]:
+        """A reload changed its settings (posted now): `restart` when spawn settings changed
+        (answered once the new run left STARTING, if it runs), else applied live (at once)."""
+        return self._post("update", spec, fields, restart)
+
+    def shutdown(self) -> asyncio.Future[Outcome]:
+        """The daemon stops: stop it, and refuse start and restart from now on."""
+        return self._post("shutdown")
+
+    def kill(self) -> None:
+        """SIGKILL its whole group now (a second SIGTERM to the daemon), and stop it."""
+        self._post("kill")
+
+    def nudge(self) -> None:
+        """A dependency changed state: a spawn waiting for it may be due."""
+        self._inbox.put_nowait(_Nudge())
+
+    async def _request(self, kind: RequestKind) -> Outcome:
+        # Shielded: a caller that stops waiting (its RPC timed out) does not withdraw the
+        # request, which stays in force, as an operator expects of a stop.
+        return await asyncio.shield(self._post(kind))
+
+    def _post(
+        self,
+        kind: RequestKind,
+        spec: PublisherSpec | None = None,
+        fields: frozenset[str] = frozenset(),
+        restart: bool = False,
+    ) -> asyncio.Future[Outcome]:
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Request(kind, answer, spec, fields, restart))
+        return answer
 
     # --- the runner ---------------------------------------------------------------------------
 
-    def _transition(self, new: PublisherState, why: str) -> None:
-        old = self.state
-        check_transition(self.name, old, new)
-        self.state = new
-        self.details = why
-        if new == S.RUNNING:
-            self._running_since = self._clock()
-        logger.info("%s pid %s: %s -> %s (%s)", self.name, self.pid, old, new, why)
-        if new in (S.RUNNING, S.BACKOFF, S.EXITED, S.FATAL):
-            self.settled.set()
-        self._fire()
-
-    def _fire(self) -> None:
-        self._pulse.fire()
-        self._changed.fire()
-
-    def _set_health(self, health: Health, why: str = "") -> None:
-        if health != self.health:
-            logger.info("%s health %s -> %s %s", self.name, self.health, health, why)
-            self.health = health
-            self._fire()
-
     async def run(self) -> None:
-        """The restart loop. Runs until cancelled (the publisher was removed or the daemon ends)."""
+        """Handle the inbox until cancelled (the publisher was removed or the daemon ends)."""
         try:
-            while True:
-                self._kick.clear()
-                if not self._wanted:
-                    self._restart_requested = False
-                    if self.state == S.BACKOFF:
-                        self._transition(S.STOPPED, "stopped by operator during backoff")
-                    await self._kick.wait()
-                    continue
-                if not self._deps_ready(self.spec):
-                    self.details = "waiting for " + ", ".join(self.spec.depends_on)
-                    await self._wait_kick_or(self._changed.wait_for(self._deps_ok_or_kicked))
-                    continue
-                self._restart_requested = False
-                outcome = await self._run_once()
-                if outcome in ("stop", "restart"):
-                    continue
-                await self._after_failure(outcome)
+            async with asyncio.TaskGroup() as tg:  # its watch tasks
+                self._tg = tg
+                while True:
+                    while not self._inbox.empty():
+                        await self._handle(self._inbox.get_nowait())
+                    if self._spawn_due():
+                        await self._spawn()
+                        continue
+                    await self._handle(await self._inbox.get())
         finally:
+            self._cancel_timer()
             if self.child is not None:  # cancelled mid-run: never leave it behind
                 self.child.signal(signal.SIGKILL)
                 self.child.close()
+            for w in self._waiters:
+                if not w.answer.done():
+                    w.answer.set_result(Outcome.SUPERSEDED)
+            while not self._inbox.empty():
+                msg = self._inbox.get_nowait()
+                if isinstance(msg, _Request) and not msg.answer.done():
+                    msg.answer.set_result(Outcome.SUPERSEDED)
 
-    def _deps_ok_or_kicked(self) -> bool:
-        return self._kick.is_set() or self._deps_ready(self.spec)
+    async def _handle(self, msg: _Message) -> None:
+        if isinstance(msg, _Request):
+            try:
+                self._on_request(msg)
+            except InvalidState as exc:
+                if not msg.answer.done():
+                    msg.answer.set_exception(exc)
+        elif isinstance(msg, _Exited):
+            if msg.child is self.child:
+                await self._on_exit(msg.child)
+        elif isinstance(msg, _Verdict):
+            if msg.watch == self._watches and self.child is not None:
+                self._on_verdict(msg)
+        elif isinstance(msg, _Timer) and msg.token == self._timer_token:
+            self._timer = None
+            self._on_timer(msg)
+        self._settle_waiters()
 
-    async def _wait_kick_or(self, aw: Awaitable[None]) -> None:
-        kick = asyncio.ensure_future(self._kick.wait())
-        other = asyncio.ensure_future(aw)
-        try:
-            await asyncio.wait({kick, other}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (kick, other):
-                t.cancel()
-            await asyncio.gather(kick, other, return_exceptions=True)
+    def _spawn_due(self) -> bool:
+        if not (self._wanted and self._due and self.child is None):
+            return False
+        if self.state not in (*_IDLE, S.BACKOFF):
+            return False
+        if not self._deps_ready(self.spec):
+            waiting = "waiting for " + ", ".join(self.spec.depends_on)
+            if self.details != waiting:
+                self.details = waiting
+                self._fire()
+            return False
+        return True
 
-    async def _run_once(self) -> Outcome:
-        """Spawn, watch until it ends or must end, and stop it. Returns why it ended."""
+    # --- requests, as the runner handles them ---------------------------------------------------
+
+    def _on_request(self, req: _Request) -> None:
+        kind = req.kind
+        if kind in ("start", "restart") and self._closed:
+            raise InvalidState(f"{self.name}: pubmon is stopping; {kind} refused")
+        if kind == "start":
+            if self.state in _LIVE or (self.state == S.STOPPING and self._then_start):
+                raise InvalidState(f"{self.name} is already {self.state}")
+            self._want_run()
+            self._await_next_run(req.answer)
+        elif kind == "restart":
+            self._want_run()
+            self._await_next_run(req.answer)
+        elif kind in ("stop", "shutdown"):
+            if kind == "stop" and self.state == S.STOPPED and not self._wanted:
+                raise InvalidState(f"{self.name} is already STOPPED")
+            self._closed = self._closed or kind == "shutdown"
+            self._stop_request("stopped by operator" if kind == "stop" else "pubmon is stopping")
+            self._await(req.answer, lambda: self.state == S.STOPPED, lambda: self._wanted)
+        elif kind == "kill":
+            self._closed = True
+            self._stop_request("killed: pubmon is stopping now")
+            if self.child is not None:
+                self.child.signal(signal.SIGKILL)
+                self._set_timer("stuck", KILL_BOUND)
+            req.answer.set_result(Outcome.DONE)
+        else:
+            assert kind == "update" and req.spec is not None
+            self._on_update(req)
+
+    def _want_run(self) -> None:
+        """start / restart: a fresh run as soon as possible, failures forgiven."""
+        self._wanted = True
+        self._failures = 0
+        self._crashes.reset()
+        if self.state in _LIVE:
+            self._begin_stop("restart requested", then_start=True)
+        elif self.state == S.STOPPING:
+            self._then_start = True
+            self._stop_ends = "stopped"
+        else:
+            self._cancel_timer()
+            self.backoff_until = None
+            self._due = True
+
+    def _stop_request(self, why: str) -> None:
+        self._wanted = False
+        self._due = False
+        self._then_start = False
+        if self.state in _LIVE:
+            self._begin_stop(why)
+        elif self.state == S.STOPPING:
+            self._stop_ends = "stopped"
+        elif self.state in (S.BACKOFF, S.EXITED, S.FATAL):
+            self._cancel_timer()
+            self.backoff_until = None
+            self._transition(S.STOPPED, why)
+        else:  # STOPPED already: nothing moves, but whoever waits for it to halt must look
+            if self.details.startswith("waiting for "):
+                self.details = ""
+            self._fire()
+
+    def _on_update(self, req: _Request) -> None:
+        spec = req.spec
+        assert spec is not None
+        old, self.spec = self.spec, spec
+        self._crashes.max_restarts = spec.crash_loop.max_restarts
+        self._crashes.window = spec.crash_loop.window
+        if spec.log != old.log:
+            self.output.reconfigure(spec.log)
+        if req.restart:
+            if self.state in _LIVE:
+                self._begin_stop("config changed: " + ", ".join(sorted(req.fields)), True)
+            elif self.state == S.BACKOFF:  # the new settings may be the fix: try them now
+                self._cancel_timer()
+                self.backoff_until = None
+                self._due = True
+            if self._wanted:
+                self._await_next_run(req.answer)
+                return
+        elif (
+            spec.probe != old.probe or spec.data_source != old.data_source
+        ) and self.state in _LIVE:
+            assert self.child is not None
+            # A new probe at once, in the phase the run is in; a new data source is handed
+            # over by the new probe once it finds the child healthy.
+            self._start_watch(self.child, announce=spec.data_source != old.data_source)
+            logger.info("%s: probe rebuilt (%s)", self.name, ", ".join(sorted(req.fields)))
+        req.answer.set_result(Outcome.DONE)
+
+    def _await_next_run(self, answer: asyncio.Future[Outcome]) -> None:
+        """Answer once a run later than the current one has left STARTING (or failed)."""
+        runs = self._runs
+        self._await(
+            answer,
+            lambda: self._runs > runs and self.state not in (S.STARTING, S.STOPPING),
+            lambda: not self._wanted and self._runs == runs,
+        )
+
+    def _await(
+        self,
+        answer: asyncio.Future[Outcome],
+        done: Callable[[], bool],
+        superseded: Callable[[], bool],
+    ) -> None:
+        self._waiters.append(_Waiter(done, superseded, answer))
+
+    def _settle_waiters(self) -> None:
+        if not self._waiters:
+            return
+        keep = []
+        for w in self._waiters:
+            if w.answer.done():
+                continue
+            if w.done():
+                w.answer.set_result(Outcome.DONE)
+            elif w.superseded():
+                w.answer.set_result(Outcome.SUPERSEDED)
+            else:
+                keep.append(w)
+        self._waiters = keep
+
+    # --- spawning -------------------------------------------------------------------------------
+
+    async def _spawn(self) -> None:
         async with fork_turn():  # many due at once (the first round): one fork per loop pass
-            if not self._wanted:  # stopped while it waited for its turn: nothing to undo
-                return "stop"
+            if not self._inbox.empty():
+                return  # requests came while it waited for its turn: they go first
             spec = self.spec
+            self._due = False
+            self._runs += 1
+            self.backoff_until = None
             self._transition(S.STARTING, "spawning " + spec.command[0])
             self.health = Health.UNKNOWN
             self.start_times.append(self._clock())
@@ -408,93 +559,92 @@ class Publisher:
                     reaper=self._reaper,
                 )
             except SpawnError as exc:
-                self._spawn_error = exc
-                return "spawn-failed"
+                self.last_exit_reason = exc.why
+                if exc.permanent:
+                    self._go_terminal(S.FATAL, f"cannot start: {exc.why}")
+                else:
+                    self._after_failure("spawn failed", exc.why)
+                return
         self.child = child
         self._run_started = self._clock()
         self.started_wall = time.time()
+        self._stop_ends = "stopped"
         logger.info("%s spawned pid %d: %s", spec.name, child.pid, " ".join(spec.command))
+        inbox = self._inbox
+        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
+        self._start_watch(child, announce=True)
         self._fire()
-        outcome: Outcome
-        watcher = asyncio.ensure_future(self._watch(child))
-        kicked = asyncio.ensure_future(self._wait_for_request())
-        try:
-            waits: set[asyncio.Future[object]] = {child.exited, watcher, kicked}  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if child.exited.done():
-                outcome = "exited"
-            elif watcher in done:
-                watcher.result()  # a bug in the watcher must surface, not look like unhealthy
-                outcome = "unhealthy"
-            else:
-                outcome = "restart" if self._restart_requested and self._wanted else "stop"
-        finally:
-            for t in (watcher, kicked):
-                t.cancel()
-            await asyncio.gather(watcher, kicked, return_exceptions=True)
-        if outcome in ("stop", "restart"):
-            self._transition(S.STOPPING, "stop requested" if outcome == "stop" else "restart")
-        elif outcome == "unhealthy":
-            self.probe_kills += 1
-            logger.warning(
-                "%s pid %d is unhealthy: %s; killing it", self.name, child.pid, self.details
-            )
-        await self._stop(child, spec.stop_signal, spec.stop_timeout, spec.name)
-        reasons: dict[Outcome, ExitReason] = {
-            "stop": "operator",
-            "restart": "operator",
-            "unhealthy": "unhealthy",
-        }
-        self._record_exit(child, reasons.get(outcome))
-        self.child = None
-        self._run_started = None
-        self.started_wall = None
-        if outcome in ("stop", "restart"):
-            self.health = Health.UNKNOWN
-            self._transition(S.STOPPED, f"stopped ({self.last_exit_reason})")
-        return outcome
 
-    def _record_exit(self, child: Child, reason: ExitReason | None) -> None:
-        # `reason` None: the child ended by itself, so its status says which.
-        if reason is not None:
-            self.exit_reasons[reason] += 1
-        elif not (child.returncode or 0) < 0:
-            self.exit_reasons["exit"] += 1
+    # --- stopping and exits ---------------------------------------------------------------------
+
+    def _begin_stop(self, why: str, then_start: bool = False, *, failed: bool = False) -> None:
+        """STARTING/RUNNING -> STOPPING: the stop signal now, SIGKILL after stop_timeout."""
+        child = self.child
+        assert child is not None
+        self._then_start = then_start
+        self._stop_ends = "failed" if failed else "stopped"
+        self._stop_watch()
+        spec = self.spec  # a reload's stop settings apply to every stop that starts after it
+        self._transition(S.STOPPING, why)
+        child.signal(spec.stop_signal)
+        if spec.stop_signal not in (signal.SIGKILL, signal.SIGCONT):
+            # A stopped (SIGSTOP, SIGTSTP) process would keep the signal pending until the
+            # SIGKILL; continue the group so it can act on it, as systemd does.
+            child.signal(signal.SIGCONT)
+        self._set_timer("kill", spec.stop_timeout)
+
+    async def _on_exit(self, child: Child) -> None:
+        # What remains of its group (grandchildren) is killed at once, as systemd's
+        # KillMode=mixed does; a SIGKILL'd process cannot refuse.
+        child.signal(signal.SIGKILL)
+        self._stop_watch()
+        self._cancel_timer()
+        if not await child.drain(DRAIN_TIMEOUT):
+            logger.warning(
+                "%s pid %d: its output pipes are still held open by a process outside its "
+                "group after %g s; closing them",
+                self.name,
+                child.pid,
+                DRAIN_TIMEOUT,
+            )
+        child.close()
+        stopping = self.state == S.STOPPING
+        if stopping:
+            reason: ExitReason = "operator" if self._stop_ends == "stopped" else "unhealthy"
         else:
-            self.exit_reasons["signal"] += 1
+            reason = "signal" if (child.returncode or 0) < 0 else "exit"
+        self.exit_reasons[reason] += 1
         self.exits += 1
         self.last_exit = child.returncode
         self.last_exit_reason = describe_exit(child.returncode)
-        # No line of its own: the transition that follows names the reason.
         logger.debug("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
+        self.child = None
+        self._run_started = None
+        self.started_wall = None
+        self.stuck = False
+        if stopping and self._stop_ends == "stopped":
+            self.health = Health.UNKNOWN
+            self._transition(S.STOPPED, f"stopped ({self.last_exit_reason})")
+            if self._then_start:
+                self._then_start = False
+                self._due = True
+        elif stopping:
+            self._after_failure("unhealthy", self._fail_why)
+        else:
+            self._after_failure("exited", self.last_exit_reason)
 
-    async def _wait_for_request(self) -> None:
-        """Returns when the operator asks for a stop or a restart of the running child."""
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            if not self._wanted or self._restart_requested:
-                return
-
-    async def _after_failure(self, outcome: Outcome) -> None:
-        """The child exited, turned unhealthy or could not be spawned: restart, or not."""
+    def _after_failure(self, what: str, why: str) -> None:
+        """The child exited, was killed as unhealthy, or could not be spawned: restart it
+        after a backoff delay, or not (restart policy, crash loop)."""
         spec = self.spec
         now = self._clock()
-        if outcome == "spawn-failed":
-            exc = self._spawn_error
-            assert exc is not None
-            self.last_exit_reason = exc.why
-            if exc.permanent:
-                self._go_terminal(S.FATAL, f"cannot start: {exc.why}")
-                return
-            restart = True
-        elif outcome == "unhealthy":
-            restart = spec.restart != "never"
-        else:
-            restart = should_restart(spec.restart, self.last_exit, spec.success_exit_codes)
         self.health = Health.UNKNOWN
+        if what == "exited":
+            restart = should_restart(spec.restart, self.last_exit, spec.success_exit_codes)
+        else:
+            restart = spec.restart != "never" or what == "spawn failed"
         if not restart:
-            self._go_terminal(S.EXITED, self.last_exit_reason)
+            self._go_terminal(S.EXITED, why)
             return
         # A long healthy run forgives earlier failures: the delay starts again from nothing.
         if (
@@ -507,7 +657,7 @@ class Publisher:
             self._go_terminal(
                 S.FATAL,
                 f"crash loop: {spec.crash_loop.max_restarts} restarts within "
-                f"{spec.crash_loop.window:g} s, last {self.last_exit_reason}",
+                f"{spec.crash_loop.window:g} s, last {why}",
             )
             return
         b = spec.backoff
@@ -520,56 +670,134 @@ class Publisher:
             rng=self._rng,
         )
         self._failures += 1
-        self.restarts += 1
-        self._transition(S.BACKOFF, f"{outcome}: {self.last_exit_reason}; restart in {delay:.3g} s")
-        if delay > 0:
-            try:
-                async with asyncio.timeout(delay):
-                    await self._wait_for_request()
-            except TimeoutError:
-                pass
+        self.backoff_until = time.time() + delay
+        self._transition(S.BACKOFF, f"{what}: {why}; restart in {delay:.3g} s")
+        self._set_timer("backoff", delay)
 
     def _go_terminal(self, state: Literal[S.EXITED, S.FATAL], why: str) -> None:
         self._wanted = False
+        self._due = False
         if state == S.FATAL:
             logger.error("%s is FATAL: %s", self.name, why)
         self._transition(state, why)
 
-    async def _watch(self, child: Child) -> None:
-        """Returns when the child must be killed: unhealthy, or not healthy by start_timeout."""
+    # --- timers ---------------------------------------------------------------------------------
+
+    def _set_timer(self, kind: Literal["backoff", "kill", "stuck"], delay: float) -> None:
+        self._cancel_timer()
+        self._timer_token += 1
+        msg = _Timer(self._timer_token, kind)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, delay), self._inbox.put_nowait, msg)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_token += 1  # one already queued is stale now
+
+    def _on_timer(self, msg: _Timer) -> None:
+        if msg.kind == "backoff" and self.state == S.BACKOFF:
+            self.restarts += 1
+            self._due = True
+        elif msg.kind == "kill" and self.state == S.STOPPING and self.child is not None:
+            logger.warning(
+                "%s pid %d ignored %s for %g s; sending SIGKILL to its process group",
+                self.name,
+                self.child.pid,
+                self.spec.stop_signal.name,
+                self.spec.stop_timeout,
+            )
+            self.child.signal(signal.SIGKILL)
+            self._set_timer("stuck", KILL_BOUND)
+        elif msg.kind == "stuck" and self.state == S.STOPPING and self.child is not None:
+            pid = self.child.pid
+            self.stuck = True
+            self.stuck_stops += 1
+            self.details = (
+                f"pid {pid} has not exited {KILL_BOUND:g} s after SIGKILL "
+                f"(/proc state: {_proc_state(pid)})"
+            )
+            logger.error("%s: %s", self.name, self.details)
+            self._fire()
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def _start_watch(self, child: Child, *, announce: bool) -> None:
+        self._stop_watch()
+        self._watches += 1
+        assert self._tg is not None
+        self._watch_task = self._tg.create_task(
+            self._watch(child, self._watches, announce), name=f"watch {self.name}"
+        )
+
+    def _stop_watch(self) -> None:
+        self._watches += 1  # verdicts of the old one, already queued, are dropped
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+
+    def _on_verdict(self, v: _Verdict) -> None:
+        if v.kind == "up" and self.state == S.STARTING:
+            self._set_health(v.health)
+            self._running_since = self._clock()
+            self._transition(S.RUNNING, v.details)
+        elif v.kind == "health" and self.state == S.RUNNING:
+            if v.health == Health.UNHEALTHY:
+                self.probe_failures += 1
+            self._set_health(v.health)
+            self.details = v.details
+            self._fire()
+        elif v.kind in ("start-timeout", "unhealthy") and self.state in _LIVE:
+            self.probe_failures += 1
+            self.probe_kills += 1
+            assert self.child is not None
+            logger.warning(
+                "%s pid %d is unhealthy: %s; killing it", self.name, self.child.pid, v.details
+            )
+            self._set_health(v.health)
+            self._fail_why = v.details
+            self._begin_stop(v.details, failed=True)
+
+    async def _watch(self, child: Child, watch: int, announce: bool) -> None:
+        """The health watch of one run: posts verdicts; the runner decides what they mean."""
+        post = self._inbox.put_nowait
         spec = self.spec
         probe = make_probe(spec, reaper=self._reaper)
         if probe is None:
-            if spec.start_timeout > 0:
-                await asyncio.sleep(spec.start_timeout)
-            self._transition(S.RUNNING, f"survived {spec.start_timeout:g} s")
-            await asyncio.Future()  # nothing more to watch: wait to be cancelled
-        assert probe is not None
+            if self.state == S.STARTING:
+                if spec.start_timeout > 0:
+                    await asyncio.sleep(spec.start_timeout)
+                post(_Verdict(watch, "up", Health.UNKNOWN, f"survived {spec.start_timeout:g} s"))
+            return
         try:
-            await self._probe_loop(probe)
+            await self._probe_loop(probe, watch, announce)
         finally:
             await probe.close()
 
-    async def _probe_loop(self, probe: Probe) -> None:
-        deadline = self._clock() + self.spec.start_timeout
+    async def _probe_loop(self, probe: Probe, watch: int, announce: bool) -> None:
+        post = self._inbox.put_nowait
+        started = self._run_started if self._run_started is not None else self._clock()
+        deadline = started + self.spec.start_timeout
         delay = _STARTING_POLL_FIRST
+        starting = self.state == S.STARTING
         failures = 0
         while True:
-            p = self.spec.probe  # re-read each round: a reload may change it
+            p = self.spec.probe  # re-read each round: a reload may change its timing
             began = self._clock()
             health = await probe.check()
             self.probe_seconds.observe(self._clock() - began)
-            if self.state == S.STARTING:
+            if starting:
                 if health in (Health.HEALTHY, Health.DEGRADED):
-                    self._set_health(health, probe.details)
-                    self._transition(S.RUNNING, f"probe says {health}")
-                    await self._on_first_healthy(probe)
+                    post(_Verdict(watch, "up", health, f"probe says {health}"))
+                    starting = announce = False
+                    await self._handoff(probe)
                 elif self._clock() >= deadline:
-                    self.probe_failures += 1
-                    self.details = (
+                    why = (
                         f"not healthy within start_timeout {self.spec.start_timeout:g} s: "
                         f"{probe.last_error or health}"
                     )
+                    post(_Verdict(watch, "start-timeout", Health.UNHEALTHY, why))
                     return
                 else:
                     await asyncio.sleep(min(delay, max(0.0, deadline - self._clock())))
@@ -577,21 +805,56 @@ class Publisher:
                     continue
             elif health == Health.UNHEALTHY:
                 failures += 1
-                self.probe_failures += 1
-                self._set_health(Health.UNHEALTHY, probe.last_error)
-                self.details = f"probe failed {failures}/{p.failure_threshold}: {probe.last_error}"
-                self._fire()
+                why = f"probe failed {failures}/{p.failure_threshold}: {probe.last_error}"
                 if failures >= p.failure_threshold:
+                    post(_Verdict(watch, "unhealthy", Health.UNHEALTHY, why))
                     return
+                post(_Verdict(watch, "health", Health.UNHEALTHY, why))
             else:
                 failures = 0
-                self._set_health(health, probe.details)
-                self.details = probe.details
+                post(_Verdict(watch, "health", health, probe.details))
+                if announce:
+                    announce = False
+                    await self._handoff(probe)
             # Rounds start every `interval`, however long the check took (a hung child's
             # check takes the whole timeout): detection is interval * threshold + timeout.
             await asyncio.sleep(max(0.0, p.interval - (self._clock() - began)))
 
-    async def _on_first_healthy(self, probe: Probe) -> None:
+    @staticmethod
+    async def _handoff(probe: Probe) -> None:
         hook = getattr(probe, "on_first_healthy", None)
         if hook is not None:
             await hook()
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _transition(self, new: PublisherState, why: str) -> None:
+        old = self.state
+        check_transition(self.name, old, new)
+        self.state = new
+        self.details = why
+        logger.info("%s pid %s: %s -> %s (%s)", self.name, self.pid, old, new, why)
+        self._fire()
+        self._on_transition(self)
+
+    def _fire(self) -> None:
+        self._pulse.fire()
+        self._changed.fire()
+
+    def _set_health(self, health: Health) -> None:
+        if health != self.health:
+            logger.info("%s health %s -> %s", self.name, self.health, health)
+            self.health = health
+            self._fire()
+
+
+def _proc_state(pid: int) -> str:
+    """The `State:` line of /proc/<pid>/status (e.g. "D (disk sleep)"), or why not."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    return "unknown"

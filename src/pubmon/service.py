@@ -201,14 +201,22 @@ class PubmonHandler:
     async def reloadConfig(self) -> Any:
         self._mutable()
         try:
-            diff = await self._daemon.reload()
-        except ConfigError as exc:
+            report = await self._daemon.reload()
+        except (ConfigError, InvalidState) as exc:
             raise self._translate(exc) from None
-        return idl.pubmon().ReloadResult(
+        except StartupError as exc:  # a listener could not be rebound: nothing changed
+            raise idl.pubmon().ConfigError(message=str(exc), problems=[str(exc)]) from None
+        m, diff = idl.pubmon(), report.diff
+        return m.ReloadResult(
             added=list(diff.added),
             removed=list(diff.removed),
             changed=list(diff.changed),
-            unchanged=sorted(diff.unchanged + diff.policy_only),
+            unchanged=list(diff.unchanged),
+            publishers=[
+                m.PublisherChange(name=c.name, change=c.change, fields=list(c.fields))
+                for c in diff.changes
+            ],
+            daemon=report.daemon,
         )
 
     async def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
@@ -315,6 +323,11 @@ class Listeners:
             logger.info(
                 "monitor listening on %s:%d%s", host, self.tcp_port, " (TLS)" if ctx else ""
             )
+
+    async def reconfigure(self, config: Config) -> list[str]:
+        """Apply a reloaded [control] and [monitor]; one line per change applied."""
+        self.config = config
+        return []
 
     async def close(self) -> None:
         await self.server.close()

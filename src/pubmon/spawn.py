@@ -169,31 +169,61 @@ def _wrapper_usable() -> bool:
     return _wrapper_works
 
 
-def _wrapper_can_run(argv0: str, env: Mapping[str, str], cwd: str | None) -> bool:
-    """True when `argv0` surely execs: the wrapper's `exec` then fails no differently than ours.
-
-    Anything else (missing, not executable, a format we do not know) takes the preexec path,
-    where the failure comes back as the exact OSError (a permanent spawn error: FATAL).
-    """
-    if cwd is not None and not os.path.isdir(cwd):
-        return False
+def _find(argv0: str, env: Mapping[str, str], cwd: str | None) -> str | None:
+    """The file execvp would run for `argv0`, or None when there is none."""
     # What os.get_exec_path(env) gives, without its warnings.catch_warnings (60 µs a spawn).
     dirs = [""] if "/" in argv0 else env.get("PATH", os.defpath).split(os.pathsep)
     for d in dirs:
         path = os.path.join(cwd or "", d, argv0)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _wrapper_can_run(path: str | None, cwd: str | None) -> bool:
+    """True when `path` surely execs: the wrapper's `exec` then fails no differently than ours.
+
+    Anything else (missing, not executable, a format we do not know) takes the preexec path,
+    where the failure comes back as the exact OSError (a permanent spawn error: FATAL).
+    """
+    if path is None or (cwd is not None and not os.path.isdir(cwd)):
+        return False
+    try:
+        st = os.stat(path)
         if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
             return False  # execvp would stop with EACCES here
-        try:
-            with open(path, "rb") as f:
-                head = f.read(4)
-        except OSError:
-            return False
-        return head.startswith(_EXEC_MAGIC)
-    return False
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(_EXEC_MAGIC)
+
+
+def interpreter_problem(path: str) -> str | None:
+    """Why the `#!` interpreter of the script at `path` cannot run, or None (no script, or fine).
+
+    execve fails with ENOENT for a missing interpreter, but behind the wrapper's `sh` that is
+    exit 127 after the fork, which looks like a crash and would loop until the crash window
+    gives up: found here, it is a permanent spawn error, FATAL at once with the reason.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None  # not ours to judge: exec reports it
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return f"{path}: empty #! line"
+    interp = os.fsdecode(words[0])
+    try:
+        st = os.stat(interp)
+    except OSError as exc:
+        return f"{path}: its interpreter {interp} cannot be used: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode) or not os.access(interp, os.X_OK):
+        return f"{path}: its interpreter {interp} is not an executable file"
+    return None
 
 
 _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -341,7 +371,12 @@ class Child:
 
     def close(self) -> None:
         """Release the transport and pidfd. Pipes still open are closed (their sinks get EOF)."""
-        self._transport.close()
+        try:
+            # Closes the pipes, then SIGKILLs a child that still runs: that may be refused
+            # (no CAP_KILL over another user's process); the caller has already said so.
+            self._transport.close()
+        except PermissionError:
+            pass
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -378,7 +413,11 @@ async def spawn(
     env, creds = child_environment(req)
     uid, gid, groups = creds if creds is not None else (None, None, None)
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
-    if creds is None and _wrapper_usable() and _wrapper_can_run(req.argv[0], env, req.directory):
+    path = _find(req.argv[0], env, req.directory)
+    problem = path and interpreter_problem(path)
+    if problem:
+        raise SpawnError(req.name, problem, permanent=True)
+    if creds is None and _wrapper_usable() and _wrapper_can_run(path, req.directory):
         argv, arm = wrapped(req.argv, os.getpid()), None
     else:
         argv, arm = list(req.argv), _make_arm(os.getpid())

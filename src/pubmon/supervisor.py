@@ -1,30 +1,35 @@
-"""All publishers: start/stop/restart by name, reloads by diff, ordered shutdown, snapshots.
+"""All publishers: requests by name, reloads by diff, ordered shutdown, snapshots.
 
     async with Supervisor(config) as sup:     # spawns every autostart publisher
         await sup.wait_settled()              # the first round is over (sd_notify READY=1)
         await sup.restart("feed:0")
     # leaving the block stops everything, dependents before their dependencies
 
-Every publisher runner is a task in the supervisor's TaskGroup. A publisher's crash is data (a
-state change and a restart decision), never an exception; only pubmon bugs escape the group.
+The supervisor itself has three states: RUNNING, STOPPING (once `begin_stopping()` or
+`stop_all()` is called: start, restart, reload and add are refused with InvalidState, stops
+still go through) and CLOSED (everything stopped or given up on). Every publisher runner is a
+task in the supervisor's TaskGroup. A publisher's crash is data (a state change and a restart
+decision), never an exception; only pubmon bugs escape the group.
 """
 
 from __future__ import annotations
 
-__all__ = ["Supervisor"]
+__all__ = ["Leftover", "Supervisor", "SupervisorState"]
 
 import asyncio
+import enum
 import logging
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from types import TracebackType
+from typing import NamedTuple
 
 from .config import Config, ConfigDiff, PublisherSpec, diff_configs
-from .errors import UnknownPublisher
+from .errors import InvalidState, UnknownPublisher
 from .lifecycle import Health, PublisherState
-from .publisher import Publisher, PublisherSnapshot, Pulse, StopFunc, stop_child
+from .publisher import KILL_BOUND, Outcome, Publisher, PublisherSnapshot, Pulse
 from .spawn import OrphanReaper, become_subreaper, install_child_watcher
 
 logger = logging.getLogger(__name__)
@@ -34,27 +39,44 @@ _TERMINAL = (S.BACKOFF, S.EXITED, S.FATAL)
 REQUEST_GRACE = 5.0  # how long an operator's request waits beyond the publisher's own timeouts
 
 
+class SupervisorState(enum.StrEnum):
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    CLOSED = "CLOSED"
+
+
+class Leftover(NamedTuple):
+    """A publisher whose child a shutdown could not end."""
+
+    name: str
+    pid: int | None
+    details: str
+
+
 class Supervisor:
     """Owns the publishers of one config. Use as an async context manager."""
 
-    def __init__(
-        self, config: Config, *, stop: StopFunc = stop_child, rng: random.Random | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.publishers: dict[str, Publisher] = {}
         self.changed = Pulse()
         self.reaper = OrphanReaper()
-        self.stopping = False
+        self.state = SupervisorState.RUNNING
         self.started_at = time.time()
-        self._stop = stop
+        self.leftovers: list[Leftover] = []
         self._rng = rng
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg = asyncio.TaskGroup()
         self._reload_lock = asyncio.Lock()
+        self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
 
     def __repr__(self) -> str:
         running = sum(p.state == S.RUNNING for p in self.publishers.values())
-        return f"<Supervisor {running}/{len(self.publishers)} running>"
+        return f"<Supervisor {self.state} {running}/{len(self.publishers)} running>"
+
+    @property
+    def stopping(self) -> bool:
+        return self.state != SupervisorState.RUNNING
 
     async def __aenter__(self) -> Supervisor:
         loop = asyncio.get_running_loop()
@@ -64,6 +86,7 @@ class Supervisor:
         await self._tg.__aenter__()
         for spec in self.config.publishers:
             self._add(spec)
+        self._index_dependents()
         return self
 
     async def __aexit__(
@@ -73,8 +96,10 @@ class Supervisor:
         tb: TracebackType | None,
     ) -> None:
         try:
-            await self.stop_all(self.config.daemon.shutdown_timeout)
+            if self.state != SupervisorState.CLOSED:
+                await self.stop_all(self.config.daemon.shutdown_timeout)
         finally:
+            self.state = SupervisorState.CLOSED
             for task in self._tasks.values():
                 task.cancel()
             try:
@@ -113,7 +138,7 @@ class Supervisor:
             if name in self.publishers:
                 out.append(self.publishers[name])
                 continue
-            group = [p for p in self.publishers.values() if p.spec.program == name]
+            group = self._instances(name)
             if not group:
                 raise UnknownPublisher(name)
             out.extend(group)
@@ -131,43 +156,53 @@ class Supervisor:
     # --- operator's requests ------------------------------------------------------------------
 
     async def start(self, name: str) -> PublisherSnapshot:
+        self._refuse_if_stopping("start")
         pub = self.get(name)
         await self._bounded(pub, pub.start())
         return pub.snapshot()
 
     async def stop(self, name: str) -> PublisherSnapshot:
+        if self.state == SupervisorState.CLOSED:
+            raise InvalidState("pubmon has stopped")
         pub = self.get(name)
         await self._bounded(pub, pub.stop())
         return pub.snapshot()
 
     async def restart(self, name: str) -> PublisherSnapshot:
+        self._refuse_if_stopping("restart")
         pub = self.get(name)
         await self._bounded(pub, pub.restart())
         return pub.snapshot()
 
-    async def _bounded(self, pub: Publisher, request: object) -> None:
+    def _refuse_if_stopping(self, what: str) -> None:
+        if self.stopping:
+            raise InvalidState(f"pubmon is {self.state}: {what} refused")
+
+    async def _bounded(self, pub: Publisher, request: Awaitable[Outcome]) -> Outcome | None:
         # The request itself stays in force; only the caller stops waiting for its outcome.
         spec = pub.spec
         bound = spec.start_timeout + spec.stop_timeout + REQUEST_GRACE
-        assert asyncio.iscoroutine(request)
         try:
             async with asyncio.timeout(bound):
-                await request
+                outcome: Outcome = await request
         except TimeoutError:
             logger.info(
                 "%s: still %s after %g s; not waiting any longer", pub.name, pub.state, bound
             )
+            return None
+        return outcome
 
     # --- the whole set ------------------------------------------------------------------------
 
     def _add(self, spec: PublisherSpec) -> Publisher:
+        self._refuse_if_stopping("adding a publisher")
         pub = Publisher(
             spec,
             log_dir=self.config.daemon.log_dir,
             changed=self.changed,
             deps_ready=self._deps_ready,
+            on_transition=self._wake_dependents,
             reaper=self.reaper,
-            stop=self._stop,
             rng=self._rng,
         )
         self.publishers[spec.name] = pub
@@ -176,11 +211,22 @@ class Supervisor:
         self._tasks[spec.name] = task
         return pub
 
+    def _index_dependents(self) -> None:
+        self._dependents = {}
+        for p in self.publishers.values():
+            for dep in p.spec.depends_on:
+                self._dependents.setdefault(dep, []).append(p)
+
     def _instances(self, program: str) -> list[Publisher]:
         return [p for p in self.publishers.values() if p.spec.program == program]
 
     def _deps_ready(self, spec: PublisherSpec) -> bool:
         return all(p.state == S.RUNNING for dep in spec.depends_on for p in self._instances(dep))
+
+    def _wake_dependents(self, pub: Publisher) -> None:
+        """`pub` changed state: a publisher waiting for it to be RUNNING may start now."""
+        for p in self._dependents.get(pub.spec.program, ()):
+            p.nudge()
 
     def _settled(self, pub: Publisher) -> bool:
         if not pub.wanted or pub.state in (S.RUNNING, *_TERMINAL):
@@ -191,9 +237,17 @@ class Supervisor:
         deps = [d for dep in pub.spec.depends_on for d in self._instances(dep)]
         return any(d.state in _TERMINAL or not d.wanted for d in deps)
 
+    async def _wait_settled_one(self, pub: Publisher) -> Outcome:
+        await self.changed.wait_for(lambda: self._settled(pub))
+        return Outcome.DONE
+
     async def wait_settled(self) -> None:
-        """Wait until every wanted publisher is RUNNING or has failed at least once."""
-        await self.changed.wait_for_each(self.publishers.values(), self._settled)
+        """Wait until every wanted publisher is RUNNING or has failed at least once (also
+        those a reload added meanwhile)."""
+        while True:
+            await self.changed.wait_for_each(list(self.publishers.values()), self._settled)
+            if all(self._settled(p) for p in self.publishers.values()):
+                return
 
     def summary(self) -> str:
         """One line for sd_notify STATUS= and getStatusDetails."""
@@ -205,11 +259,20 @@ class Supervisor:
         text = f"{running}/{len(wanted)} publishers running, {fatal} fatal"
         if unhealthy:
             text += f", {unhealthy} unhealthy"
+        stuck = sum(p.stuck for p in pubs)
+        if stuck:
+            text += f", {stuck} stuck after SIGKILL"
         return text
 
-    async def stop_all(self, timeout: float | None = None) -> None:
-        """Stop every publisher, dependents first; SIGKILL all that remain after `timeout`."""
-        self.stopping = True
+    def begin_stopping(self) -> None:
+        """From now on start, restart, reload and add are refused."""
+        if self.state == SupervisorState.RUNNING:
+            self.state = SupervisorState.STOPPING
+
+    async def stop_all(self, timeout: float | None = None) -> list[Leftover]:
+        """Stop every publisher, dependents first; SIGKILL all that remain after `timeout`,
+        and give up on any child still there KILL_BOUND later (returned, and logged)."""
+        self.begin_stopping()
         pubs = list(self.publishers.values())
         try:
             async with asyncio.timeout(timeout):
@@ -217,23 +280,32 @@ class Supervisor:
         except TimeoutError:
             logger.warning("shutdown_timeout %g s passed; killing what is left", timeout)
             self.kill_all()
-            await self._all_halted(pubs)
+            try:
+                async with asyncio.timeout(KILL_BOUND + 1.0):
+                    await self._all_halted(pubs)
+            except TimeoutError:
+                pass
+        self.leftovers = [
+            Leftover(p.name, p.child.pid if p.child else None, p.details)
+            for p in pubs
+            if not self._halted(p)
+        ]
+        for left in self.leftovers:
+            logger.error("left behind: %s pid %s: %s", left.name, left.pid, left.details)
+        self.state = SupervisorState.CLOSED
+        return self.leftovers
+
+    def _halted(self, pub: Publisher) -> bool:
+        runner = self._tasks.get(pub.name)
+        return pub.halted() or runner is None or runner.done()
 
     async def _all_halted(self, pubs: Iterable[Publisher]) -> None:
         """Wait until every one of `pubs` halted, or its runner ended (a pubmon bug must not
         hang shutdown). One waiter for all: a task per publisher was a fifth of stopping 1000."""
-
-        def halted(pub: Publisher) -> bool:
-            runner = self._tasks.get(pub.name)
-            return pub.halted() or runner is None or runner.done()
-
-        await self.changed.wait_for_each(pubs, halted)
+        await self.changed.wait_for_each(pubs, self._halted)
 
     async def _stop_in_order(self, pubs: list[Publisher]) -> None:
-        dependents: dict[str, list[Publisher]] = {}  # program -> publishers that depend on it
-        for p in self.publishers.values():
-            for dep in p.spec.depends_on:
-                dependents.setdefault(dep, []).append(p)
+        dependents = self._dependents
         remaining = set(pubs)
         while remaining:
             # A publisher may stop once nothing that depends on it is still running.
@@ -243,24 +315,46 @@ class Supervisor:
                 if not any(d in remaining for d in dependents.get(p.spec.program, ()))
             ] or list(remaining)  # a cycle cannot pass config checks; never hang on one
             for p in level:
-                p.stop_soon()
+                p.shutdown()
             await self._all_halted(level)
             remaining.difference_update(level)
 
     def kill_all(self) -> None:
         """SIGKILL every publisher's group now (the second SIGTERM)."""
-        self.stopping = True
+        self.begin_stopping()
         for pub in self.publishers.values():
-            pub.kill_now()
+            pub.kill()
 
     async def reload(self, new: Config) -> ConfigDiff:
-        """Apply a validated config: start added, stop removed, restart changed, update policy."""
+        """Apply a validated config: add, remove, restart (spawn settings changed) or update
+        live, per FIELD_EFFECTS. Refused with InvalidState once stopping."""
+        self._refuse_if_stopping("reload")
         async with self._reload_lock:
+            self._refuse_if_stopping("reload")
             diff = diff_configs(self.config, new)
             old_config, self.config = self.config, new
             if new.daemon.log_dir != old_config.daemon.log_dir:
                 logger.warning("daemon.log_dir changed: takes effect at the next daemon start")
-            removed = [self.publishers[n] for n in diff.removed]
+            # Everything is posted before the first await: a shutdown that begins while this
+            # reload waits finds every publisher of the new config in place, and stops it.
+            removed = [self.publishers[c.name] for c in diff.changes if c.change == "removed"]
+            posted: list[tuple[Publisher, asyncio.Future[Outcome] | None]] = []
+            for c in diff.changes:
+                if c.change == "added":
+                    pub = self._add(self._spec(new, c.name))
+                    if pub.wanted:
+                        posted.append((pub, None))  # None: wait until it settled
+                elif c.change in ("restarted", "updated"):
+                    pub = self.publishers[c.name]
+                    spec = self._spec(new, c.name)
+                    answer = pub.update(spec, c.top, restart=c.change == "restarted")
+                    posted.append((pub, answer))
+            # Reorder to the new config's order (status lists it so), removed ones last.
+            order = {spec.name: i for i, spec in enumerate(new.publishers)}
+            self.publishers = dict(
+                sorted(self.publishers.items(), key=lambda kv: order.get(kv[0], len(order)))
+            )
+            self._index_dependents()
             await self._stop_in_order(removed)
             for pub in removed:
                 task = self._tasks.pop(pub.name)
@@ -268,20 +362,11 @@ class Supervisor:
                 await asyncio.gather(task, return_exceptions=True)
                 pub.output.close()
                 del self.publishers[pub.name]
-            for name in diff.policy_only:
-                self.publishers[name].update_policy(self._spec(new, name))
-            restarts = []
-            for name in diff.changed:
-                pub = self.publishers[name]
-                pub.spec = self._spec(new, name)
-                pub.output.reconfigure(pub.spec.log)
-                if pub.wanted or pub.child is not None:
-                    restarts.append(self._bounded(pub, pub.restart()))
-            added = [self._add(self._spec(new, name)) for name in diff.added]
-            starts = [self._bounded(p, p.wait_started_if_wanted()) for p in added]
-            await asyncio.gather(*restarts, *starts)
+            await asyncio.gather(
+                *(self._bounded(p, a or self._wait_settled_one(p)) for p, a in posted)
+            )
             logger.info(
-                "reloaded %s: %d added, %d removed, %d changed, %d policy-only, %d unchanged",
+                "reloaded %s: %d added, %d removed, %d restarted, %d updated, %d unchanged",
                 new.path,
                 len(diff.added),
                 len(diff.removed),
