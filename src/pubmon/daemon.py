@@ -10,21 +10,19 @@ are refused), then close the listeners. A second SIGTERM kills every group at on
 
 from __future__ import annotations
 
-__all__ = ["Daemon", "acquire_lock"]
+__all__ = ["Daemon"]
 
 import asyncio
-import errno
-import hashlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable
 
 from .config import Config, ConfigDiff, load_config
-from .errors import ConfigError, StartupError
+from .errors import ConfigError
 from .lifecycle import Health, PublisherState
+from .lock import acquire_lock
 from .notify import Notifier
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
@@ -33,28 +31,6 @@ from .supervisor import Supervisor
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
-
-
-def acquire_lock(path: str) -> socket.socket:
-    """One daemon per config file: bind an abstract unix socket named after its real path.
-
-    The kernel frees the name when the holder dies, however it dies; it needs no writable
-    directory (under systemd /etc is read-only) and, unlike an flock on the file, an editor
-    that replaces the file by a rename cannot defeat it. Keep the returned socket open.
-    """
-    real = os.path.realpath(path)
-    name = "\0pubmon-lock:" + hashlib.sha256(real.encode()).hexdigest()[:40]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(name)
-    except OSError as exc:
-        sock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise StartupError(f"cannot take the lock for {real}: {exc}") from exc
-        raise StartupError(
-            f"another pubmon daemon is already running with {path} (it holds the lock for {real})"
-        ) from None
-    return sock
 
 
 class Daemon:
