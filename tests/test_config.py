@@ -686,7 +686,13 @@ def test_diff_numprocs_one_to_two_renames_the_instance() -> None:
 def test_check_config_main_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config_main(str(CONFIGS / "good_full.toml")) == 0
     out, err = capsys.readouterr()
-    assert out == "ok: 2 publishers (3 instances)\n" and err == ""
+    assert out == "ok: 2 publishers (3 instances)\n"
+    if os.geteuid() == 0:  # only a root daemon would run it as root
+        path = CONFIGS / "good_full.toml"
+        assert err == (
+            f"warning: {path}: publisher.upstream: no `user`: it runs as root with the daemon's "
+            'capabilities; name a user (user = "...") unless it really needs root\n'
+        )
 
 
 def test_check_config_main_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from ._config_checks import (
     parse_listen,
     parse_signal,
 )
+from ._config_trust import trust_findings
 from .config import (
     Backoff,
     Config,
@@ -38,7 +39,7 @@ from .config import (
     RestartMode,
     ThriftTransport,
 )
-from .errors import ConfigError
+from .errors import ConfigError, ConfigProblem
 
 # A section name becomes part of instance names ("feed:0"), counters and log file names.
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -93,12 +94,22 @@ class Loader:
         self._check_ports(instances, monitor.address() if listen_ok else None)
         if self.chk.problems:
             raise ConfigError(self.file, self.chk.in_file_order(self.doc))
-        return Config(
+        config = Config(
             path=self.file,
             daemon=daemon,
             control=control,
             monitor=monitor,
             publishers=tuple(instances),
+        )
+        # Who can change what the daemon runs, obeys or writes in (_config_trust): judged on the
+        # finished config, whose paths are all absolute and whose commands are resolved.
+        errors, warnings = trust_findings(config)
+        for key, why in errors:
+            self.chk.problem(key, why)
+        if self.chk.problems:
+            raise ConfigError(self.file, self.chk.in_file_order(self.doc))
+        return replace(
+            config, warnings=tuple(str(ConfigProblem(dotted(k), w)) for k, w in warnings)
         )
 
     def _path(self, value: str) -> str:

@@ -176,4 +176,3 @@ def script_interpreter(path: str) -> str | None:
             found = shutil.which(names[0])
             return found or None
     return interp
-

@@ -145,6 +145,8 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     publishers: tuple[PublisherSpec, ...] = ()  # instances, in file order
+    # "key: why" lines to show (check-config) or log (daemon start), never fatal (_config_trust)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def publisher(self, name: str) -> PublisherSpec | None:
         for spec in self.publishers:
@@ -230,12 +232,17 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
 
 def check_config_main(path: str) -> int:
     """`pubmon check-config FILE`: print "ok: N publishers (M instances)" and return 0, or print
-    the ConfigError to stderr and return 2 (the CLI's config-error exit code)."""
+    the ConfigError to stderr and return 2 (the CLI's config-error exit code). Warnings (a
+    publisher running as root, an unknown user, ...) go to stderr first, one per line, and do
+    not change the exit code. The verdict is the one the daemon would reach running as this
+    process's uid: run it as the daemon's user (root) to judge a root daemon's file."""
     try:
         config = load_config(path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    for warning in config.warnings:
+        print(f"warning: {config.path}: {warning}", file=sys.stderr)
     programs = {spec.program for spec in config.publishers}
     print(f"ok: {len(programs)} publishers ({len(config.publishers)} instances)")
     return 0
