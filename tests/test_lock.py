@@ -36,9 +36,9 @@ def attempt(what, fn):
         got.append(what + "=" + errno.errorcode[e.errno])
 attempt("mkdir-parent", lambda: os.mkdir(os.path.dirname(where), 0o777))
 attempt("mkdir", lambda: os.mkdir(where, 0o777))
-files = []
-attempt("create", lambda: files.append(os.open(where + "/" + name + ".lock", os.O_CREAT | os.O_RDWR, 0o666)))
-attempt("open", lambda: files.append(os.open(where + "/" + name + ".lock", os.O_RDONLY)))
+lock, files = where + "/" + name + ".lock", []
+attempt("create", lambda: files.append(os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)))
+attempt("open", lambda: files.append(os.open(lock, os.O_RDONLY)))
 print(" ".join(got), flush=True)
 time.sleep(3600)
 """

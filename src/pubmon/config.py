@@ -90,7 +90,10 @@ class PublisherSpec:
     port: int | None = None  # port + index
     numprocs: int = 1
     directory: str | None = None  # absolute
-    environment: tuple[tuple[str, str], ...] = ()  # sorted by name
+    # sorted by name: the names inherited from the daemon's environment, with their values at
+    # load, overlaid with the [publisher.X.environment] table
+    environment: tuple[tuple[str, str], ...] = ()
+    inherit_environment: bool | tuple[str, ...] = False  # true = all of the daemon's, or names
     user: str | None = None
     autostart: bool = True
     depends_on: tuple[str, ...] = ()  # program names; every instance of each must be RUNNING
@@ -113,6 +116,7 @@ class PublisherSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
     log_dir: str | None = None
+    inherit_environment: bool | tuple[str, ...] = False  # the publishers' default
     shutdown_timeout: float = 60.0
 
 

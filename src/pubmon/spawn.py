@@ -11,7 +11,11 @@ Every publisher is started by `spawn()`:
 - one fork per loop pass when many start at once (`fork_turn()`): signals, RPC and watchdog
   pings are served between forks;
 - stdin from /dev/null, stdout and stderr as pipes read by an `OutputLog`;
-- with an environment that never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
+- in its `directory`, entered *after* the switch to its `user` (in the preexec hook, as that
+  user): a publisher cannot start in a directory its user could not enter, and the daemon needs
+  no CAP_DAC_READ_SEARCH for it;
+- with its own environment, not the daemon's (which may hold secrets): see `child_environment`.
+  Whatever the config says, it never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
 
 Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no thread per child) via
 `SubprocessProtocol.process_exited`, not from `Process.wait()`, which also waits for every holder
@@ -107,16 +111,27 @@ def install_child_watcher() -> None:
         policy.set_child_watcher(watcher)
 
 
-def _make_arm(parent: int) -> Callable[[], None]:
-    # Runs in the forked child before exec: no allocation-heavy work, no imports, no logging,
-    # only names bound here in the parent (see asyncio-gotchas §1.4, §2.1).
-    prctl, getppid, exit_ = _prctl, os.getppid, os._exit
+def _make_arm(
+    parent: int, directory: str | None = None, report: int | None = None
+) -> Callable[[], None]:
+    # Runs in the forked child before exec, after CPython switched credentials: no
+    # allocation-heavy work, no imports, no logging, only names bound here in the parent (see
+    # asyncio-gotchas §1.4, §2.1). A failed chdir writes its errno to `report` and raises, which
+    # makes CPython abort the spawn (SubprocessError in the parent, which then reads the errno).
+    prctl, getppid, exit_, chdir, write = _prctl, os.getppid, os._exit, os.chdir, os.write
 
     def arm() -> None:
         if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             exit_(127)
         if getppid() != parent:  # the daemon died before prctl ran: nobody will send the signal
             exit_(127)
+        if directory is not None:
+            try:
+                chdir(directory)
+            except OSError as exc:
+                if report is not None:
+                    write(report, b"%d" % (exc.errno or 0))
+                raise
 
     return arm
 
@@ -223,16 +238,38 @@ class SpawnRequest:
     user: str | None = None
 
 
+# systemd's default PATH for services, used when the daemon has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_LOCALE = ("LANG", "LANGUAGE", "TZ")  # and every LC_*
+
+
+def _scrubbed(name: str) -> bool:
+    return name in _SCRUBBED or name.startswith(_SCRUBBED_PREFIXES)
+
+
 def child_environment(
     req: SpawnRequest, base: Mapping[str, str] | None = None
 ) -> tuple[dict[str, str], tuple[int, int, list[int]] | None]:
-    """The child's environment, and (uid, gid, groups) when it runs as another user."""
-    env = {
-        k: v
-        for k, v in (os.environ if base is None else base).items()
-        if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)
-    }
+    """The child's environment, and (uid, gid, groups) when it runs as another user.
+
+    The daemon's own environment (`base`, default os.environ) is *not* passed on: it may hold
+    secrets, and a publisher running as nobody has no business reading root's. A child gets:
+    - PATH: the daemon's (so that a command found at load is found at exec), else DEFAULT_PATH;
+    - LANG, LANGUAGE, TZ and LC_* when the daemon has them (how text and time are shown);
+    - HOME, USER, LOGNAME and SHELL of the user it runs as (the daemon's own without `user`);
+    - PUBMON_PUBLISHER: its instance name;
+    - then `req.environment`, which holds what the config asked for: the names it inherits from
+      the daemon (`inherit_environment`) overlaid with its `environment` table. Those may
+      override anything above.
+    NOTIFY_SOCKET, WATCHDOG_*, LISTEN_* are removed last, whatever the config says.
+    """
+    base = os.environ if base is None else base
+    env = {"PATH": base.get("PATH") or DEFAULT_PATH}
+    for name, value in base.items():
+        if name in _LOCALE or name.startswith("LC_"):
+            env[name] = value
     creds = None
+    pw: pwd.struct_passwd | None
     if req.user is not None:
         try:
             pw = pwd.getpwnam(req.user)
@@ -242,10 +279,25 @@ def child_environment(
             ) from None
         groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
         creds = (pw.pw_uid, pw.pw_gid, groups)
-        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    else:
+        pw = _own_account()
+    if pw is not None:
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
     env["PUBMON_PUBLISHER"] = req.name
     env.update(req.environment)
-    return env, creds
+    return {k: v for k, v in env.items() if not _scrubbed(k)}, creds
+
+
+_own: list[pwd.struct_passwd | None] = []  # looked up once: the daemon's uid does not change
+
+
+def _own_account() -> pwd.struct_passwd | None:
+    if not _own:
+        try:
+            _own.append(pwd.getpwuid(os.geteuid()))
+        except KeyError:
+            _own.append(None)
+    return _own[0]
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
@@ -378,10 +430,18 @@ async def spawn(
     env, creds = child_environment(req)
     uid, gid, groups = creds if creds is not None else (None, None, None)
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
+    # With another user, the directory is entered by the preexec hook once CPython switched to
+    # that user (CPython's own cwd= would chdir before the switch, as root).
+    cwd, report = req.directory, None
     if creds is None and _wrapper_usable() and _wrapper_can_run(req.argv[0], env, req.directory):
         argv, arm = wrapped(req.argv, os.getpid()), None
-    else:
+    elif creds is None:
         argv, arm = list(req.argv), _make_arm(os.getpid())
+    else:
+        if cwd is not None:
+            report = os.pipe()  # close-on-exec: the child's end is gone once it execs
+        argv, arm = list(req.argv), _make_arm(os.getpid(), cwd, report[1] if report else None)
+        cwd = None
     if reaper is not None:
         reaper.spawning += 1
     try:
@@ -394,7 +454,7 @@ async def spawn(
                 stderr=asyncio.subprocess.PIPE,
                 process_group=0,
                 preexec_fn=arm,
-                cwd=req.directory,
+                cwd=cwd,
                 env=env,
                 user=uid,
                 group=gid,
@@ -402,12 +462,26 @@ async def spawn(
             )
         except OSError as exc:
             what = exc.strerror or str(exc)
+            if exc.filename is None and creds is not None:  # setgroups/setregid/setreuid
+                raise SpawnError(
+                    req.name, _switch_failed(req.user, creds[0], what), permanent=True
+                ) from exc
             target = exc.filename or req.argv[0]
             raise SpawnError(
                 req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
             ) from exc
         except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
+            code = _reported(report)
+            if code:
+                why = f"cannot enter directory {req.directory} as user {req.user}"
+                raise SpawnError(
+                    req.name, f"{why}: {os.strerror(code)}", permanent=code in _PERMANENT_ERRNOS
+                ) from exc
             raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        finally:
+            if report is not None:
+                os.close(report[0])
+                os.close(report[1])
         assert isinstance(transport, asyncio.SubprocessTransport)
         _enlarge_pipes(transport)
         child = Child(req.name, transport, proto)
@@ -419,6 +493,29 @@ async def spawn(
         if reaper is not None:
             reaper.spawn_done()
     return child
+
+
+def _switch_failed(user: str | None, uid: int, what: str) -> str:
+    why = f"cannot switch to user {user} (uid {uid}): {what}"
+    if os.geteuid() != 0:
+        why += (
+            f"; the daemon runs as uid {os.geteuid()}, and only root (or CAP_SETUID and "
+            "CAP_SETGID) can run a publisher as another user: remove `user` or run the daemon "
+            "as root"
+        )
+    return why
+
+
+def _reported(report: tuple[int, int] | None) -> int:
+    """The errno a failed preexec chdir wrote (the child is gone by now), or 0."""
+    if report is None:
+        return 0
+    os.set_blocking(report[0], False)
+    try:
+        data = os.read(report[0], 16)
+    except BlockingIOError:
+        return 0
+    return int(data) if data.isdigit() else 0
 
 
 def describe_exit(code: int | None) -> str:
