@@ -213,3 +213,33 @@ def test_a_daemon_that_is_not_root_names_the_cause_of_a_failed_switch(public_lib
         "uid 65534, and only root (or CAP_SETUID and CAP_SETGID) can run a publisher as another "
         "user"
     ), done.stdout + done.stderr
+
+
+async def test_publishers_do_not_inherit_the_daemons_oom_protection(tmp_path: Path) -> None:
+    # As under the unit's OOMScoreAdjust=-500: the daemon inherits our score from us.
+    own = Path("/proc/self/oom_score_adj")
+    before = own.read_text()
+    config = tmp_path / "pubmon.toml"
+    config.write_text(
+        f'[daemon]\nlog_dir = "{tmp_path / "logs"}"\n[control]\nsocket = ""\n'
+        '[monitor]\nlisten = ""\n'
+        + toml_publisher("rooted", ["/bin/sleep", "3600"], user="root")  # the setpriv wrapper
+        + toml_publisher("nobodys", ["/bin/sleep", "3600"], user="nobody", directory="/")
+    )
+    try:
+        own.write_text("-500")
+    except PermissionError:
+        pytest.skip("lowering an OOM score needs CAP_SYS_RESOURCE, which this sandbox lacks")
+    try:
+        async with run_daemon(config) as d:
+            pids = await d.wait_publishers(2)
+            scores = {
+                n: Path(f"/proc/{p}/oom_score_adj").read_text().strip() for n, p in pids.items()
+            }
+            daemon_score = Path(f"/proc/{d.pid}/oom_score_adj").read_text().strip()
+            d.signal(signal.SIGTERM)
+            assert await d.wait_exit() == 0
+    finally:
+        own.write_text(before)
+    assert daemon_score == "-500"
+    assert scores == {"rooted": "0", "nobodys": "0"}

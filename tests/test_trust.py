@@ -209,8 +209,7 @@ async def test_log_dir_and_socket_dir_that_nobody_made_are_refused(
     # Directories the daemon creates itself in a trusted place are fine (0755 for the socket's).
     config.write_text(
         f'[daemon]\nlog_dir = "{tmp_path / "logs"}"\n'
-        f'[control]\nsocket = "{tmp_path / "run" / "pubmon.sock"}"\n[monitor]\nlisten = ""\n'
-        + body
+        f'[control]\nsocket = "{tmp_path / "run" / "pubmon.sock"}"\n[monitor]\nlisten = ""\n' + body
     )
     async with run_daemon(config) as d:
         await d.wait_publishers(1)

@@ -111,43 +111,89 @@ def install_child_watcher() -> None:
         policy.set_child_watcher(watcher)
 
 
+_STEP_SWITCH, _STEP_CHDIR = 1, 2  # what a failed preexec hook was doing (see _reported)
+
+
 def _make_arm(
-    parent: int, directory: str | None = None, report: int | None = None
+    parent: int,
+    *,
+    creds: tuple[int, int, list[int]] | None = None,
+    directory: str | None = None,
+    oom_reset: bool = False,
+    report: int | None = None,
 ) -> Callable[[], None]:
-    # Runs in the forked child before exec, after CPython switched credentials: no
-    # allocation-heavy work, no imports, no logging, only names bound here in the parent (see
-    # asyncio-gotchas §1.4, §2.1). A failed chdir writes its errno to `report` and raises, which
-    # makes CPython abort the spawn (SubprocessError in the parent, which then reads the errno).
+    """The preexec hook: reset the OOM score, switch to `creds`, arm the parent-death signal,
+    enter `directory`, in that order.
+
+    The score first: raising it needs no privilege, but after a switch of user /proc/self is
+    root's and no longer ours to write. The switch is ours, not CPython's (`user=` would run
+    before any hook, and after its `cwd=`, which would chdir as root). The signal after the
+    switch, which clears it. The directory last, as the user.
+
+    Runs in the forked child before exec: no allocation-heavy work, no imports, no logging,
+    only names bound here in the parent (see asyncio-gotchas §1.4, §2.1). A failure writes
+    "<step> <errno>" to `report` and raises, which makes CPython abort the spawn
+    (SubprocessError in the parent, which then reads what failed).
+    """
     prctl, getppid, exit_, chdir, write = _prctl, os.getppid, os._exit, os.chdir, os.write
+    open_, close = os.open, os.close
+    setgroups, setregid, setreuid = os.setgroups, os.setregid, os.setreuid
 
     def arm() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            exit_(127)
-        if getppid() != parent:  # the daemon died before prctl ran: nobody will send the signal
-            exit_(127)
-        if directory is not None:
-            try:
+        step = 0
+        try:
+            if oom_reset:
+                try:
+                    fd = open_("/proc/self/oom_score_adj", os.O_WRONLY)
+                    write(fd, b"0")
+                    close(fd)
+                except OSError:
+                    pass  # a sandbox without /proc: the daemon's score stays
+            if creds is not None:
+                step = _STEP_SWITCH
+                setgroups(creds[2])
+                setregid(creds[1], creds[1])
+                setreuid(creds[0], creds[0])
+            if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                exit_(127)
+            if getppid() != parent:  # the daemon died before prctl ran: nobody sends the signal
+                exit_(127)
+            if directory is not None:
+                step = _STEP_CHDIR
                 chdir(directory)
-            except OSError as exc:
-                if report is not None:
-                    write(report, b"%d" % (exc.errno or 0))
-                raise
+        except OSError as exc:
+            if report is not None:
+                write(report, b"%d %d" % (step, exc.errno or 0))
+            raise
 
     return arm
+
+
+def _oom_reset_wanted() -> bool:
+    """True when the daemon's OOM score is below 0 (the unit's OOMScoreAdjust=-500): children
+    inherit it, and must not, so that the kernel kills a publisher before the daemon."""
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as f:
+            return int(f.read()) < 0
+    except (OSError, ValueError):
+        return False
 
 
 _SETPRIV = shutil.which("setpriv")
 _SH = "/bin/sh"
 # Run as `sh -c _CHECK <daemon pid> argv...` once setpriv armed the signal: a daemon that died
-# before the prctl would never send it, so the child must not go on.
+# before the prctl would never send it, so the child must not go on. _CHECK_OOM also resets the
+# OOM score inherited from the daemon (see _oom_reset_wanted).
 _CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
+_CHECK_OOM = 'test "$PPID" = "$0" || exit 111; echo 0 >/proc/self/oom_score_adj; exec "$@"'
 _EXEC_MAGIC = (b"\x7fELF", b"#!")
 
 
-def wrapped(argv: tuple[str, ...], parent: int) -> list[str]:
+def wrapped(argv: tuple[str, ...], parent: int, *, oom_reset: bool = False) -> list[str]:
     """`argv` behind the parent-death-signal wrapper, for a child of `parent`."""
     assert _SETPRIV is not None
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _CHECK, str(parent), *argv]
+    check = _CHECK_OOM if oom_reset else _CHECK
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), *argv]
 
 
 _wrapper_works: bool | None = None  # unknown until the first spawn tries it
@@ -428,19 +474,20 @@ async def spawn(
     """Start `req` and return once its pid is known. Raises SpawnError (permanent or not)."""
     loop = asyncio.get_running_loop()
     env, creds = child_environment(req)
-    uid, gid, groups = creds if creds is not None else (None, None, None)
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
-    # With another user, the directory is entered by the preexec hook once CPython switched to
-    # that user (CPython's own cwd= would chdir before the switch, as root).
+    oom_reset = _oom_reset_wanted()
+    # With another user, the preexec hook switches and then enters the directory as that user.
     cwd, report = req.directory, None
     if creds is None and _wrapper_usable() and _wrapper_can_run(req.argv[0], env, req.directory):
-        argv, arm = wrapped(req.argv, os.getpid()), None
+        argv, arm = wrapped(req.argv, os.getpid(), oom_reset=oom_reset), None
     elif creds is None:
-        argv, arm = list(req.argv), _make_arm(os.getpid())
+        argv, arm = list(req.argv), _make_arm(os.getpid(), oom_reset=oom_reset)
     else:
-        if cwd is not None:
-            report = os.pipe()  # close-on-exec: the child's end is gone once it execs
-        argv, arm = list(req.argv), _make_arm(os.getpid(), cwd, report[1] if report else None)
+        report = os.pipe()  # close-on-exec: the child's end is gone once it execs
+        argv = list(req.argv)
+        arm = _make_arm(
+            os.getpid(), creds=creds, directory=cwd, oom_reset=oom_reset, report=report[1]
+        )
         cwd = None
     if reaper is not None:
         reaper.spawning += 1
@@ -456,27 +503,22 @@ async def spawn(
                 preexec_fn=arm,
                 cwd=cwd,
                 env=env,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
             )
         except OSError as exc:
             what = exc.strerror or str(exc)
-            if exc.filename is None and creds is not None:  # setgroups/setregid/setreuid
-                raise SpawnError(
-                    req.name, _switch_failed(req.user, creds[0], what), permanent=True
-                ) from exc
             target = exc.filename or req.argv[0]
             raise SpawnError(
                 req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
             ) from exc
         except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
-            code = _reported(report)
-            if code:
-                why = f"cannot enter directory {req.directory} as user {req.user}"
-                raise SpawnError(
-                    req.name, f"{why}: {os.strerror(code)}", permanent=code in _PERMANENT_ERRNOS
-                ) from exc
+            step, code = _reported(report)
+            if code and creds is not None:
+                what = os.strerror(code)
+                if step == _STEP_SWITCH:
+                    why = _switch_failed(req.user, creds[0], what)
+                else:
+                    why = f"cannot enter directory {req.directory} as user {req.user}: {what}"
+                raise SpawnError(req.name, why, permanent=code in _PERMANENT_ERRNOS) from exc
             raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
         finally:
             if report is not None:
@@ -506,16 +548,16 @@ def _switch_failed(user: str | None, uid: int, what: str) -> str:
     return why
 
 
-def _reported(report: tuple[int, int] | None) -> int:
-    """The errno a failed preexec chdir wrote (the child is gone by now), or 0."""
+def _reported(report: tuple[int, int] | None) -> tuple[int, int]:
+    """(step, errno) that a failed preexec hook wrote (it is done by now), or (0, 0)."""
     if report is None:
-        return 0
+        return 0, 0
     os.set_blocking(report[0], False)
     try:
-        data = os.read(report[0], 16)
+        step, _, code = os.read(report[0], 32).partition(b" ")
     except BlockingIOError:
-        return 0
-    return int(data) if data.isdigit() else 0
+        return 0, 0
+    return (int(step), int(code)) if step.isdigit() and code.isdigit() else (0, 0)
 
 
 def describe_exit(code: int | None) -> str:
