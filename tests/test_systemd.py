@@ -39,7 +39,7 @@ SERVICE = "pubmon.service"
 # `systemd-analyze security --offline=true` on systemd/pubmon.service (systemd 252). The rest
 # is what supervision needs: root with CAP_SETUID/SETGID/KILL, the host network,
 # AF_INET sockets, /proc of other users' processes. Lower it when the unit gets tighter.
-MAX_EXPOSURE = 2.4
+MAX_EXPOSURE = 2.3
 
 SLOW_START = 0.5  # ticker's start_timeout: READY=1 cannot come before it has passed
 

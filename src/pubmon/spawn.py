@@ -7,7 +7,10 @@ Every publisher is started by `spawn()`:
   Usually by an exec wrapper, `setpriv --pdeathsig KILL -- sh -c CHECK`, which keeps CPython's
   vfork fast path (a real fork costs ~4 ms more per spawn and grows with the daemon's RSS);
   else (another user, an executable we cannot vouch for, no setpriv) by a minimal preexec hook
-  that runs after CPython switched credentials, so the switch cannot clear it;
+  (`_make_arm`), which also does the switch of user itself and arms the signal after it, so the
+  switch cannot clear it;
+- with the OOM score 0 when the daemon's is lower (the unit's OOMScoreAdjust=-500 protects the
+  daemon, not its publishers: a child would inherit it);
 - one fork per loop pass when many start at once (`fork_turn()`): signals, RPC and watchdog
   pings are served between forks;
 - stdin from /dev/null, stdout and stderr as pipes read by an `OutputLog`;
