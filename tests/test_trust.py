@@ -237,3 +237,26 @@ async def test_root_publishers_and_unknown_users_are_warnings(
     assert "publisher.ghost.user: no user 'pubmon-no-such-user' on this host" in err
     async with run_daemon(config) as d:  # the daemon logs the same at start
         await d.wait_log("publisher.rooted: no `user`: it runs as root")
+
+
+def test_the_socket_is_never_placed_in_a_directory_nobody_made(public: Path) -> None:
+    from pubmon.rpc import _claim_socket_path
+
+    as_nobody("mkdir", str(public / "shared" / "run"))
+    with pytest.raises(OSError, match=rf"{public / 'shared' / 'run'} is owned by uid 65534"):
+        _claim_socket_path(str(public / "shared" / "run" / "pubmon.sock"))
+    _claim_socket_path(str(public / "run" / "pubmon.sock"))  # made 0755, root's
+    assert (public / "run").stat().st_mode & 0o7777 == 0o755
+
+
+def test_dot_dot_after_a_symlink_is_resolved_as_the_kernel_does(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "a" / "b" / "f").write_text("")
+    (tmp_path / "x" / "f").write_text("")
+    os.chown(tmp_path / "a" / "b" / "f", 65534, 65534)
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "b")
+    # link/../b/f is a/b/f for the kernel (nobody's), not tmp_path/b/f (missing, no verdict).
+    assert check_path(str(tmp_path / "link" / ".." / "b" / "f")) is not None
+    (tmp_path / "rel").symlink_to("a/b/../../x")
+    assert check_path(str(tmp_path / "rel" / "f")) is None

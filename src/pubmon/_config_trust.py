@@ -68,6 +68,12 @@ def trust_findings(config: Config) -> tuple[list[Finding], list[Finding]]:
             judge.warn(
                 (*key, "user"), f"no user {spec.user!r} on this host: the publisher would be FATAL"
             )
+        if uid is not None and not root and uid != os.geteuid():
+            judge.warn(
+                (*key, "user"),
+                f"the daemon would run as uid {os.geteuid()}, which cannot switch to user "
+                f"{spec.user!r}: only a root daemon can (the publisher would be FATAL)",
+            )
         if spec.user is None and root:
             judge.warn(
                 key,
@@ -105,6 +111,8 @@ class _Judge:
         self.errors: list[Finding] = []
         self.warnings: list[Finding] = []
         self._seen: dict[str, Untrusted | None] = {}
+        # (argv[0], PATH) -> (executable, its #! interpreter): 1000 instances share one
+        self._programs: dict[tuple[str, str], tuple[str | None, str | None]] = {}
 
     def warn(self, key: Key, why: str) -> None:
         if (key, why) not in self.warnings:
@@ -122,17 +130,20 @@ class _Judge:
     def program(
         self, into: list[Finding], key: Key, spec: PublisherSpec, argv: tuple[str, ...], who: str
     ) -> None:
-        exe = _which(argv[0], spec)
+        search = dict(spec.environment).get("PATH") or os.environ.get("PATH", os.defpath)
+        memo = (argv[0], search)
+        if memo not in self._programs:
+            exe = _which(argv[0], search)
+            self._programs[memo] = (exe, script_interpreter(exe) if exe else None)
+        exe, interp = self._programs[memo]
         if exe is None:
             return  # not found: the loader reported it
         self.path(into, key, exe, f"it runs as {who}")
-        interp = script_interpreter(exe)
         if interp is not None:
             self.path(into, key, interp, f"it is the interpreter of {exe}, run as {who}")
 
 
-def _which(prog: str, spec: PublisherSpec) -> str | None:
+def _which(prog: str, search: str) -> str | None:
     if "/" in prog:
         return prog if os.path.isabs(prog) else None
-    path = dict(spec.environment).get("PATH") or os.environ.get("PATH", os.defpath)
-    return shutil.which(prog, path=path)
+    return shutil.which(prog, path=search)

@@ -93,16 +93,22 @@ def check_path(path: str, uids: frozenset[int] | None = None) -> Untrusted | Non
     A missing component ends the walk (None): the caller creates it or reports it missing. A
     component we may not even look at is reported as such.
     """
-    return _walk(os.path.abspath(path), trusted_uids() if uids is None else uids, [0])
+    path = os.path.join(os.getcwd(), path)  # not abspath: ".." after a link is the kernel's
+    return _walk(path, trusted_uids() if uids is None else uids, [0])
 
 
 def _walk(path: str, uids: frozenset[int], links: list[int]) -> Untrusted | None:
+    # `current` is always a real path (links resolved), so ".." is its dirname, as for the
+    # kernel, even right after a link.
     current = "/"
-    parts = [p for p in path.split("/") if p]
+    parts = [p for p in path.split("/") if p and p != "."]
     bad = _judge(current, os.lstat(current), uids, last=not parts)
     if bad is not None:
         return bad
     for i, part in enumerate(parts):
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
         entry = os.path.join(current, part)
         last = i == len(parts) - 1
         try:
@@ -118,7 +124,7 @@ def _walk(path: str, uids: frozenset[int], links: list[int]) -> Untrusted | None
             links[0] += 1
             if links[0] > _MAX_LINKS:
                 return Untrusted(entry, "a symlink loop", f"ls -l {entry}")
-            target = os.path.normpath(os.path.join(current, os.readlink(entry)))
+            target = os.path.join(current, os.readlink(entry))
             bad = _walk(target, uids, links)
             if bad is not None:
                 return bad

@@ -45,6 +45,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pwd
@@ -172,9 +173,11 @@ def _make_arm(
     return arm
 
 
+@functools.cache
 def _oom_reset_wanted() -> bool:
     """True when the daemon's OOM score is below 0 (the unit's OOMScoreAdjust=-500): children
-    inherit it, and must not, so that the kernel kills a publisher before the daemon."""
+    inherit it, and must not, so that the kernel kills a publisher before the daemon. Read
+    once: systemd sets it before the daemon starts."""
     try:
         with open("/proc/self/oom_score_adj", "rb") as f:
             return int(f.read()) < 0
