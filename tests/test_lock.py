@@ -121,3 +121,10 @@ def test_a_symlink_in_place_of_the_lock_file_is_not_followed(tmp_path: Path) -> 
         held.close()
     assert not (where / name).exists()  # removed while still held, then released
     acquire_lock(config, str(where)).close()
+
+
+def test_a_lock_directory_that_cannot_be_made_is_a_startup_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    where = tmp_path / "file" / "locks"
+    with pytest.raises(StartupError, match=f"lock in {where}: {where.parent} is not a directory"):
+        acquire_lock(str(tmp_path / "pubmon.toml"), str(where))

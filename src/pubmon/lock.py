@@ -73,7 +73,12 @@ def acquire_lock(config_path: str, directory: str | None = None) -> DaemonLock:
     real = os.path.realpath(config_path)
     where = lock_dir() if directory is None else directory
     parent_mode = 0o755 if os.geteuid() == 0 else 0o700
-    bad = make_trusted_dirs(os.path.dirname(where), parent_mode) or make_trusted_dirs(where, 0o700)
+    try:
+        bad = make_trusted_dirs(os.path.dirname(where), parent_mode) or make_trusted_dirs(
+            where, 0o700
+        )
+    except OSError as exc:  # a read-only /run, say
+        raise StartupError(f"cannot create the daemon lock directory {where}: {exc}") from exc
     if bad is not None:
         raise StartupError(f"cannot take the daemon lock in {where}: {bad}")
     name = hashlib.sha256(real.encode()).hexdigest()[:40] + ".lock"
