@@ -194,9 +194,10 @@ def load_config(path: str | Path) -> Config:
 def parse_config(text: str, path: str | Path) -> Config:
     """Validate TOML text as if read from `path` (relative paths resolve against its folder).
 
-    Checks the filesystem (directories, executables, TLS files) but not users: a missing user is
-    a runtime failure of that publisher. Every problem of the text is reported at once, in file
-    order, in one ConfigError.
+    Checks the filesystem (directories, executables, TLS files, and who may change what the
+    daemon runs, obeys or writes in: `_config_trust`). A missing user is only a warning
+    (`Config.warnings`): it is a runtime failure of that publisher. Every problem of the text is
+    reported at once, in file order, in one ConfigError.
     """
     file = os.path.abspath(path)
     try:
