@@ -708,7 +708,13 @@ def test_diff_numprocs_one_to_two_renames_the_instance() -> None:
 def test_check_config_main_ok(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config_main(str(CONFIGS / "good_full.toml")) == 0
     out, err = capsys.readouterr()
-    assert out == "ok: 2 publishers (3 instances)\n" and err == ""
+    assert out == "ok: 2 publishers (3 instances)\n"
+    if os.geteuid() == 0:  # only a root daemon would run it as root
+        path = CONFIGS / "good_full.toml"
+        assert err == (
+            f"warning: {path}: publisher.upstream: no `user`: it runs as root with the daemon's "
+            'capabilities; name a user (user = "...") unless it really needs root\n'
+        )
 
 
 def test_check_config_main_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -722,3 +728,27 @@ def test_check_config_main_error(capsys: pytest.CaptureFixture[str]) -> None:
 def test_fixture_paths_are_not_executable_by_accident() -> None:
     # bad_command_path_missing.toml relies on tests/configs/bin not existing.
     assert not os.path.exists(CONFIGS / "bin")
+
+
+def test_inherit_environment_takes_names_or_a_boolean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUBMON_TEST_KEEP", "kept")
+    monkeypatch.setenv("PUBMON_TEST_DROP", "dropped")
+    cfg = parse(
+        '[daemon]\ninherit_environment = ["PUBMON_TEST_KEEP", "PUBMON_TEST_ABSENT"]\n'
+        '[publisher.a]\ncommand = "sleep 1"\nenvironment = { X = "1" }\n'
+        '[publisher.b]\ncommand = "sleep 1"\ninherit_environment = false\n'
+        '[publisher.c]\ncommand = "sleep 1"\ninherit_environment = true\n'
+        'environment = { PUBMON_TEST_DROP = "mine" }\n'
+    )
+    a, b, c = cfg.publishers
+    assert a.environment == (("PUBMON_TEST_KEEP", "kept"), ("X", "1"))
+    assert a.inherit_environment == ("PUBMON_TEST_KEEP", "PUBMON_TEST_ABSENT")
+    assert b.environment == () and b.inherit_environment is False
+    assert dict(c.environment)["PUBMON_TEST_DROP"] == "mine"  # the table wins
+    assert dict(c.environment)["PUBMON_TEST_KEEP"] == "kept"
+    assert problems('[publisher.a]\ncommand = "sleep 1"\ninherit_environment = ["A=B", 3]\n') == [
+        "publisher.a.inherit_environment: item 2: expected a string, got integer 3",
+    ]
+    assert problems('[daemon]\ninherit_environment = ["A=B"]\n') == [
+        "daemon.inherit_environment: invalid variable name 'A=B' (empty, or has '=')",
+    ]

@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import shutil
 import signal
 import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from control import control
 from daemons import run_daemon, toml_publisher
-from procs import wait_gone
+from procs import environ, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -91,3 +96,150 @@ async def test_publisher_as_nobody_keeps_pdeathsig_and_files_stay_private(tmp_pa
         await wait_gone([pid], timeout=2)
     finally:
         await daemon.__aexit__(None, None, None)
+
+
+# --- case 9: the directory is entered as the publisher's user; its environment is its own ----
+
+PRINT_CWD = "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(3600)\n"
+
+
+async def test_the_directory_is_entered_after_the_switch_to_user(tmp_path: Path) -> None:
+    if not SYSTEM_PY.exists():
+        pytest.skip(f"{SYSTEM_PY} is needed (an interpreter the user nobody can run)")
+    secret = tmp_path / "secret"  # only root can enter it
+    secret.mkdir(mode=0o700)
+    cmd = [str(SYSTEM_PY), "-S", "-c", PRINT_CWD]
+    config = tmp_path / "pubmon.toml"
+    config.write_text(
+        f'[daemon]\nlog_dir = "{tmp_path / "logs"}"\n[control]\nsocket = "{tmp_path / "s"}"\n'
+        '[monitor]\nlisten = ""\n'
+        + toml_publisher("locked", cmd, user="nobody", directory=str(secret))
+        + toml_publisher("open", cmd, user="nobody", directory="/var/tmp")
+        + toml_publisher("mine", cmd, user="root", directory=str(secret))
+    )
+    async with run_daemon(config) as d, control(tmp_path / "s") as c:
+        pids = await d.wait_publishers(2)
+        assert set(pids) == {"open", "mine"}
+        infos = {i.name: i for i in await c.call("listPublishers")}
+        assert infos["locked"].state == "FATAL"
+        assert infos["locked"].statusDetails.endswith(
+            f"cannot enter directory {secret} as user nobody: Permission denied"
+        )
+        assert os.readlink(f"/proc/{pids['open']}/cwd") == "/var/tmp"
+        assert os.readlink(f"/proc/{pids['mine']}/cwd") == str(secret)
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+
+
+async def test_publishers_get_their_own_environment_not_the_daemons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SECRET_TOKEN", "s3cret")  # the daemon inherits our environment
+    monkeypatch.setenv("KEEP_ME", "kept")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    cmd = ["/bin/sleep", "3600"]
+    nobody = pwd.getpwnam("nobody")
+    config = tmp_path / "pubmon.toml"
+    config.write_text(
+        f'[daemon]\ninherit_environment = ["KEEP_ME"]\nlog_dir = "{tmp_path / "logs"}"\n'
+        '[control]\nsocket = ""\n[monitor]\nlisten = ""\n'
+        + toml_publisher("plain", cmd, user="nobody", inherit_environment=False)
+        + toml_publisher("default", cmd, user="nobody", environment={"MINE": "1"})
+        + toml_publisher("everything", cmd, user="nobody", inherit_environment=True)
+    )
+    async with run_daemon(config) as d:
+        pids = await d.wait_publishers(3)
+        envs = {
+            name: dict(item.decode().split("=", 1) for item in environ(pid) if item)
+            for name, pid in pids.items()
+        }
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    assert envs["plain"] == {
+        "PATH": os.environ["PATH"],
+        "LANG": "C.UTF-8",
+        "HOME": nobody.pw_dir,
+        "USER": "nobody",
+        "LOGNAME": "nobody",
+        "SHELL": nobody.pw_shell,
+        "PUBMON_PUBLISHER": "plain",
+    }
+    assert envs["default"] == {**envs["plain"], "PUBMON_PUBLISHER": "default", "KEEP_ME": "kept",
+                               "MINE": "1"}  # fmt: skip
+    assert envs["everything"]["SECRET_TOKEN"] == "s3cret"
+    assert "NOTIFY_SOCKET" not in envs["everything"]
+
+
+@pytest.fixture
+def public_lib() -> Iterator[Path]:
+    """pubmon's sources where nobody can import them (pytest's tmp_path is root's, 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="pubmon-lib-"))
+    try:
+        src = Path(__file__).parents[1] / "src" / "pubmon"
+        shutil.copytree(src, base / "pubmon", ignore=shutil.ignore_patterns("__pycache__"))
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_daemon_that_is_not_root_names_the_cause_of_a_failed_switch(public_lib: Path) -> None:
+    if not SYSTEM_PY.exists():
+        pytest.skip(f"{SYSTEM_PY} is needed (an interpreter the user nobody can run)")
+    lib = public_lib
+    code = (
+        "import asyncio\n"
+        "from pubmon.spawn import SpawnRequest, spawn\n"
+        "from pubmon.errors import SpawnError\n"
+        "class Sink:\n"
+        "    def feed(self, data): pass\n"
+        "    def eof(self): pass\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await spawn(SpawnRequest('p', ('/bin/true',), user='root'), Sink(), Sink())\n"
+        "    except SpawnError as exc:\n"
+        "        print(exc.permanent, exc.why)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--",
+         str(SYSTEM_PY), "-S", "-c", code],
+        env={"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}, cwd="/",
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.stdout.startswith(
+        "True cannot switch to user root (uid 0): Operation not permitted; the daemon runs as "
+        "uid 65534, and only root (or CAP_SETUID and CAP_SETGID) can run a publisher as another "
+        "user"
+    ), done.stdout + done.stderr
+
+
+async def test_publishers_do_not_inherit_the_daemons_oom_protection(tmp_path: Path) -> None:
+    # As under the unit's OOMScoreAdjust=-500: the daemon inherits our score from us.
+    own = Path("/proc/self/oom_score_adj")
+    before = own.read_text()
+    config = tmp_path / "pubmon.toml"
+    config.write_text(
+        f'[daemon]\nlog_dir = "{tmp_path / "logs"}"\n[control]\nsocket = ""\n'
+        '[monitor]\nlisten = ""\n'
+        + toml_publisher("rooted", ["/bin/sleep", "3600"], user="root")  # the setpriv wrapper
+        + toml_publisher("nobodys", ["/bin/sleep", "3600"], user="nobody", directory="/")
+    )
+    try:
+        own.write_text("-500")
+    except PermissionError:
+        pytest.skip("lowering an OOM score needs CAP_SYS_RESOURCE, which this sandbox lacks")
+    try:
+        async with run_daemon(config) as d:
+            pids = await d.wait_publishers(2)
+            scores = {
+                n: Path(f"/proc/{p}/oom_score_adj").read_text().strip() for n, p in pids.items()
+            }
+            daemon_score = Path(f"/proc/{d.pid}/oom_score_adj").read_text().strip()
+            d.signal(signal.SIGTERM)
+            assert await d.wait_exit() == 0
+    finally:
+        own.write_text(before)
+    assert daemon_score == "-500"
+    assert scores == {"rooted": "0", "nobodys": "0"}

@@ -24,6 +24,7 @@ from ._config_checks import (
     parse_listen,
     parse_signal,
 )
+from ._config_trust import trust_findings
 from .config import (
     Backoff,
     Config,
@@ -38,7 +39,7 @@ from .config import (
     RestartMode,
     ThriftTransport,
 )
-from .errors import ConfigError
+from .errors import ConfigError, ConfigProblem
 
 # A section name becomes part of instance names ("feed:0"), counters and log file names.
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -50,14 +51,14 @@ _PORT_PROBES = ("fb303", "tcp")
 # The keys each table accepts. Listed rather than derived from the dataclass fields, so a field
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "publisher")
-_DAEMON_KEYS = ("log_dir", "shutdown_timeout")
+_DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment")
 _CONTROL_KEYS = ("socket", "allow_uids")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow_control",
                  "max_frame", "idle_timeout", "max_connections")  # fmt: skip
 _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
-                   "autostart", "depends_on", "restart", "success_exit_codes", "start_timeout",
-                   "stop_signal", "stop_timeout", "backoff", "crash_loop", "data_source", "log",
-                   "probe")  # fmt: skip
+                   "inherit_environment", "autostart", "depends_on", "restart",
+                   "success_exit_codes", "start_timeout", "stop_signal", "stop_timeout",
+                   "backoff", "crash_loop", "data_source", "log", "probe")  # fmt: skip
 _BACKOFF_KEYS = ("initial", "max", "factor", "jitter", "reset_after")
 _CRASH_LOOP_KEYS = ("max_restarts", "window")
 _LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
@@ -81,6 +82,7 @@ class Loader:
         # (argv[0], cwd, PATH) -> argv[0] to store, for programs found: numprocs = 1000 looks
         # one up once (a PATH search per instance was half a second of loading).
         self._found: dict[tuple[str, str | None, str | None], str] = {}
+        self._inherit_default: bool | tuple[str, ...] = False  # [daemon] inherit_environment
 
     def load(self) -> Config:
         self.chk.known_keys(self.doc, (), _SECTIONS)
@@ -93,12 +95,22 @@ class Loader:
         self._check_ports(instances, monitor.address() if listen_ok else None)
         if self.chk.problems:
             raise ConfigError(self.file, self.chk.in_file_order(self.doc))
-        return Config(
+        config = Config(
             path=self.file,
             daemon=daemon,
             control=control,
             monitor=monitor,
             publishers=tuple(instances),
+        )
+        # Who can change what the daemon runs, obeys or writes in (_config_trust): judged on the
+        # finished config, whose paths are all absolute and whose commands are resolved.
+        errors, warnings = trust_findings(config)
+        for key, why in errors:
+            self.chk.problem(key, why)
+        if self.chk.problems:
+            raise ConfigError(self.file, self.chk.in_file_order(self.doc))
+        return replace(
+            config, warnings=tuple(str(ConfigProblem(dotted(k), w)) for k, w in warnings)
         )
 
     def _path(self, value: str) -> str:
@@ -118,8 +130,10 @@ class Loader:
         chk, key, d = self.chk, ("daemon",), DaemonConfig()
         t = self._section(self.doc, "daemon", key, _DAEMON_KEYS)
         log_dir = chk.string(t, "log_dir", key)  # "" = none, as for control.socket
+        self._inherit_default = self._inherit(t, key, d.inherit_environment)
         return DaemonConfig(
             log_dir=self._path(log_dir) if log_dir else None,
+            inherit_environment=self._inherit_default,
             shutdown_timeout=chk.number(t, "shutdown_timeout", key, d.shutdown_timeout, gt=0),
         )
 
@@ -211,6 +225,7 @@ class Loader:
         numprocs = chk.integer(t, "numprocs", key, d.numprocs, lo=1, hi=1000)
         if port is not None and port + numprocs - 1 > 65535:
             chk.problem((*key, "port"), f"port {port} + numprocs {numprocs} - 1 exceeds 65535")
+        inherit = self._inherit(t, key, self._inherit_default)
         directory = chk.string(t, "directory", key, nonempty=True)
         if directory is not None:
             directory = self._path(directory)
@@ -250,7 +265,8 @@ class Loader:
             port=port,
             numprocs=numprocs,
             directory=directory,
-            environment=self._environment(t, key),
+            environment=self._environment(t, key, inherit),
+            inherit_environment=inherit,
             user=chk.string(t, "user", key, nonempty=True),
             autostart=chk.boolean(t, "autostart", key, d.autostart),
             depends_on=tuple(dict.fromkeys(chk.str_list(t, "depends_on", key) or ())),
@@ -268,10 +284,38 @@ class Loader:
             probe=probe,
         )
 
-    def _environment(self, t: Table, key: Key) -> tuple[tuple[str, str], ...]:
-        """Sorted by name, so reordering the table in the file is not a spawn change."""
+    def _inherit(
+        self, t: Table, key: Key, default: bool | tuple[str, ...]
+    ) -> bool | tuple[str, ...]:
+        """`inherit_environment`: true, false, or an array of variable names."""
+        if "inherit_environment" not in t:
+            return default
+        value = t["inherit_environment"]
+        if isinstance(value, bool):
+            return value
+        names = self.chk.str_list(t, "inherit_environment", key)
+        if names is None:
+            return default
+        for name in names:
+            if not name or "=" in name:
+                self.chk.problem(
+                    (*key, "inherit_environment"),
+                    f"invalid variable name {name!r} (empty, or has '=')",
+                )
+        return tuple(dict.fromkeys(names))
+
+    def _environment(
+        self, t: Table, key: Key, inherit: bool | tuple[str, ...]
+    ) -> tuple[tuple[str, str], ...]:
+        """What the daemon's environment passes on (`inherit`: all of it, or the names present
+        in it), overlaid with the environment table. Sorted by name, so reordering the table in
+        the file is not a spawn change; a changed inherited value (a new daemon) is one."""
         key = (*key, "environment")
-        env = {}
+        env: dict[str, str] = {}
+        if inherit is True:
+            env.update(os.environ)
+        elif inherit:
+            env.update((n, os.environ[n]) for n in inherit if n in os.environ)
         for name, value in (self.chk.table(t, "environment", key) or {}).items():
             if not name or "=" in name or "\0" in name:
                 self.chk.problem((*key, name), "invalid variable name (empty, or has '=' or NUL)")

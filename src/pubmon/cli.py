@@ -125,6 +125,8 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     except ConfigError as exc:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    for warning in config.warnings:  # what check-config prints: root publishers, unknown users
+        logging.getLogger("pubmon").warning("%s: %s", config.path, warning)
     try:
         code = asyncio.run(Daemon(config).run(), debug=debug)
     except StartupError as exc:

@@ -92,7 +92,10 @@ class PublisherSpec:
     port: int | None = None  # port + index
     numprocs: int = 1
     directory: str | None = None  # absolute
-    environment: tuple[tuple[str, str], ...] = ()  # sorted by name
+    # sorted by name: the names inherited from the daemon's environment, with their values at
+    # load, overlaid with the [publisher.X.environment] table
+    environment: tuple[tuple[str, str], ...] = ()
+    inherit_environment: bool | tuple[str, ...] = False  # true = all of the daemon's, or names
     user: str | None = None
     autostart: bool = True
     depends_on: tuple[str, ...] = ()  # program names; every instance of each must be RUNNING
@@ -111,6 +114,7 @@ class PublisherSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
     log_dir: str | None = None
+    inherit_environment: bool | tuple[str, ...] = False  # the publishers' default
     shutdown_timeout: float = 60.0
 
 
@@ -143,6 +147,8 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     publishers: tuple[PublisherSpec, ...] = ()  # instances, in file order
+    # "key: why" lines to show (check-config) or log (daemon start), never fatal (_config_trust)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def publisher(self, name: str) -> PublisherSpec | None:
         for spec in self.publishers:
@@ -165,6 +171,7 @@ FIELD_EFFECTS: dict[str, FieldEffect] = {
     "command": "restart",
     "directory": "restart",
     "environment": "restart",
+    "inherit_environment": "restart",
     "user": "restart",
     "port": "live",  # what it changes ({port} in the command, the probe's port) says itself
     "numprocs": "live",
@@ -265,9 +272,10 @@ def load_config(path: str | Path) -> Config:
 def parse_config(text: str, path: str | Path) -> Config:
     """Validate TOML text as if read from `path` (relative paths resolve against its folder).
 
-    Checks the filesystem (directories, executables, TLS files) but not users: a missing user is
-    a runtime failure of that publisher. Every problem of the text is reported at once, in file
-    order, in one ConfigError.
+    Checks the filesystem (directories, executables, TLS files, and who may change what the
+    daemon runs, obeys or writes in: `_config_trust`). A missing user is only a warning
+    (`Config.warnings`): it is a runtime failure of that publisher. Every problem of the text is
+    reported at once, in file order, in one ConfigError.
     """
     file = os.path.abspath(path)
     try:
@@ -308,12 +316,17 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
 
 def check_config_main(path: str) -> int:
     """`pubmon check-config FILE`: print "ok: N publishers (M instances)" and return 0, or print
-    the ConfigError to stderr and return 2 (the CLI's config-error exit code)."""
+    the ConfigError to stderr and return 2 (the CLI's config-error exit code). Warnings (a
+    publisher running as root, an unknown user, ...) go to stderr first, one per line, and do
+    not change the exit code. The verdict is the one the daemon would reach running as this
+    process's uid: run it as the daemon's user (root) to judge a root daemon's file."""
     try:
         config = load_config(path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    for warning in config.warnings:
+        print(f"warning: {config.path}: {warning}", file=sys.stderr)
     programs = {spec.program for spec in config.publishers}
     print(f"ok: {len(programs)} publishers ({len(config.publishers)} instances)")
     return 0

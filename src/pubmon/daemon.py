@@ -22,15 +22,12 @@ kills every group at once.
 
 from __future__ import annotations
 
-__all__ = ["EXIT_LEFT_BEHIND", "Daemon", "ReloadReport", "acquire_lock"]
+__all__ = ["EXIT_LEFT_BEHIND", "Daemon", "ReloadReport"]
 
 import asyncio
-import errno
-import hashlib
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import fields
@@ -39,6 +36,7 @@ from typing import NamedTuple
 from .config import Config, ConfigDiff, load_config
 from .errors import ConfigError, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
+from .lock import acquire_lock
 from .notify import Notifier
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
@@ -48,28 +46,6 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_LEFT_BEHIND = 1  # a graceful stop had to give up on a child that would not die
-
-
-def acquire_lock(path: str) -> socket.socket:
-    """One daemon per config file: bind an abstract unix socket named after its real path.
-
-    The kernel frees the name when the holder dies, however it dies; it needs no writable
-    directory (under systemd /etc is read-only) and, unlike an flock on the file, an editor
-    that replaces the file by a rename cannot defeat it. Keep the returned socket open.
-    """
-    real = os.path.realpath(path)
-    name = "\0pubmon-lock:" + hashlib.sha256(real.encode()).hexdigest()[:40]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(name)
-    except OSError as exc:
-        sock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise StartupError(f"cannot take the lock for {real}: {exc}") from exc
-        raise StartupError(
-            f"another pubmon daemon is already running with {path} (it holds the lock for {real})"
-        ) from None
-    return sock
 
 
 class ReloadReport(NamedTuple):
@@ -167,6 +143,8 @@ class Daemon:
             self.notifier.reloading()
         try:
             new = load_config(self.config.path)
+            for warning in new.warnings:
+                logger.warning("%s: %s", new.path, warning)
             lines = _daemon_changes(self.config, new)
             lines += await self.listeners.reconfigure(new)
             diff = await self.supervisor.reload(new)

@@ -46,6 +46,7 @@ from ._frames import (
     encode_message,
     methods,
 )
+from ._trust import make_trusted_dirs
 from .errors import PermissionDenied
 
 logger = logging.getLogger(__name__)
@@ -162,14 +163,14 @@ class ThriftServer:
         _claim_socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Bind under a umask at least as tight as `mode`, so the file is never looser.
-            old = os.umask(0o777)
+            # bind() creates the file with the socket inode's mode less the umask: set both so
+            # the file is born with exactly `mode` (no chmod by path, which follows symlinks).
+            os.fchmod(sock.fileno(), mode)
+            old = os.umask(0o777 & ~mode)
             try:
-                os.umask(old | (0o777 & ~mode))
                 sock.bind(path)
             finally:
                 os.umask(old)
-            os.chmod(path, mode)
             st = os.stat(path)
             self._sockets.append((path, st.st_dev, st.st_ino))
             allowed = frozenset(allow_uids) | {os.getuid()}
@@ -495,7 +496,16 @@ def _subject(cert: dict[str, Any] | None) -> str | None:
 
 
 def _claim_socket_path(path: str) -> None:
-    """Make ``path`` free for bind: remove a stale socket, refuse a live one or a non-socket."""
+    """Make ``path`` free for bind: create its directory (0755, ours) if missing, refuse a
+    directory that someone other than root or us could change (`_trust.check_path`), remove a
+    stale socket, refuse a live one or a non-socket.
+
+    Whoever can rename entries in the directory could put their own server in place of ours,
+    and root's CLI would talk to it; so the directory and all above it must be trusted.
+    """
+    bad = make_trusted_dirs(os.path.dirname(os.path.abspath(path)), 0o755)
+    if bad is not None:
+        raise OSError(errno.EPERM, f"{bad}; someone else could replace the socket")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -300,7 +300,6 @@ class Listeners:
     async def start(self) -> None:
         ctl, mon = self.config.control, self.config.monitor
         if ctl.socket:
-            os.makedirs(os.path.dirname(ctl.socket) or ".", mode=0o755, exist_ok=True)
             # 0600 keeps everyone else out at the door; when other uids are allowed the door must
             # open (0666) and SO_PEERCRED, which the kernel vouches for, is the check.
             others = set(ctl.allow_uids) - {os.getuid()}

@@ -7,11 +7,18 @@ Every publisher is started by `spawn()`:
   Usually by an exec wrapper, `setpriv --pdeathsig KILL -- sh -c CHECK`, which keeps CPython's
   vfork fast path (a real fork costs ~4 ms more per spawn and grows with the daemon's RSS);
   else (another user, an executable we cannot vouch for, no setpriv) by a minimal preexec hook
-  that runs after CPython switched credentials, so the switch cannot clear it;
+  (`_make_arm`), which also does the switch of user itself and arms the signal after it, so the
+  switch cannot clear it;
+- with the OOM score 0 when the daemon's is lower (the unit's OOMScoreAdjust=-500 protects the
+  daemon, not its publishers: a child would inherit it);
 - one fork per loop pass when many start at once (`fork_turn()`): signals, RPC and watchdog
   pings are served between forks;
 - stdin from /dev/null, stdout and stderr as pipes read by an `OutputLog`;
-- with an environment that never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
+- in its `directory`, entered *after* the switch to its `user` (in the preexec hook, as that
+  user): a publisher cannot start in a directory its user could not enter, and the daemon needs
+  no CAP_DAC_READ_SEARCH for it;
+- with its own environment, not the daemon's (which may hold secrets): see `child_environment`.
+  Whatever the config says, it never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
 
 Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no thread per child) via
 `SubprocessProtocol.process_exited`, not from `Process.wait()`, which also waits for every holder
@@ -38,6 +45,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pwd
@@ -107,32 +115,91 @@ def install_child_watcher() -> None:
         policy.set_child_watcher(watcher)
 
 
-def _make_arm(parent: int) -> Callable[[], None]:
-    # Runs in the forked child before exec: no allocation-heavy work, no imports, no logging,
-    # only names bound here in the parent (see asyncio-gotchas §1.4, §2.1).
-    prctl, getppid, exit_ = _prctl, os.getppid, os._exit
+_STEP_SWITCH, _STEP_CHDIR = 1, 2  # what a failed preexec hook was doing (see _reported)
+
+
+def _make_arm(
+    parent: int,
+    *,
+    creds: tuple[int, int, list[int]] | None = None,
+    directory: str | None = None,
+    oom_reset: bool = False,
+    report: int | None = None,
+) -> Callable[[], None]:
+    """The preexec hook: reset the OOM score, switch to `creds`, arm the parent-death signal,
+    enter `directory`, in that order.
+
+    The score first: raising it needs no privilege, but after a switch of user /proc/self is
+    root's and no longer ours to write. The switch is ours, not CPython's (`user=` would run
+    before any hook, and after its `cwd=`, which would chdir as root). The signal after the
+    switch, which clears it. The directory last, as the user.
+
+    Runs in the forked child before exec: no allocation-heavy work, no imports, no logging,
+    only names bound here in the parent (see asyncio-gotchas §1.4, §2.1). A failure writes
+    "<step> <errno>" to `report` and raises, which makes CPython abort the spawn
+    (SubprocessError in the parent, which then reads what failed).
+    """
+    prctl, getppid, exit_, chdir, write = _prctl, os.getppid, os._exit, os.chdir, os.write
+    open_, close = os.open, os.close
+    setgroups, setregid, setreuid = os.setgroups, os.setregid, os.setreuid
 
     def arm() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            exit_(127)
-        if getppid() != parent:  # the daemon died before prctl ran: nobody will send the signal
-            exit_(127)
+        step = 0
+        try:
+            if oom_reset:
+                try:
+                    fd = open_("/proc/self/oom_score_adj", os.O_WRONLY)
+                    write(fd, b"0")
+                    close(fd)
+                except OSError:
+                    pass  # a sandbox without /proc: the daemon's score stays
+            if creds is not None:
+                step = _STEP_SWITCH
+                setgroups(creds[2])
+                setregid(creds[1], creds[1])
+                setreuid(creds[0], creds[0])
+            if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                exit_(127)
+            if getppid() != parent:  # the daemon died before prctl ran: nobody sends the signal
+                exit_(127)
+            if directory is not None:
+                step = _STEP_CHDIR
+                chdir(directory)
+        except OSError as exc:
+            if report is not None:
+                write(report, b"%d %d" % (step, exc.errno or 0))
+            raise
 
     return arm
+
+
+@functools.cache
+def _oom_reset_wanted() -> bool:
+    """True when the daemon's OOM score is below 0 (the unit's OOMScoreAdjust=-500): children
+    inherit it, and must not, so that the kernel kills a publisher before the daemon. Read
+    once: systemd sets it before the daemon starts."""
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as f:
+            return int(f.read()) < 0
+    except (OSError, ValueError):
+        return False
 
 
 _SETPRIV = shutil.which("setpriv")
 _SH = "/bin/sh"
 # Run as `sh -c _CHECK <daemon pid> argv...` once setpriv armed the signal: a daemon that died
-# before the prctl would never send it, so the child must not go on.
+# before the prctl would never send it, so the child must not go on. _CHECK_OOM also resets the
+# OOM score inherited from the daemon (see _oom_reset_wanted).
 _CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
+_CHECK_OOM = 'test "$PPID" = "$0" || exit 111; echo 0 >/proc/self/oom_score_adj; exec "$@"'
 _EXEC_MAGIC = (b"\x7fELF", b"#!")
 
 
-def wrapped(argv: tuple[str, ...], parent: int) -> list[str]:
+def wrapped(argv: tuple[str, ...], parent: int, *, oom_reset: bool = False) -> list[str]:
     """`argv` behind the parent-death-signal wrapper, for a child of `parent`."""
     assert _SETPRIV is not None
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _CHECK, str(parent), *argv]
+    check = _CHECK_OOM if oom_reset else _CHECK
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), *argv]
 
 
 _wrapper_works: bool | None = None  # unknown until the first spawn tries it
@@ -253,16 +320,38 @@ class SpawnRequest:
     user: str | None = None
 
 
+# systemd's default PATH for services, used when the daemon has none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_LOCALE = ("LANG", "LANGUAGE", "TZ")  # and every LC_*
+
+
+def _scrubbed(name: str) -> bool:
+    return name in _SCRUBBED or name.startswith(_SCRUBBED_PREFIXES)
+
+
 def child_environment(
     req: SpawnRequest, base: Mapping[str, str] | None = None
 ) -> tuple[dict[str, str], tuple[int, int, list[int]] | None]:
-    """The child's environment, and (uid, gid, groups) when it runs as another user."""
-    env = {
-        k: v
-        for k, v in (os.environ if base is None else base).items()
-        if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)
-    }
+    """The child's environment, and (uid, gid, groups) when it runs as another user.
+
+    The daemon's own environment (`base`, default os.environ) is *not* passed on: it may hold
+    secrets, and a publisher running as nobody has no business reading root's. A child gets:
+    - PATH: the daemon's (so that a command found at load is found at exec), else DEFAULT_PATH;
+    - LANG, LANGUAGE, TZ and LC_* when the daemon has them (how text and time are shown);
+    - HOME, USER, LOGNAME and SHELL of the user it runs as (the daemon's own without `user`);
+    - PUBMON_PUBLISHER: its instance name;
+    - then `req.environment`, which holds what the config asked for: the names it inherits from
+      the daemon (`inherit_environment`) overlaid with its `environment` table. Those may
+      override anything above.
+    NOTIFY_SOCKET, WATCHDOG_*, LISTEN_* are removed last, whatever the config says.
+    """
+    base = os.environ if base is None else base
+    env = {"PATH": base.get("PATH") or DEFAULT_PATH}
+    for name, value in base.items():
+        if name in _LOCALE or name.startswith("LC_"):
+            env[name] = value
     creds = None
+    pw: pwd.struct_passwd | None
     if req.user is not None:
         try:
             pw = pwd.getpwnam(req.user)
@@ -272,10 +361,25 @@ def child_environment(
             ) from None
         groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
         creds = (pw.pw_uid, pw.pw_gid, groups)
-        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    else:
+        pw = _own_account()
+    if pw is not None:
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
     env["PUBMON_PUBLISHER"] = req.name
     env.update(req.environment)
-    return env, creds
+    return {k: v for k, v in env.items() if not _scrubbed(k)}, creds
+
+
+_own: list[pwd.struct_passwd | None] = []  # looked up once: the daemon's uid does not change
+
+
+def _own_account() -> pwd.struct_passwd | None:
+    if not _own:
+        try:
+            _own.append(pwd.getpwuid(os.geteuid()))
+        except KeyError:
+            _own.append(None)
+    return _own[0]
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
@@ -411,16 +515,25 @@ async def spawn(
     """Start `req` and return once its pid is known. Raises SpawnError (permanent or not)."""
     loop = asyncio.get_running_loop()
     env, creds = child_environment(req)
-    uid, gid, groups = creds if creds is not None else (None, None, None)
     proto = _ChildProtocol(loop, {1: stdout, 2: stderr})
     path = _find(req.argv[0], env, req.directory)
     problem = path and interpreter_problem(path)
     if problem:
         raise SpawnError(req.name, problem, permanent=True)
+    oom_reset = _oom_reset_wanted()
+    # With another user, the preexec hook switches and then enters the directory as that user.
+    cwd, report = req.directory, None
     if creds is None and _wrapper_usable() and _wrapper_can_run(path, req.directory):
-        argv, arm = wrapped(req.argv, os.getpid()), None
+        argv, arm = wrapped(req.argv, os.getpid(), oom_reset=oom_reset), None
+    elif creds is None:
+        argv, arm = list(req.argv), _make_arm(os.getpid(), oom_reset=oom_reset)
     else:
-        argv, arm = list(req.argv), _make_arm(os.getpid())
+        report = os.pipe()  # close-on-exec: the child's end is gone once it execs
+        argv = list(req.argv)
+        arm = _make_arm(
+            os.getpid(), creds=creds, directory=cwd, oom_reset=oom_reset, report=report[1]
+        )
+        cwd = None
     if reaper is not None:
         reaper.spawning += 1
     try:
@@ -433,11 +546,8 @@ async def spawn(
                 stderr=asyncio.subprocess.PIPE,
                 process_group=0,
                 preexec_fn=arm,
-                cwd=req.directory,
+                cwd=cwd,
                 env=env,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
             )
         except OSError as exc:
             what = exc.strerror or str(exc)
@@ -446,7 +556,19 @@ async def spawn(
                 req.name, f"{target}: {what}", permanent=exc.errno in _PERMANENT_ERRNOS
             ) from exc
         except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
+            step, code = _reported(report)
+            if code and creds is not None:
+                what = os.strerror(code)
+                if step == _STEP_SWITCH:
+                    why = _switch_failed(req.user, creds[0], what)
+                else:
+                    why = f"cannot enter directory {req.directory} as user {req.user}: {what}"
+                raise SpawnError(req.name, why, permanent=code in _PERMANENT_ERRNOS) from exc
             raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
+        finally:
+            if report is not None:
+                os.close(report[0])
+                os.close(report[1])
         assert isinstance(transport, asyncio.SubprocessTransport)
         _enlarge_pipes(transport)
         child = Child(req.name, transport, proto)
@@ -458,6 +580,29 @@ async def spawn(
         if reaper is not None:
             reaper.spawn_done()
     return child
+
+
+def _switch_failed(user: str | None, uid: int, what: str) -> str:
+    why = f"cannot switch to user {user} (uid {uid}): {what}"
+    if os.geteuid() != 0:
+        why += (
+            f"; the daemon runs as uid {os.geteuid()}, and only root (or CAP_SETUID and "
+            "CAP_SETGID) can run a publisher as another user: remove `user` or run the daemon "
+            "as root"
+        )
+    return why
+
+
+def _reported(report: tuple[int, int] | None) -> tuple[int, int]:
+    """(step, errno) that a failed preexec hook wrote (it is done by now), or (0, 0)."""
+    if report is None:
+        return 0, 0
+    os.set_blocking(report[0], False)
+    try:
+        step, _, code = os.read(report[0], 32).partition(b" ")
+    except BlockingIOError:
+        return 0, 0
+    return (int(step), int(code)) if step.isdigit() and code.isdigit() else (0, 0)
 
 
 def describe_exit(code: int | None) -> str:
