@@ -101,6 +101,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config.path)
+            if self.listeners is not None:  # access helper (issue 10 item 6): [control]/[monitor]
+                await self.listeners.reconfigure(new)  # lines in listeners.last_changes
             diff = await self.supervisor.reload(new)
         except ConfigError as exc:
             self.reload_failures += 1
@@ -151,6 +153,9 @@ class Daemon:
         if self.last_reload_error:
             text += f"; last reload failed: {self.last_reload_error}"
         return text
+
+    def access_counters(self) -> dict[str, int]:  # access helper: access.denied.<listener>.*
+        return self.listeners.refusals.counters() if self.listeners is not None else {}
 
     def counters(self) -> dict[str, int]:
         out = {
