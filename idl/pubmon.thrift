@@ -1,11 +1,15 @@
 /*
  * PubmonService: the pubmon daemon's own monitoring and control API.
  *
- * The same service is served on two listeners:
- *   - the unix control socket (mode 0600, peers checked with SO_PEERCRED): every method;
- *   - the TCP monitor listener: read-only methods only, unless mutual TLS is configured and the
- *     client certificate is accepted. There, mutating methods declared below raise
- *     PermissionDenied.
+ * The same service is served on two listeners, each method at one of three access levels
+ * (pubmon.access; each level includes the ones before it):
+ *   - status: the fb303 getters, listPublishers, getPublisher;
+ *   - logs: tailLog;                                           [logs]
+ *   - control: every method marked [mutating], and getCpuProfile.
+ * Who gets which level: on the unix control socket, SO_PEERCRED uid and groups against
+ * [control] allow; on the TCP monitor listener, status only for peers without a client
+ * certificate, and with mutual TLS the certificate's subject or SANs against [monitor] allow.
+ * A refused call raises PermissionDenied naming the level and the config key that grants it.
  *
  * fb303 base methods keep their classic signatures. Their pubmon meanings:
  *   - getStatus: STARTING until the first autostart round settles, ALIVE when every wanted
@@ -13,8 +17,8 @@
  *   - reinitialize: reload the config file (like SIGHUP).      [mutating]
  *   - shutdown: stop every publisher and exit (like SIGTERM).  [mutating]
  *   - setOption: set a runtime option.                         [mutating]
- * An `extends` cannot add `throws` to inherited methods, so a refused call to a mutating base
- * method cannot be answered with PermissionDenied: setOption gets a TApplicationException
+ * An `extends` cannot add `throws` to inherited methods, so a refused call to a base method
+ * cannot be answered with PermissionDenied: setOption (say) gets a TApplicationException
  * instead (type UNKNOWN = 0, message "PermissionDenied: ..."), and the oneway methods
  * (reinitialize, shutdown) get no reply at all; the daemon logs the refusal.
  */
@@ -142,10 +146,10 @@ service PubmonService extends fb303.FacebookService {
    * oldest line kept; afterSeq = -N: the last N lines. When afterSeq is the newest line's seq,
    * the call waits up to 0.5 s for a new line before answering (a long poll for `tail -f`).
    * A cursor beyond the newest line (the daemon restarted) answers no lines and nextSeq = the
-   * newest seq, so a follower resynchronises.
+   * newest seq, so a follower resynchronises. Needs the logs access level. [logs]
    */
   LogChunk tailLog(1: string name, 2: i64 afterSeq, 3: i32 maxLines)
-      throws (1: UnknownPublisher e),
+      throws (1: UnknownPublisher e, 2: PermissionDenied e2),
 
   /** Reopen every publisher's log file (after rotation by an outside tool). [mutating] */
   void reopenLogs() throws (1: PermissionDenied e),

@@ -90,8 +90,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"]
     run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test-ca")
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, subject in (("server", "/CN=localhost"), ("client", "/O=pubmon/CN=operator")):
+    (d / "viewer.ext").write_text("subjectAltName=DNS:dash.example\nextendedKeyUsage=clientAuth\n")
+    # The control subject, but a certificate made for servers: its EKU lacks clientAuth.
+    (d / "serveronly.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    for name, subject, ext in (
+        ("server", "/CN=localhost", "san.ext"),
+        ("client", "/O=pubmon/CN=operator", "san.ext"),  # no EKU extension at all
+        ("viewer", "/O=pubmon/CN=viewer", "viewer.ext"),
+        ("stranger", "/O=elsewhere/CN=stranger", "san.ext"),
+        ("serveronly", "/O=pubmon/CN=operator", "serveronly.ext"),
+    ):
         run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
-        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.ext"]
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", ext]
         run("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", "-days", "2")
     yield d

@@ -174,7 +174,17 @@ BAD: dict[str, list[str]] = {
         "monitor.tls_key: expected an existing file",
         str(CONFIGS / "no-such-key.pem"),
     ],
-    "bad_allow_control.toml": ["monitor.allow_control: true needs tls_client_ca"],
+    "bad_allow_control.toml": [
+        "monitor.allow_control: true is no longer accepted",
+        "allow = { control = [",
+    ],
+    "bad_allow_levels.toml": [
+        "control.allow.logs: item 1: no group named 'no-such-group-x' on this host",
+        "control.allow.control: item 2: no user named 'no-such-user-x' on this host",
+        "control.allow.stats: unknown key (did you mean 'status'?)",
+        "monitor.allow.logs: item 1: expected a SAN as DNS:, IP:, email: or URI:",
+        "monitor.allow.control: needs tls_client_ca",
+    ],
     "bad_max_frame.toml": [
         "monitor.max_frame: expected an integer in 1024..268435456, got 512",
         "monitor.max_connections: expected an integer >= 1, got 0",
@@ -278,10 +288,16 @@ def test_full_example_reads_every_key() -> None:
     assert config.daemon.shutdown_timeout == 30.0
     assert config.control.socket == str(CONFIGS / "run" / "pubmon.sock")
     assert config.control.allow_uids == (0, 1000)
+    allow = config.control.allow
+    assert [p.spelled for p in allow.status] == ["*"]
+    assert [p.key for p in allow.logs] == ["gid:100", "gid:27"]
+    assert [(p.spelled, p.key) for p in allow.control] == [("root", "uid:0"), ("1000", "uid:1000")]
     monitor = config.monitor
     assert monitor.address() == ("::1", 0)
     assert monitor.tls_cert == monitor.tls_key == str(CONFIGS / "certs" / "server.pem")
-    assert monitor.allow_control is True
+    assert [p.key for p in monitor.allow.status] == ["*"]  # the default
+    assert [p.key for p in monitor.allow.logs] == ["DNS:dash.example"]
+    assert [p.key for p in monitor.allow.control] == ["subject:CN=operator,O=pubmon", "IP:10.0.0.7"]
     assert (monitor.max_frame, monitor.idle_timeout, monitor.max_connections) == (2 << 20, 60, 16)
 
     assert [s.name for s in config.publishers] == ["feed:0", "feed:1", "upstream"]
@@ -512,10 +528,12 @@ def test_mutual_tls_config(tmp_path: Path) -> None:
         (tmp_path / name).write_text("")
     config = parse(
         '[monitor]\ntls_cert = "cert.pem"\ntls_key = "key.pem"\n'
-        'tls_client_ca = "ca.pem"\nallow_control = true\n',
+        'tls_client_ca = "ca.pem"\nallow = { control = ["O=pubmon, CN=op\\\\,x"] }\n',
         tmp_path,
     )
     assert config.monitor.tls_client_ca == str(tmp_path / "ca.pem")
+    # attributes in any order, names in any case, escaped commas kept
+    assert [p.key for p in config.monitor.allow.control] == ["subject:CN=op\\,x,O=pubmon"]
 
 
 def test_client_ca_needs_a_server_certificate(tmp_path: Path) -> None:

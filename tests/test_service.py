@@ -145,7 +145,7 @@ async def test_tcp_listener_is_read_only_and_the_socket_is_not(tmp_path: Path) -
             assert result.unchanged == ["a"]
         await d.wait_log("restartPublisher called by uid 0")
         rc, _, err = await cli("stop", "a", "--host", "127.0.0.1", "--port", str(port))
-        assert rc == 5 and "not allowed on the TCP monitor listener" in err
+        assert rc == 5 and "stopPublisher needs the control level" in err
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as nobody")
@@ -168,7 +168,7 @@ async def test_a_uid_that_is_not_allowed_is_refused() -> None:
             rc, out, err = await cli("status", "--socket", sock, user=65534, python=py)
             assert rc == 0 and "RUNNING" in out, err
             rc, _, err = await cli("status", "--socket", sock, user=65533, python=py)
-            assert rc == 5 and "uid 65533 is not allowed" in err
+            assert rc == 5 and "uid 65533 has no access level" in err
     finally:
         shutil.rmtree(base)
 
@@ -346,7 +346,8 @@ async def test_mutual_tls_allows_control_only_when_configured(tmp_path: Path, ce
         config.write_text(
             f'[control]\nsocket = ""\n[monitor]\nlisten = "127.0.0.1:{port}"\n'
             f'tls_cert = "{certs / "server.pem"}"\ntls_key = "{certs / "server.key"}"\n'
-            f'tls_client_ca = "{certs / "ca.pem"}"\nallow_control = {str(allow).lower()}\n'
+            f'tls_client_ca = "{certs / "ca.pem"}"\n'
+            + ('allow = { control = ["CN=operator,O=pubmon"] }\n' if allow else "")
             + toml_publisher("a", SLEEP)
         )
         async with (
@@ -364,7 +365,11 @@ async def test_mutual_tls_allows_control_only_when_configured(tmp_path: Path, ce
 
 
 async def test_tail_n_0_prints_no_old_line(tmp_path: Path) -> None:
-    five = [sys.executable, "-c", "import time\nfor i in range(5): print(i)\ntime.sleep(3600)"]
+    five = [
+        sys.executable,
+        "-c",
+        "import time\nfor i in range(5): print(i, flush=True)\ntime.sleep(3600)",
+    ]
     body = toml_publisher("five", five)
     async with daemon_with_listeners(tmp_path, body) as (d, sock, _):
         async with asyncio.timeout(10):

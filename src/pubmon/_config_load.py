@@ -10,6 +10,7 @@ __all__ = ["Loader"]
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import cast
 
@@ -18,6 +19,7 @@ from ._config_checks import (
     Key,
     Table,
     check_depends,
+    describe,
     dotted,
     find_program,
     is_local,
@@ -25,6 +27,7 @@ from ._config_checks import (
     parse_signal,
 )
 from ._config_trust import trust_findings
+from .access import LEVELS, AccessList, Principal, cert_principal, unix_principal
 from .config import (
     Backoff,
     Config,
@@ -52,9 +55,10 @@ _PORT_PROBES = ("fb303", "tcp")
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "publisher")
 _DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment")
-_CONTROL_KEYS = ("socket", "allow_uids")
-_MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow_control",
+_CONTROL_KEYS = ("socket", "allow_uids", "allow")
+_MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
                  "max_frame", "idle_timeout", "max_connections")  # fmt: skip
+_ALLOW_KEYS = tuple(str(level) for level in LEVELS)
 _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
                    "inherit_environment", "autostart", "depends_on", "restart",
                    "success_exit_codes", "start_timeout", "stop_signal", "stop_timeout",
@@ -64,6 +68,14 @@ _CRASH_LOOP_KEYS = ("max_restarts", "window")
 _LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
 _PROBE_KEYS = ("kind", "interval", "timeout", "failure_threshold", "transport", "host", "port",
                "command")  # fmt: skip
+
+
+def _uid(p: Principal) -> int:
+    return int(p.key.removeprefix("uid:"))
+
+
+def _uid_principals(uids: tuple[int, ...]) -> tuple[Principal, ...]:
+    return tuple(Principal(str(u), f"uid:{u}") for u in uids)
 
 
 class Loader:
@@ -141,11 +153,59 @@ class Loader:
         chk, key, d = self.chk, ("control",), ControlConfig()
         t = self._section(self.doc, "control", key, _CONTROL_KEYS)
         socket = chk.string(t, "socket", key)
-        uids = chk.int_list(t, "allow_uids", key, lo=0, hi=_MAX_UID)
+        uids = self._allow_uids(t, key)
+        allow = self._allow(t, key, unix_principal, d.allow)
+        # allow_uids is the control list it always was: merged into allow.control.
+        merged = {p.key: p for p in (*(uids or _uid_principals(d.allow_uids)), *allow.control)}
         return ControlConfig(
             socket=d.socket if socket is None else self._path(socket) if socket else None,
-            allow_uids=d.allow_uids if uids is None else uids,
+            allow_uids=d.allow_uids if uids is None else tuple(_uid(p) for p in uids),
+            allow=replace(allow, control=tuple(merged.values())),
         )
+
+    def _allow_uids(self, t: Table, key: Key) -> tuple[Principal, ...] | None:
+        """`allow_uids = [0, "alice"]`: uids or user names (not groups: that is `allow`)."""
+        items = self.chk.array(t, "allow_uids", key, "uids or user names")
+        if items is None:
+            return None
+        out = []
+        for i, item in enumerate(items):
+            where = f"item {i + 1}: "
+            if isinstance(item, str) and (item.startswith("@") or item == "*"):
+                self.chk.problem(
+                    (*key, "allow_uids"),
+                    f"{where}expected a uid or a user name, got {item!r} "
+                    '(groups and "*" go in [control] allow)',
+                )
+                continue
+            try:
+                out.append(unix_principal(item))
+            except ValueError as e:
+                got = "" if isinstance(item, int | str) else f", got {describe(item)}"
+                self.chk.problem((*key, "allow_uids"), f"{where}{e}{got}")
+        return tuple(out) if len(out) == len(items) else None
+
+    def _allow(
+        self, t: Table, key: Key, parse: Callable[[object], Principal], default: AccessList
+    ) -> AccessList:
+        """`allow = { control = [...], logs = [...], status = [...] }`; a level not given keeps
+        its default."""
+        key = (*key, "allow")
+        table = self._section(t, "allow", key, _ALLOW_KEYS)
+        got: dict[str, tuple[Principal, ...]] = {}
+        for level in _ALLOW_KEYS:
+            items = self.chk.array(table, level, key, "principals")
+            if items is None:
+                continue
+            entries = []
+            for i, item in enumerate(items):
+                try:
+                    entries.append(parse(item))
+                except ValueError as e:
+                    shown = "" if isinstance(item, int | str) else f", got {describe(item)}"
+                    self.chk.problem((*key, level), f"item {i + 1}: {e}{shown}")
+            got[level] = tuple({p.key: p for p in entries}.values())
+        return replace(default, **got)
 
     def _monitor(self) -> MonitorConfig:
         chk, key, d = self.chk, ("monitor",), MonitorConfig()
@@ -160,7 +220,13 @@ class Loader:
         cert, tls_key, ca = (
             self._file(t, n, key) for n in ("tls_cert", "tls_key", "tls_client_ca")
         )
-        allow_control = chk.boolean(t, "allow_control", key, d.allow_control)
+        allow = self._allow(t, key, cert_principal, d.allow)
+        if chk.boolean(t, "allow_control", key, False):
+            chk.problem(
+                (*key, "allow_control"),
+                "true is no longer accepted: it gave control to every certificate the CA ever "
+                'signed; name them instead: allow = { control = ["CN=...,O=..."] }',
+            )
         # A pairing is judged only when both sides parsed: a bad value is already reported.
         tls_failed = chk.failed(*((*key, n) for n in ("tls_cert", "tls_key", "tls_client_ca")))
         if (cert is None) != (tls_key is None) and not tls_failed:
@@ -168,18 +234,19 @@ class Loader:
             chk.problem((*key, missing), f"required with {given} (they come as a pair)")
         if ca is not None and cert is None and not tls_failed:
             chk.problem((*key, "tls_client_ca"), "needs tls_cert and tls_key (mutual TLS is TLS)")
-        if allow_control and ca is None and not tls_failed:
-            chk.problem(
-                (*key, "allow_control"),
-                "true needs tls_client_ca (control over TCP "
-                "is allowed only to peers with client certificates)",
-            )
+        for level in ("logs", "control"):
+            if getattr(allow, level) and ca is None and not tls_failed:
+                chk.problem(
+                    (*key, "allow", level),
+                    "needs tls_client_ca: without client certificates the monitor listener "
+                    "cannot tell who calls, so it serves the status level only",
+                )
         return MonitorConfig(
             listen=d.listen if listen is None else listen,
             tls_cert=cert,
             tls_key=tls_key,
             tls_client_ca=ca,
-            allow_control=allow_control,
+            allow=allow,
             max_frame=chk.integer(t, "max_frame", key, d.max_frame, lo=1024, hi=256 * _MIB),
             idle_timeout=chk.number(t, "idle_timeout", key, d.idle_timeout, gt=0),
             max_connections=chk.integer(t, "max_connections", key, d.max_connections, lo=1),

@@ -103,7 +103,11 @@ METHODS: dict[str, MethodDef] = {
     ),
     "tailLog": (
         ((1, "name", STRING, None), (2, "afterSeq", I64, None), (3, "maxLines", I32, None)),
-        ((1, "e", STRUCT, "UnknownPublisher"), (0, "success", STRUCT, "LogChunk")),
+        (
+            (1, "e", STRUCT, "UnknownPublisher"),
+            (2, "e2", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "LogChunk"),
+        ),
         False,
     ),
     "reopenLogs": ((), ((1, "e", STRUCT, "PermissionDenied"),), False),

@@ -40,6 +40,8 @@ from .errors import PubmonError, RpcError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ssl
+
     from ._schema import Detail, Fields
 
 MAX_DEPTH = 64
@@ -437,7 +439,9 @@ class _Reader:
 class WireClient:
     """One blocking connection to a PubmonService (framed binary protocol); connects at once.
 
-    Give ``unix_socket``, or ``host`` and ``port``. ``timeout`` bounds connecting and each whole
+    Give ``unix_socket``, or ``host`` and ``port``; with ``ssl_context`` the TCP connection
+    speaks TLS, and the server's certificate is checked against ``host`` as the context says
+    (``ssl.create_default_context`` checks the name). ``timeout`` bounds connecting and each whole
     call. Failing to connect raises ``RpcError`` with the ``OSError`` as its ``__cause__``.
     ``call`` raises ``WireException`` for the IDL exceptions the method declares (the connection
     stays usable) and ``RpcError`` for everything else that goes wrong on the wire: transport
@@ -454,7 +458,10 @@ class WireClient:
         port: int | None = None,
         timeout: float = 5.0,
         max_frame: int = 16 << 20,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if ssl_context is not None and host is None:
+            raise ValueError("TLS needs host and port")
         if unix_socket is not None and host is None and port is None:
             self.where, tcp = unix_socket, None
         elif unix_socket is None and host is not None and port is not None:
@@ -478,6 +485,12 @@ class WireClient:
             else:
                 sock = socket.create_connection(tcp, timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ssl_context is not None:
+                    try:  # the handshake (and the name check) happen here, under the timeout
+                        sock = ssl_context.wrap_socket(sock, server_hostname=tcp[0])
+                    except BaseException:
+                        sock.close()
+                        raise
         except TimeoutError as e:
             raise RpcError(f"cannot connect to {self.where}: no answer within {timeout} s") from e
         except OSError as e:
@@ -538,10 +551,14 @@ class WireClient:
         # next reply, and EOF means it hung up (restarted, or refused us) since the last call.
         sock.settimeout(0.0)
         try:
-            waiting = sock.recv(1, socket.MSG_PEEK)
+            # An SSLSocket cannot peek; a byte it reads here is an error below anyway. Its
+            # SSLWantReadError means only TLS records came (TLS 1.3 session tickets): quiet.
+            waiting = sock.recv(1) if hasattr(sock, "pending") else sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError as e:
+            if type(e).__name__ == "SSLWantReadError":
+                return
             raise RpcError(f"closed: {e}") from e
         if not waiting:
             raise RpcError("closed by the server")

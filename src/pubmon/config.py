@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from pubmon._config_checks import parse_listen
+from pubmon.access import AccessList, Principal
 from pubmon.errors import ConfigError, ConfigProblem
 
 RestartMode = Literal["always", "on-failure", "never"]
@@ -121,7 +122,12 @@ class DaemonConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ControlConfig:
     socket: str | None = "/run/pubmon/pubmon.sock"  # "" in the file = no control socket
-    allow_uids: tuple[int, ...] = (0,)
+    allow_uids: tuple[int, ...] = (0,)  # uids (or user names, in the file): the control level
+    # Who gets which level (pubmon.access); its control list includes allow_uids. The daemon's
+    # own uid always has control.
+    allow: AccessList = field(
+        default_factory=lambda: AccessList(control=(Principal("0", "uid:0"),))
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,7 +136,8 @@ class MonitorConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
-    allow_control: bool = False  # only with tls_client_ca (mutual TLS)
+    # Who gets which level, by certificate subject or SAN; logs and control need tls_client_ca.
+    allow: AccessList = field(default_factory=lambda: AccessList(status=(Principal("*", "*"),)))
     max_frame: int = 1 << 20
     idle_timeout: float = 300.0
     max_connections: int = 1024

@@ -199,6 +199,9 @@ class Daemon:
             text += f"; last reload failed: {self.last_reload_error}"
         return text
 
+    def access_counters(self) -> dict[str, int]:  # access helper: access.denied.<listener>.*
+        return self.listeners.refusals.counters() if self.listeners is not None else {}
+
     def counters(self) -> dict[str, int]:
         out = {
             "daemon.uptime_s": int(time.time() - self.started_at),

@@ -1,27 +1,45 @@
 """PubmonService: a thin adapter from Thrift calls to the Daemon and its Supervisor.
 
-The same handler serves both listeners; `Listeners` decides who may call what:
-- the unix control socket (mode 0600, SO_PEERCRED against allow_uids + our own uid): everything;
-- the TCP monitor listener: read-only methods; mutating ones raise PermissionDenied, unless
-  mutual TLS is on and `allow_control = true`.
-Every mutating call is logged with its peer (uid and pid, or the certificate subject).
+The same handler serves both listeners; `Listeners` decides who may call what, by the access
+levels of `pubmon.access` (status, logs, control):
+- the unix control socket: SO_PEERCRED uid and groups against `[control] allow` (allow_uids is
+  its control list; the daemon's own uid always has control). The file is 0600 unless the
+  lists name someone else; then it is 0666 and the kernel-vouched credentials are the gate;
+- the TCP monitor listener: status only for peers without a client certificate; with mutual
+  TLS, the certificate's subject or SANs against `[monitor] allow`.
+A peer with no level at all is refused when it connects (its first call is answered
+PermissionDenied, then the connection closes). Every call at the control level is logged with
+its peer (uid and pid, or the certificate subject); refusals are counted and logged by
+`access.Refusals`. A reload re-applies both sections through `Listeners.reconfigure`.
 """
 
 from __future__ import annotations
 
-__all__ = ["MUTATING", "Listeners", "PubmonHandler", "tls_context"]
+__all__ = ["Listeners", "PubmonHandler", "tls_context"]
 
 import asyncio
+import errno
+import functools
+import hashlib
 import logging
 import os
 import ssl
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, idl
 from ._frames import Encoded, encode_struct, field_encoder
-from .config import Config
-from .errors import ConfigError, InvalidState, PermissionDenied, StartupError, UnknownPublisher
+from .access import ANONYMOUS, AccessList, Level, Policy, Refusals, cert_keys, level_of, unix_keys
+from .config import Config, ControlConfig, MonitorConfig
+from .errors import (
+    ConfigError,
+    ConfigProblem,
+    InvalidState,
+    PermissionDenied,
+    StartupError,
+    UnknownPublisher,
+)
 from .output import LogChunk
 from .publisher import PublisherSnapshot
 from .rpc import Peer, ThriftServer
@@ -32,18 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MUTATING = frozenset(
-    {
-        "startPublisher",
-        "stopPublisher",
-        "restartPublisher",
-        "reloadConfig",
-        "reopenLogs",
-        "setOption",
-        "shutdown",
-        "reinitialize",
-    }
-)
 TAIL_WAIT = 0.5  # tailLog with nothing new waits this long for a line (long poll for tail -f)
 
 
@@ -241,6 +247,13 @@ class PubmonHandler:
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """The monitor listener's server context; with ``client_ca``, mutual TLS.
+
+    Client certificates are verified by OpenSSL with the "sslclient" purpose (its default on
+    the server side): a certificate whose extendedKeyUsage lacks clientAuth fails the
+    handshake ("unsuitable certificate purpose"), one without the extension passes, as RFC 5280
+    says. tests/test_access.py pins that, so `cryptography` is not needed to parse the EKU.
+    """
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
@@ -258,15 +271,68 @@ def _describe(peer: Peer) -> str:
     return f"tcp {peer.address}"
 
 
+# Keys of a peer, per call: cached, since the same few peers call again and again.
+_unix_keys = functools.lru_cache(maxsize=256)(unix_keys)
+_cert_keys = functools.lru_cache(maxsize=256)(cert_keys)
+_SAN_NAMES = {"IP Address": "IP"}  # getpeercert's name -> how allow lists spell it
+
+
+def _host(address: str) -> str:
+    return address.rsplit(":", 1)[0]
+
+
+def _socket_mode(allow: AccessList) -> int:
+    # 0600 keeps everyone else out at the door; when other users get any level the door must
+    # open (0666) and SO_PEERCRED, which the kernel vouches for, is the check. Root passes
+    # file modes anyway, so naming it does not open the door.
+    others = allow.keys() - {f"uid:{os.getuid()}", "uid:0"}
+    return 0o666 if others else 0o600
+
+
+def _tls_stamp(mon: MonitorConfig) -> tuple[object, ...]:
+    """What the TLS listener was built from, file contents included (a rotated certificate
+    at the same path is a change)."""
+    out: list[object] = []
+    for path in (mon.tls_cert, mon.tls_key, mon.tls_client_ca):
+        if path is None:
+            out.append(None)
+            continue
+        try:
+            with open(path, "rb") as f:
+                out.append((path, hashlib.sha256(f.read()).hexdigest()))
+        except OSError as exc:
+            out.append((path, str(exc)))
+    return tuple(out)
+
+
+def _set_mode(path: str, mode: int) -> None:
+    """chmod the socket file we bound, without following a symlink someone put there."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, f"{path} is no longer a socket")
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
 class Listeners:
-    """The daemon's Thrift listeners: one server, a unix socket and a TCP port."""
+    """The daemon's Thrift listeners: one server, a unix socket and a TCP port, and who may do
+    what on each (pubmon.access): the listener "control" is the unix socket, "monitor" the
+    TCP port."""
 
     def __init__(self, daemon: Daemon, config: Config) -> None:
         self.config = config
         self.tcp_port: int | None = None
         self.socket_path: str | None = None
+        self.refusals = Refusals()
+        self.last_changes: list[str] = []  # what the last reconfigure() applied
         mon = config.monitor
-        self._tcp_control = bool(mon.allow_control and mon.tls_client_ca)
+        self._unix: str | None = None  # ThriftServer.listening() names of ours
+        self._tcp: str | None = None
+        self._ctx: ssl.SSLContext | None = None  # the monitor listener's
+        self._tls = _tls_stamp(mon)
+        self._policies = self._make_policies(config)
         self.server = ThriftServer(
             idl.pubmon().PubmonService,
             PubmonHandler(daemon, self.counters),
@@ -275,58 +341,242 @@ class Listeners:
             idle_timeout=mon.idle_timeout,
             max_connections=mon.max_connections,
             authorize=self._authorize,
-            on_call=self._on_call,
+            admit=self._admit,
         )
 
     def counters(self) -> dict[str, int]:
         s = self.server
-        return {
+        out = {
             "rpc.calls": s.calls,
             "rpc.errors": s.errors,
             "rpc.connections": s.connections,
             "rpc.rejected_frames": s.rejected_frames,
         }
+        out.update(self.refusals.counters())
+        return out
 
-    def _on_call(self, peer: Peer, method: str) -> None:
-        if method in MUTATING:
-            logger.info("%s called by %s", method, _describe(peer))
+    # --- access levels (pubmon.access) --------------------------------------------------------
+
+    def _make_policies(self, config: Config) -> dict[str, Policy]:
+        ctl, mon = config.control, config.monitor
+        where = f"the control socket {ctl.socket}"
+        grant = "[control] allow.{level} in " + config.path
+        policies = {
+            "control": Policy("control", where, ctl.allow, grant, always=[f"uid:{os.getuid()}"]),
+        }
+        if mon.tls_client_ca:
+            note = None
+        else:
+            note = (
+                "Peers of the TCP monitor listener are not authenticated, so they get the "
+                "status level only: use the control socket, or set up mutual TLS ([monitor] "
+                "tls_client_ca) and name the client certificate in [monitor] allow.{level}"
+            )
+        policies["monitor"] = Policy(
+            "monitor",
+            f"the monitor listener {mon.listen}",
+            mon.allow,
+            "[monitor] allow.{level} in " + config.path,
+            anonymous_note=note,
+        )
+        for name in policies:
+            self.refusals.track(name)
+        return policies
+
+    def _identify(self, peer: Peer) -> tuple[Policy, frozenset[str]]:
+        """The policy of the listener `peer` came through, and the keys it matches there."""
+        if peer.kind == "unix":
+            assert peer.uid is not None
+            return self._policies["control"], _unix_keys(peer.uid, peer.gids)
+        if peer.cert_rdns or peer.cert_sans:
+            return self._policies["monitor"], _cert_keys(peer.cert_rdns, peer.cert_sans)
+        return self._policies["monitor"], ANONYMOUS
+
+    def _refuse(self, peer: Peer, policy: Policy, keys: frozenset[str], method: str | None) -> str:
+        """Count and log a refusal (at most once a minute per peer); return what to answer."""
+        if peer.kind == "unix":
+            who = log_as = f"uid {peer.uid}"
+            hint = f'{peer.uid} (its uid), its user name, or "@group" for one of its groups'
+        elif keys is ANONYMOUS:
+            log_as = _host(peer.address)
+            who, hint = f"{log_as} (no client certificate)", ""
+        else:
+            who = log_as = f"certificate {peer.cert_subject}"
+            sans = ", ".join(f'"{_SAN_NAMES.get(k, k)}:{v}"' for k, v in peer.cert_sans)
+            hint = f'"{peer.cert_subject}"' + (f" or one of its SANs ({sans})" if sans else "")
+        why = policy.refusal(keys, who, method, hint)
+        level = level_of(method) if method else Level.STATUS
+        seen = f" (pid {peer.pid})" if peer.kind == "unix" else f" ({peer.address})"
+        self.refusals.refuse(policy.listener, level, log_as, why, seen_as=seen)
+        return why
+
+    def tls_refused(self, address: str, exc: BaseException) -> None:
+        """Count and log (once a minute per host) a TLS handshake that failed: no client
+        certificate, one the CA did not sign, one without clientAuth usage. For the server,
+        when it runs handshakes itself: asyncio's own TLS layer drops them without a word."""
+        host = _host(address)
+        why = f"TLS handshake refused on {self._policies['monitor'].where}: {exc}"
+        self.refusals.refuse("monitor", Level.STATUS, host, why)
+
+    def _admit(self, peer: Peer) -> str | None:
+        policy, keys = self._identify(peer)
+        if policy.level(keys) is not None:
+            return None
+        return self._refuse(peer, policy, keys, None)
 
     def _authorize(self, peer: Peer, method: str) -> None:
-        if method in MUTATING and peer.kind == "tcp" and not self._tcp_control:
-            raise PermissionDenied(
-                f"{method} is not allowed on the TCP monitor listener; use the control socket"
-            )
+        policy, keys = self._identify(peer)
+        level = level_of(method)
+        if not policy.allowed(keys, level):
+            raise PermissionDenied(self._refuse(peer, policy, keys, method))
+        if level == Level.CONTROL:  # refused ones are logged by Refusals, once a minute
+            logger.info("%s called by %s", method, _describe(peer))
+
+    # --- binding ------------------------------------------------------------------------------
+
+    async def _bind_unix(self, ctl: ControlConfig) -> str:
+        assert ctl.socket
+        mode = _socket_mode(ctl.allow)
+        await self.server.start_unix(ctl.socket, mode=mode, allow_uids=None)
+        return f"unix:{ctl.socket}"
+
+    @staticmethod
+    def _context(mon: MonitorConfig) -> ssl.SSLContext | None:
+        if mon.tls_cert and mon.tls_key:
+            return tls_context(mon.tls_cert, mon.tls_key, mon.tls_client_ca)
+        return None
+
+    async def _bind_tcp(self, mon: MonitorConfig, ctx: ssl.SSLContext | None) -> None:
+        address = mon.address()
+        assert address is not None
+        host, port = address
+        self.tcp_port = await self.server.start_tcp(host, port, ssl_context=ctx)
+        self._tcp, self._ctx = self.server.listening()[-1], ctx
+        logger.info("monitor listening on %s:%d%s", host, self.tcp_port, " (TLS)" if ctx else "")
 
     async def start(self) -> None:
         ctl, mon = self.config.control, self.config.monitor
         if ctl.socket:
-            # 0600 keeps everyone else out at the door; when other uids are allowed the door must
-            # open (0666) and SO_PEERCRED, which the kernel vouches for, is the check.
-            others = set(ctl.allow_uids) - {os.getuid()}
-            mode = 0o666 if others else 0o600
             try:
-                await self.server.start_unix(ctl.socket, mode=mode, allow_uids=ctl.allow_uids)
+                self._unix = await self._bind_unix(ctl)
             except OSError as exc:
                 raise StartupError(f"control socket {ctl.socket}: {exc.strerror or exc}") from exc
             self.socket_path = ctl.socket
-        address = mon.address()
-        if address is not None:
-            host, port = address
-            ctx = None
-            if mon.tls_cert and mon.tls_key:
-                ctx = tls_context(mon.tls_cert, mon.tls_key, mon.tls_client_ca)
+        if mon.address() is not None:
             try:
-                self.tcp_port = await self.server.start_tcp(host, port, ssl_context=ctx)
+                await self._bind_tcp(mon, self._context(mon))
             except OSError as exc:
                 raise StartupError(f"monitor listener {mon.listen}: {exc.strerror or exc}") from exc
-            logger.info(
-                "monitor listening on %s:%d%s", host, self.tcp_port, " (TLS)" if ctx else ""
-            )
+
+    # --- reload -------------------------------------------------------------------------------
 
     async def reconfigure(self, config: Config) -> list[str]:
-        """Apply a reloaded [control] and [monitor]; one line per change applied."""
+        """Apply [control] and [monitor] of a reloaded config; one line per change applied.
+
+        New listeners are bound before old ones close. If one cannot be bound, whatever this
+        call bound is closed again, nothing else changes, and ConfigError names the key, the
+        address and the reason. Allow lists apply at once: the next call is judged by them,
+        and connections whose peer lost a level are closed (after the reply to a call in
+        progress). Connections accepted by a listener that moved stay open until they end.
+        """
+        old, lines = self.config, []
+        self.last_changes = []
+        octl, ctl, omon, mon = old.control, config.control, old.monitor, config.monitor
+        tls = _tls_stamp(mon)
+        move_unix = octl.socket != ctl.socket
+        move_tcp = omon.listen != mon.listen or self._tls != tls
+        new_unix: str | None = None
+        try:
+            if move_unix and ctl.socket:
+                try:
+                    new_unix = await self._bind_unix(ctl)
+                except OSError as exc:
+                    why = f"cannot listen on {ctl.socket}: {exc.strerror or exc}"
+                    raise ConfigError(config.path, [ConfigProblem("control.socket", why)]) from exc
+            if move_tcp:
+                lines += await self._move_tcp(omon, mon, config.path)
+        except BaseException:
+            if new_unix is not None:
+                await self.server.stop_listening(new_unix)
+            raise
+        self._tls = tls
+        # Committed: nothing below can fail the reload.
+        if move_unix:
+            if self._unix is not None:
+                await self.server.stop_listening(self._unix)
+            self._unix, self.socket_path = new_unix, ctl.socket
+            lines.append(f"control.socket: {octl.socket or '(none)'} -> {ctl.socket or '(none)'}")
+        elif ctl.socket and _socket_mode(octl.allow) != _socket_mode(ctl.allow):
+            mode = _socket_mode(ctl.allow)
+            try:
+                _set_mode(ctl.socket, mode)
+                lines.append(f"control.socket: mode {mode:04o}")
+            except OSError as exc:
+                logger.error("cannot chmod %s to %04o: %s", ctl.socket, mode, exc)
+        lines += octl.allow.changes(ctl.allow, "control.allow")
+        lines += omon.allow.changes(mon.allow, "monitor.allow")
+        lines += self._limits(omon, mon)
+        before = self._policies
+        self._policies = self._make_policies(config)
         self.config = config
-        return []
+        closed = self.server.close_peers(lambda peer: self._demoted(before, peer))
+        if closed:
+            lines.append(f"closed {closed} connection(s) of peers whose access level went down")
+        for line in lines:
+            logger.info("reload: %s", line)
+        self.last_changes = lines
+        return lines
+
+    async def _move_tcp(self, omon: MonitorConfig, mon: MonitorConfig, path: str) -> list[str]:
+        """Bind the monitor listener as `mon` says, then close the old one. The same address
+        cannot be bound twice: then the old one closes first (once the new TLS context is
+        built), and is bound again if the new one cannot be."""
+        try:
+            ctx = self._context(mon) if mon.address() is not None else None
+        except OSError as exc:  # ssl.SSLError included: a file that is not what it should be
+            why = f"cannot load {mon.tls_cert}, {mon.tls_key}, {mon.tls_client_ca}: {exc}"
+            raise ConfigError(path, [ConfigProblem("monitor.tls_cert", why)]) from exc
+        same = omon.address() == mon.address() and omon.address() is not None
+        old, old_ctx = self._tcp, self._ctx
+        if same and old is not None:
+            await self.server.stop_listening(old)
+            self._tcp = None
+        try:
+            if mon.address() is not None:
+                await self._bind_tcp(mon, ctx)
+            else:
+                self._tcp, self.tcp_port, self._ctx = None, None, None
+        except OSError as exc:
+            if same and old is not None:
+                try:
+                    await self._bind_tcp(omon, old_ctx)
+                except OSError as again:
+                    logger.error("monitor listener %s lost: %s", omon.listen, again)
+            why = f"cannot listen on {mon.listen}: {exc.strerror or exc}"
+            raise ConfigError(path, [ConfigProblem("monitor.listen", why)]) from exc
+        if old is not None and not same:
+            await self.server.stop_listening(old)
+        if omon.listen != mon.listen:
+            return [f"monitor.listen: {omon.listen or '(none)'} -> {mon.listen or '(none)'}"]
+        return ["monitor: TLS settings or files changed; listener rebuilt"]
+
+    def _limits(self, omon: MonitorConfig, mon: MonitorConfig) -> list[str]:
+        out = []
+        for name in ("max_frame", "idle_timeout", "max_connections"):
+            was, now = getattr(omon, name), getattr(mon, name)
+            if was != now:
+                setattr(self.server, name, now)
+                out.append(f"monitor.{name}: {was} -> {now}")
+        return out
+
+    def _demoted(self, before: dict[str, Policy], peer: Peer) -> str | None:
+        """Why to close `peer`'s connection after a reload: its level went down."""
+        policy, keys = self._identify(peer)
+        was, now = before[policy.listener].level(keys), policy.level(keys)
+        if was is None or (now is not None and now.rank >= was.rank):
+            return None
+        who = f"uid {peer.uid}" if peer.kind == "unix" else peer.cert_subject or peer.address
+        return f"a reload changed {policy.where}: {who} now has {now or 'no access level'}"
 
     async def close(self) -> None:
         await self.server.close()
