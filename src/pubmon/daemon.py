@@ -33,6 +33,7 @@ from collections.abc import Awaitable
 from dataclasses import fields
 from typing import NamedTuple
 
+from ._procstats import ProcStats
 from .config import Config, ConfigDiff, load_config
 from .errors import ConfigError, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
@@ -77,6 +78,7 @@ class Daemon:
         self.ready = asyncio.Event()  # the first autostart round has settled
         self.forced = False
         self.listeners: Listeners | None = None
+        self.procstats = ProcStats()  # [http] hook: /proc figures shared by /metrics and status
         self._stop = asyncio.Event()
         # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
         self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
@@ -237,9 +239,16 @@ class Daemon:
                 tg.create_task(self.notifier.watchdog(), name="watchdog"),
             ]
             listeners = Listeners(self, self.config)
+            http = None
             try:
                 await listeners.start()
                 self.listeners = listeners
+                if self.config.http.listen:  # [http] hook (issue 13): 4 lines here, 2 below
+                    from .http import HttpServer  # aiohttp is imported only when it is used
+
+                    http = HttpServer(self, self.config)
+                    await http.start()
+                    background.append(tg.create_task(http.run(), name="http"))
                 async with Supervisor(self.config) as sup:
                     self.supervisor = sup
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
@@ -263,6 +272,8 @@ class Daemon:
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
                     left = await sup.stop_all(self.config.daemon.shutdown_timeout)
             finally:
+                if http is not None:  # [http] hook
+                    await http.close()
                 await listeners.close()
                 for task in background:
                     task.cancel()
