@@ -159,6 +159,7 @@ class ProcStats:
         self.refreshed_at = 0.0  # time.monotonic() of the last completed refresh
         self.refreshes = 0
         self._running: asyncio.Future[None] | None = None
+        self._one_at: dict[str, float] = {}  # read by one() since the last full refresh
 
     async def refresh(self, leaders: Mapping[str, int | None]) -> None:
         """Re-read every tree of `leaders` (name -> leader pid), unless done < min_interval ago.
@@ -177,6 +178,17 @@ class ProcStats:
             self._running.set_result(None)
             self._running = None
 
+    def refresh_now(self, leaders: Mapping[str, int | None]) -> None:
+        """`refresh` without yielding, for synchronous readers (the Thrift status calls): the
+        loop is blocked for the walk (~30 us per process), at most once per min_interval."""
+        if self._running is None and time.monotonic() - self.refreshed_at >= self.min_interval:
+            out = {}
+            for name, pid in leaders.items():
+                figures = None if pid is None else sample_tree(pid)
+                if figures is not None:
+                    out[name] = figures
+            self._store(out)
+
     async def _refresh(self, leaders: dict[str, int | None]) -> None:
         out: dict[str, ProcFigures] = {}
         for i, (name, pid) in enumerate(leaders.items()):
@@ -186,7 +198,26 @@ class ProcStats:
                     out[name] = figures
             if i % _SLICE == _SLICE - 1:
                 await asyncio.sleep(0)
+        self._store(out)
+
+    def one(self, name: str, pid: int | None) -> ProcFigures | None:
+        """One publisher's figures: cached if read within min_interval, else read now."""
+        if pid is None:
+            return None
+        now = time.monotonic()
+        if now - self._one_at.get(name, self.refreshed_at) < self.min_interval:
+            return self.figures.get(name)
+        figures = sample_tree(pid)
+        self._one_at[name] = now
+        if figures is None:
+            self.figures.pop(name, None)
+        else:
+            self.figures[name] = figures
+        return figures
+
+    def _store(self, figures: dict[str, ProcFigures]) -> None:
+        self._one_at.clear()
         self.own = _sample_self()
-        self.figures = out
+        self.figures = figures
         self.refreshed_at = time.monotonic()
         self.refreshes += 1

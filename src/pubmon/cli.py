@@ -315,6 +315,27 @@ def _uptime(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _cpu(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    return _uptime(seconds)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n}B"
+    size = float(n)
+    for unit in ("K", "M", "G"):
+        size /= 1024
+        if size < 1024 or unit == "G":
+            break
+    return f"{size:.1f}{unit}"
+
+
 def _info_dict(i: Any) -> dict[str, object]:
     return {
         "name": i.name,
@@ -328,6 +349,9 @@ def _info_dict(i: Any) -> dict[str, object]:
         "uptime": i.uptime,
         "port": i.port or None,
         "details": i.statusDetails,
+        "cpu_seconds": i.cpuSeconds,
+        "memory_bytes": i.memoryBytes,
+        "open_fds": i.openFds,
     }
 
 
@@ -338,7 +362,8 @@ def cmd_status(remote: Remote, a: Args) -> int:
 
         print(json.dumps([_info_dict(i) for i in infos], indent=1))
         return EXIT_OK
-    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "DETAILS")]
+    # CPU and MEM: the publisher's whole process tree (/proc), as the HTTP dashboard shows.
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "HEALTH", "DETAILS")]
     for i in infos:
         rows.append(
             (
@@ -347,13 +372,16 @@ def cmd_status(remote: Remote, a: Args) -> int:
                 str(i.pid or "-"),
                 _uptime(i.uptime),
                 str(i.restarts),
+                _cpu(i.cpuSeconds),
+                _bytes(i.memoryBytes),
                 i.health,
                 i.statusDetails,
             )
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    last = len(rows[0]) - 1
+    widths = [max(len(r[c]) for r in rows) for c in range(last)]
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
+        print("  ".join(r[c].ljust(widths[c]) for c in range(last)) + "  " + r[last])
     return EXIT_OK
 
 

@@ -552,7 +552,7 @@ class HttpServer:
                 cursor = int(last_id)
             sent = b""
             while not self._closed.is_set():
-                await self.procstats.refresh({pub.name: pub.pid})
+                self.procstats.one(pub.name, pub.pid)
                 state = _row(pub, self.procstats)
                 state["recent_exits"] = list(self.exits.exits.get(pub.name, ()))
                 body = _json(state)
