@@ -440,7 +440,7 @@ class HttpServer:
         if exporting:
             await self.children.refresh(exporting)
         fmt, content_type = negotiate(request.headers.get("Accept", ""))
-        body = self.metrics.render(fmt)
+        body = await self.metrics.render(fmt)
         self.scrapes += 1
         return web.Response(body=body, headers={"Content-Type": content_type})
 

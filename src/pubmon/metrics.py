@@ -39,6 +39,7 @@ from __future__ import annotations
 
 __all__ = ["DaemonValues", "MetricsSource", "MetricsWriter", "negotiate"]
 
+import asyncio
 import math
 import platform
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .publisher import Publisher
 
 Format = Literal["text", "openmetrics"]
+_SLICE = 400  # work units between two yields: 1 per publisher, 4 more per re-rendered group
 _STATES = tuple(str(s) for s in PublisherState)
 _HEALTHS = tuple(str(h) for h in Health)
 
@@ -168,35 +170,49 @@ class MetricsWriter:
         self._cache: dict[str, _Cached] = {}
         self._les: dict[tuple[float, ...], tuple[str, ...]] = {}
 
-    def render(self, fmt: Format = "text") -> bytes:
+    async def render(self, fmt: Format = "text") -> bytes:
+        """The exposition. Yields to the loop every `_SLICE` publishers and after each family,
+        so that scrapes of 1000 publishers never block the loop for more than ~2 ms."""
         pubs = self._src.publishers()
         figures = self._proc.figures
         cache, fresh = self._cache, {}
         rows: list[_Cached] = []
+        work = 0
         for name, pub in pubs.items():
             c = cache.get(name) or _Cached()
-            self._update(c, name, pub, figures.get(name))
+            work += 1 + 4 * self._update(c, name, pub, figures.get(name))
             fresh[name] = c
             rows.append(c)
+            if work >= _SLICE:
+                work = 0
+                await asyncio.sleep(0)
         self._cache = fresh
-        out: list[str] = []
+        parts: list[bytes] = []
         for g, group in enumerate(_GROUPS):
             for f, (name, kind, help_) in enumerate(group):
+                out: list[str] = []
                 _header(out, fmt, name, kind, help_)
                 out.extend(row.chunks[g][f] for row in rows)
+                parts.append("".join(out).encode())
+                await asyncio.sleep(0)
+        out = []
         self._children(out, fmt)
         self._daemon(out, fmt)
         if fmt == "openmetrics":
             out.append("# EOF\n")
-        return "".join(out).encode()
+        parts.append("".join(out).encode())
+        return b"".join(parts)
 
-    def _update(self, c: _Cached, name: str, pub: Publisher, fig: ProcFigures | None) -> None:
+    def _update(self, c: _Cached, name: str, pub: Publisher, fig: ProcFigures | None) -> int:
+        """Re-render the groups of `c` whose values changed; returns how many did."""
+        redone = 0
         pid = pub.pid
         state, health = str(pub.state), str(pub.health)
         exits = tuple(pub.exit_reasons.get(r, 0) for r in EXIT_REASONS)
         started = pub.started_wall if pid is not None else None
         key0 = (pub.spec.program, state, health, pub.restarts, exits, pub.probe_failures, started)
         if c.keys[0] != key0:
+            redone += 1
             c.keys[0] = key0
             lab = f'{{publisher="{name}"}}'
             c.chunks[0] = (
@@ -224,6 +240,7 @@ class MetricsWriter:
         hist = pub.probe_seconds
         key1 = (hist.count, hist.sum)
         if c.keys[1] != key1:
+            redone += 1
             c.keys[1] = key1
             les = self._le(hist.bounds)
             m = "pubmon_publisher_probe_duration_seconds"
@@ -238,6 +255,7 @@ class MetricsWriter:
         out = pub.output
         key2 = (out.lines, out.bytes, out.dropped)
         if c.keys[2] != key2:
+            redone += 1
             c.keys[2] = key2
             lab = f'{{publisher="{name}"}}'
             c.chunks[2] = (
@@ -247,6 +265,7 @@ class MetricsWriter:
             )
         key3 = fig if pid is not None else None
         if c.keys[3] != key3 or not c.chunks[3]:
+            redone += 1
             c.keys[3] = key3
             if key3 is None:
                 c.chunks[3] = ("", "", "", "")
@@ -258,6 +277,7 @@ class MetricsWriter:
                     f"pubmon_publisher_open_fds{lab} {key3.open_fds}\n",
                     f"pubmon_publisher_processes{lab} {key3.processes}\n",
                 )
+        return redone
 
     def _le(self, bounds: tuple[float, ...]) -> tuple[str, ...]:
         les = self._les.get(bounds)
