@@ -18,8 +18,9 @@ Access levels (issue 18; the names are those of access.py: status, logs, control
 Every request's Host header must name this server (the listen host, localhost, 127.0.0.1,
 ::1, or `[http] hosts`): a page on another site that rebinds its DNS name to 127.0.0.1 is
 refused. No CORS headers; every response has a strict Content-Security-Policy (scripts and
-styles from this server only, no inline ones), nosniff, no framing, no referrer to other sites. Every refusal
-is counted by (listener, level) and logged at most once per peer per minute.
+styles from this server only, no inline ones), nosniff, no framing, no referrer to other
+sites. Every refusal is counted by (listener, level) and logged at most once per peer per
+minute.
 
 The dashboard (static files in pubmon/dashboard) follows server-sent events: /events sends the
 table whenever a publisher changes (and every 2 s while CPU figures move), /events/<name> one
