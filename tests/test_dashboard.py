@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import daemon_header, run_daemon, toml_publisher
+from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
 from pubmon.demo import free_ports
 
 CHROMIUM = shutil.which("chromium")
@@ -96,43 +96,52 @@ async def test_dashboard_live_table_log_tail_and_escaping(
     sock = str(tmp_path / "pubmon.sock")
     url = f"http://127.0.0.1:{port}"
     async with run_daemon(config) as d:
-        # Without a credential: the table, states, no log line anywhere.
-        browser.get(url + "/")
-        names = ["talker", "worker:0", "worker:1", "idle"]
-        wait(browser, lambda b: list(rows(b)) == names)
-        assert set(rows(browser).values()) == {"RUNNING"}
-        browser.get(url + "/p/talker")
-        wait(browser, lambda b: "credential" in b.find_element(By.ID, "lognote").text)
-        assert SECRET not in browser.page_source
-        assert browser.find_element(By.ID, "log").text == ""
+        try:
+            await _check_dashboard(d, browser, url, sock, fifo, tmp_path)
+        finally:
+            if d.proc.returncode is None:
+                d.signal(signal.SIGTERM)  # kills whole groups (the fifo reader's cat too)
+                await d.wait_exit()
+        assert d.proc.returncode == 0
 
-        # A state change appears without a reload (a reload would drop the marker).
-        browser.get(url + "/")
-        wait(browser, lambda b: len(rows(b)) == 4)
-        browser.execute_script("document.body.dataset.marker = 'same page'")
-        assert await cli("stop", "idle", "--socket", sock) == 0
-        wait(browser, lambda b: rows(b).get("idle") == "STOPPED")
-        assert browser.execute_script("return document.body.dataset.marker") == "same page"
-        shot = tmp_path / "dashboard.png"
-        browser.save_screenshot(str(shot))
-        if os.environ.get("PUBMON_SCREENSHOT_DIR"):
-            shutil.copy(shot, Path(os.environ["PUBMON_SCREENSHOT_DIR"]) / "dashboard.png")
 
-        # Logged in with the token (the form, no script needed): the tail follows new lines.
-        browser.get(url + "/login")
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
-        wait(browser, lambda b: b.current_url == url + "/")
-        browser.get(url + "/p/talker")
-        wait(browser, lambda b: SECRET in b.find_element(By.ID, "log").text)
-        with open(fifo, "w") as f:
-            f.write("a new line\n" + HOSTILE + "\n")
-        log = browser.find_element(By.ID, "log")
-        wait(browser, lambda b: HOSTILE in log.text)
-        assert log.text.splitlines() == [SECRET, "a new line", HOSTILE]
-        assert browser.find_elements(By.CSS_SELECTOR, "#log script, #log img") == []
-        assert browser.title == "pubmon: talker"  # the hostile line's script never ran
-        browser.save_screenshot(str(tmp_path / "publisher.png"))
+async def _check_dashboard(
+    d: RunningDaemon, browser: webdriver.Chrome, url: str, sock: str, fifo: Path, tmp_path: Path
+) -> None:
+    # Without a credential: the table, states, no log line anywhere.
+    browser.get(url + "/")
+    names = ["talker", "worker:0", "worker:1", "idle"]
+    wait(browser, lambda b: list(rows(b)) == names)
+    assert set(rows(browser).values()) == {"RUNNING"}
+    browser.get(url + "/p/talker")
+    wait(browser, lambda b: "credential" in b.find_element(By.ID, "lognote").text)
+    assert SECRET not in browser.page_source
+    assert browser.find_element(By.ID, "log").text == ""
 
-        d.signal(signal.SIGTERM)
-        assert await d.wait_exit() == 0
+    # A state change appears without a reload (a reload would drop the marker).
+    browser.get(url + "/")
+    wait(browser, lambda b: len(rows(b)) == 4)
+    browser.execute_script("document.body.dataset.marker = 'same page'")
+    assert await cli("stop", "idle", "--socket", sock) == 0
+    wait(browser, lambda b: rows(b).get("idle") == "STOPPED")
+    assert browser.execute_script("return document.body.dataset.marker") == "same page"
+    shot = tmp_path / "dashboard.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("PUBMON_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["PUBMON_SCREENSHOT_DIR"]) / "dashboard.png")
+
+    # Logged in with the token (the form, no script needed): the tail follows new lines.
+    browser.get(url + "/login")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
+    wait(browser, lambda b: b.current_url == url + "/")
+    browser.get(url + "/p/talker")
+    wait(browser, lambda b: SECRET in b.find_element(By.ID, "log").text)
+    with open(fifo, "w") as f:
+        f.write("a new line\n" + HOSTILE + "\n")
+    log = browser.find_element(By.ID, "log")
+    wait(browser, lambda b: HOSTILE in log.text)
+    assert log.text.splitlines() == [SECRET, "a new line", HOSTILE]
+    assert browser.find_elements(By.CSS_SELECTOR, "#log script, #log img") == []
+    assert browser.title == "pubmon: talker"  # the hostile line's script never ran
+    browser.save_screenshot(str(tmp_path / "publisher.png"))

@@ -59,9 +59,13 @@ async def http_daemon(
     config.write_text(header + http + body)
     async with run_daemon(config) as d:
         scheme = "https" if "tls_cert" in monitor else "http"
-        yield d, f"{scheme}://127.0.0.1:{port}", token_file
-        d.signal(signal.SIGTERM)  # a graceful stop kills whole groups (a SIGKILL would not)
-        assert await d.wait_exit() == 0
+        try:
+            yield d, f"{scheme}://127.0.0.1:{port}", token_file
+        finally:
+            if d.proc.returncode is None:
+                d.signal(signal.SIGTERM)  # a graceful stop kills whole groups (SIGKILL would not)
+                await d.wait_exit()
+        assert d.proc.returncode == 0
 
 
 async def get(
@@ -230,6 +234,8 @@ async def test_login_form_sets_a_strict_httponly_cookie(tmp_path: Path) -> None:
                 assert r.status == 401 and "Set-Cookie" not in r.headers
             async with s.get(url + "/logs/a") as r:
                 assert r.status == 401
+            async with s.get(url + "/logs/a", headers={"Cookie": "pubmon_session=forged"}) as r:
+                assert r.status == 401
             async with s.post(
                 url + "/login", data={"token": TOKEN, "next": "//evil.example/"},
                 allow_redirects=False,
@@ -323,3 +329,21 @@ async def test_no_token_file_means_logs_only_over_mutual_tls(tmp_path: Path) -> 
             s.post(url + "/login", data={"token": ""}, allow_redirects=False) as r,
         ):
             assert r.status == 401
+
+
+async def test_exported_child_counters_reach_metrics_with_a_cap(tmp_path: Path) -> None:
+    (port, http_port) = free_ports(2)
+    demo = [sys.executable, "-m", "pubmon.demo", "--pub_port={port}", "--name={name}"]
+    probe = {"kind": "fb303", "interval": 0.2, "timeout": 0.2, "export_counters": True}
+    body = toml_publisher("demo", demo, port=port, start_timeout=10, probe=probe)
+    http = http_section(http_port, child_counters_max=2)
+    async with http_daemon(tmp_path, body, http=http) as (d, url, _):
+        async with asyncio.timeout(10):
+            while "pubmon_child_counter{" not in (text := (await get(url + "/metrics"))[2]):
+                await asyncio.sleep(0.05)  # the first fetch happens at a scrape
+        samples = [
+            s for f in parse_text(text) for s in f.samples if s.name == "pubmon_child_counter"
+        ]
+        assert len(samples) == 2  # the cap: the first two keys in sorted order
+        assert all(s.labels["publisher"] == "demo" for s in samples)
+        assert all(s.labels["counter"].startswith("demo.") for s in samples)

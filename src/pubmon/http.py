@@ -80,6 +80,7 @@ _LOG_EVERY = 60.0  # seconds between two logged refusals of one peer
 _WEDGED_MS = 5000  # /healthz fails once the loop ran a timer this late
 _TICK = 2.0  # the dashboard's CPU/memory figures refresh this often while someone watches
 _EXITS_KEPT = 20
+_GAP = 0.2  # seconds: changes closer together than this are shown together
 _LINES_FIRST = 200  # a publisher page starts with this many lines
 _ASSETS = ("dashboard.js", "dashboard.css")
 
@@ -200,6 +201,7 @@ class _ExitLog:
                         "time": time.time(),
                         "status": pub.last_exit,
                         "reason": pub.last_exit_reason,
+                        "count": pub.exits - before,  # > 1: more exits within one _GAP
                     }
                 )
         for gone in self.seen.keys() - pubs.keys():
@@ -349,6 +351,9 @@ class HttpServer:
         while True:
             self.exits.update(sup.publishers)
             await sup.changed.wait()
+            # A storm of changes (1000 publishers restarting) is one O(N) scan per _GAP, not
+            # one per change.
+            await asyncio.sleep(_GAP)
 
     async def close(self) -> None:
         self._closed.set()  # live streams end their loops
@@ -520,6 +525,7 @@ class HttpServer:
                 if body != sent:
                     await response.write(b"event: table\ndata: " + body + b"\n\n")
                     sent = body
+                    await asyncio.sleep(_GAP)  # at most a few tables a second per browser
                 else:
                     await response.write(b": idle\n\n")  # finds a closed connection
                 await self._changed_or(None, _TICK)

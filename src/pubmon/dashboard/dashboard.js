@@ -133,7 +133,7 @@ function drawPublisher(p) {
     const tr = document.createElement("tr");
     tr.appendChild(el("td", new Date(x.time * 1000).toLocaleString()));
     tr.appendChild(el("td", x.status === null ? "-" : x.status, "num"));
-    tr.appendChild(el("td", x.reason));
+    tr.appendChild(el("td", x.count > 1 ? x.reason + " (" + x.count + " exits)" : x.reason));
     body.appendChild(tr);
   }
   if (!p.recent_exits.length) {
