@@ -33,6 +33,7 @@ pytestmark = [
     ),
 ]
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
@@ -59,14 +60,18 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 
 def wait(driver: webdriver.Chrome, what: object, timeout: float = 10) -> object:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(what)  # type: ignore[arg-type]
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(what)  # type: ignore[arg-type]
 
 
 def rows(driver: webdriver.Chrome) -> dict[str, str]:
-    out = {}
-    for tr in driver.find_elements(By.CSS_SELECTOR, "#publishers tbody tr"):
-        out[tr.get_attribute("data-name") or ""] = tr.get_attribute("data-state") or ""
-    return out
+    # Read in one script: the page replaces the whole tbody on every update.
+    pairs = driver.execute_script(
+        "return [...document.querySelectorAll('#publishers tbody tr')]"
+        ".map((tr) => [tr.dataset.name, tr.dataset.state])"
+    )
+    return dict(pairs)
 
 
 async def cli(*args: str) -> int:
