@@ -347,3 +347,19 @@ async def test_exported_child_counters_reach_metrics_with_a_cap(tmp_path: Path) 
         assert len(samples) == 2  # the cap: the first two keys in sorted order
         assert all(s.labels["publisher"] == "demo" for s in samples)
         assert all(s.labels["counter"].startswith("demo.") for s in samples)
+
+
+async def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Path) -> None:
+    async with http_daemon(tmp_path, toml_publisher("a", PRINTS)) as (d, url, token_file):
+        old = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await get(url + "/logs/a", headers=old))[0] == 200
+        new_token = "a-rotated-token-9876543210"
+        fresh = tmp_path / "token.new"
+        fresh.write_text(new_token + "\n")
+        fresh.rename(token_file)  # as a secret manager replaces it
+        new = {"Authorization": f"Bearer {new_token}"}
+        async with asyncio.timeout(5):
+            while (await get(url + "/logs/a", headers=new))[0] != 200:
+                await asyncio.sleep(0.1)  # the file is looked at once a second at most
+        assert (await get(url + "/logs/a", headers=old))[0] == 401
+        assert any("new token in force" in line for line in d.stderr)

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import ssl
 import time
 from collections import deque
@@ -96,17 +97,42 @@ class HttpAccess:
     """Who may see what over HTTP: the Host check, the credential checks, counted refusals."""
 
     def __init__(self, config: HttpConfig, token: bytes | None) -> None:
+        self._token_file = config.token_file
+        self._token_stat: tuple[int, int, int] | None = _stat_key(config.token_file)
+        self._token_checked = time.monotonic()
+        self._set_token(token)
+        address = config.address()
+        host = address[0] if address is not None else "127.0.0.1"
+        self.hosts = frozenset({host.lower(), "localhost", "127.0.0.1", "::1", *config.hosts})
+        self.denied: dict[tuple[str, str], int] = {}
+        self._logged: dict[str, float] = {}  # peer -> time.monotonic() of its last logged refusal
+
+    def _set_token(self, token: bytes | None) -> None:
         self._token = _digest(token) if token else None
         self._session = (
             hmac.new(token, b"pubmon dashboard session", hashlib.sha256).hexdigest().encode()
             if token
             else None
         )
-        address = config.address()
-        host = address[0] if address is not None else "127.0.0.1"
-        self.hosts = frozenset({host.lower(), "localhost", "127.0.0.1", "::1", *config.hosts})
-        self.denied: dict[tuple[str, str], int] = {}
-        self._logged: dict[str, float] = {}  # peer -> time.monotonic() of its last logged refusal
+
+    def _fresh_token(self) -> None:
+        """A token file replaced or rewritten (rotation) takes effect within a second, and
+        ends every session of the old token. An unreadable or empty file keeps the old one."""
+        now = time.monotonic()
+        if self._token_file is None or now - self._token_checked < 1.0:
+            return
+        self._token_checked = now
+        key = _stat_key(self._token_file)
+        if key == self._token_stat or key is None:
+            return
+        try:
+            token = _read_token(self._token_file)
+        except StartupError as exc:
+            logger.warning("http: keeping the previous token: %s", exc)
+            return
+        self._token_stat = key
+        self._set_token(token)
+        logger.info("http: token file %s changed: new token in force", self._token_file)
 
     @property
     def has_token(self) -> bool:
@@ -124,11 +150,13 @@ class HttpAccess:
 
     def token_ok(self, given: str) -> bool:
         # Digests of equal length: compare_digest then takes the same time for any input.
+        self._fresh_token()
         if self._token is None:
             return False
         return hmac.compare_digest(_digest(given.encode()), self._token)
 
     def session_ok(self, cookie: str | None) -> bool:
+        self._fresh_token()
         if self._session is None or not cookie:
             return False
         return hmac.compare_digest(_digest(cookie.encode()), _digest(self._session))
@@ -165,6 +193,16 @@ class HttpAccess:
                 "are counted, not logged, for a minute)",
                 request.method, request.path, peer, level, why,
             )  # fmt: skip
+
+
+def _stat_key(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_token(path: str | None) -> bytes | None:
