@@ -30,26 +30,24 @@ id is the line's sequence number, so a reconnecting browser resumes where it sto
 
 from __future__ import annotations
 
-__all__ = ["LEVELS", "HttpAccess", "HttpServer", "Level"]
+__all__ = ["HttpServer"]
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import os
 import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ._http_access import COOKIE, LISTENER, HttpAccess, Level, read_token
 from ._procstats import ProcStats
 from .child_counters import ChildCounters
-from .config import Config, HttpConfig
+from .config import Config
 from .errors import StartupError
 from .lifecycle import PublisherState
 from .metrics import DaemonValues, MetricsWriter, negotiate
@@ -60,11 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Level = Literal["status", "logs", "control"]
-LEVELS: tuple[Level, ...] = ("status", "logs", "control")
-LISTENER = "http"
-
-COOKIE = "pubmon_session"
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -77,145 +70,12 @@ _HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-_LOG_EVERY = 60.0  # seconds between two logged refusals of one peer
 _WEDGED_MS = 5000  # /healthz fails once the loop ran a timer this late
 _TICK = 2.0  # the dashboard's CPU/memory figures refresh this often while someone watches
 _EXITS_KEPT = 20
 _GAP = 0.2  # seconds: changes closer together than this are shown together
 _LINES_FIRST = 200  # a publisher page starts with this many lines
 _ASSETS = ("dashboard.js", "dashboard.css")
-
-
-# --- access ------------------------------------------------------------------------------------
-
-
-def _digest(token: bytes) -> bytes:
-    return hashlib.sha256(token).digest()
-
-
-class HttpAccess:
-    """Who may see what over HTTP: the Host check, the credential checks, counted refusals."""
-
-    def __init__(self, config: HttpConfig, token: bytes | None) -> None:
-        self._token_file = config.token_file
-        self._token_stat: tuple[int, int, int] | None = _stat_key(config.token_file)
-        self._token_checked = time.monotonic()
-        self._set_token(token)
-        address = config.address()
-        host = address[0] if address is not None else "127.0.0.1"
-        self.hosts = frozenset({host.lower(), "localhost", "127.0.0.1", "::1", *config.hosts})
-        self.denied: dict[tuple[str, str], int] = {}
-        self._logged: dict[str, float] = {}  # peer -> time.monotonic() of its last logged refusal
-
-    def _set_token(self, token: bytes | None) -> None:
-        self._token = _digest(token) if token else None
-        self._session = (
-            hmac.new(token, b"pubmon dashboard session", hashlib.sha256).hexdigest().encode()
-            if token
-            else None
-        )
-
-    def _fresh_token(self) -> None:
-        """A token file replaced or rewritten (rotation) takes effect within a second, and
-        ends every session of the old token. An unreadable or empty file keeps the old one."""
-        now = time.monotonic()
-        if self._token_file is None or now - self._token_checked < 1.0:
-            return
-        self._token_checked = now
-        key = _stat_key(self._token_file)
-        if key == self._token_stat or key is None:
-            return
-        try:
-            token = _read_token(self._token_file)
-        except StartupError as exc:
-            logger.warning("http: keeping the previous token: %s", exc)
-            return
-        self._token_stat = key
-        self._set_token(token)
-        logger.info("http: token file %s changed: new token in force", self._token_file)
-
-    @property
-    def has_token(self) -> bool:
-        return self._token is not None
-
-    def host_ok(self, header: str | None) -> bool:
-        if not header:
-            return False
-        host = header.lower()
-        if host.startswith("["):  # [::1]:9180
-            host = host[1 : host.find("]")] if "]" in host else host
-        elif host.count(":") == 1:
-            host = host.rsplit(":", 1)[0]
-        return host in self.hosts
-
-    def token_ok(self, given: str) -> bool:
-        # Digests of equal length: compare_digest then takes the same time for any input.
-        self._fresh_token()
-        if self._token is None:
-            return False
-        return hmac.compare_digest(_digest(given.encode()), self._token)
-
-    def session_ok(self, cookie: str | None) -> bool:
-        self._fresh_token()
-        if self._session is None or not cookie:
-            return False
-        return hmac.compare_digest(_digest(cookie.encode()), _digest(self._session))
-
-    @property
-    def session_value(self) -> str:
-        assert self._session is not None
-        return self._session.decode()
-
-    def levels(self, request: web.Request) -> frozenset[Level]:
-        """The levels this request has: status always; logs with a credential."""
-        auth = request.headers.get("Authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() == "bearer" and self.token_ok(given.strip()):
-            return frozenset({"status", "logs"})
-        if self.session_ok(request.cookies.get(COOKIE)):
-            return frozenset({"status", "logs"})
-        transport = request.transport
-        if transport is not None and transport.get_extra_info("peercert"):
-            return frozenset({"status", "logs"})
-        return frozenset({"status"})
-
-    def deny(self, request: web.Request, level: Level, why: str) -> None:
-        key = (LISTENER, level)
-        self.denied[key] = self.denied.get(key, 0) + 1
-        peer = request.remote or "?"
-        now = time.monotonic()
-        if now - self._logged.get(peer, -_LOG_EVERY) >= _LOG_EVERY:
-            if len(self._logged) > 10000:  # a scan from many addresses: forget the oldest
-                self._logged.clear()
-            self._logged[peer] = now
-            logger.warning(
-                "http: refused %s %s from %s (%s level): %s (further refusals of this peer "
-                "are counted, not logged, for a minute)",
-                request.method, request.path, peer, level, why,
-            )  # fmt: skip
-
-
-def _stat_key(path: str | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _read_token(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise StartupError(f"http.token_file {path}: {exc.strerror or exc}") from exc
-    if not token:
-        raise StartupError(f"http.token_file {path} is empty")
-    return token
 
 
 # --- what the pages show -----------------------------------------------------------------------
@@ -318,7 +178,7 @@ class HttpServer:
         self._daemon = daemon
         self.config = config.http
         self._monitor = config.monitor
-        self.access = HttpAccess(self.config, _read_token(self.config.token_file))
+        self.access = HttpAccess(self.config, read_token(self.config.token_file))
         self.procstats = daemon.procstats
         self.children = ChildCounters(self.config.child_counters_max)
         self.metrics = MetricsWriter(_View(daemon, self), self.procstats)
