@@ -162,8 +162,11 @@ def run_demo(debug: bool) -> int:
     quotes, trades, news = DEMO_NAMES
     with tempfile.TemporaryDirectory(prefix="pubmon-demo-") as tmp:
         config = Path(tmp) / "pubmon.toml"
-        ports = free_ports(4)
-        config.write_text(demo_config(Path(tmp), ports))
+        ports = free_ports(5)
+        token = Path(tmp) / "http-token"
+        token.write_text(os.urandom(18).hex() + "\n")
+        token.chmod(0o600)
+        config.write_text(demo_config(Path(tmp), ports, token))
         sock = f"--socket {Path(tmp) / 'pubmon.sock'}"
         bin_ = Path(sys.executable).parent / "pubmon"
         pubmon = str(bin_) if bin_.exists() else "pubmon"
@@ -179,6 +182,8 @@ def run_demo(debug: bool) -> int:
             f"  {sys.executable} -m pubmon.demo --pub_port {ports[0]} --set hang=1"
             "    # the probe finds it and restarts it\n"
             f"  kill -HUP {os.getpid()}    # reload {config}\n"
+            f"Dashboard: http://127.0.0.1:{ports[4]}/ (log in with the token in {token}),"
+            f" metrics: http://127.0.0.1:{ports[4]}/metrics\n"
             "Ctrl-C stops the daemon and every publisher.\n",
             flush=True,
         )

@@ -91,7 +91,7 @@ function drawTable(data) {
 }
 
 function tickUptimes() {
-  for (const td of document.querySelectorAll("td.uptime")) {
+  for (const td of document.querySelectorAll(".uptime")) {
     const started = td.dataset.started;
     td.textContent = started ? uptime(Number(started)) : "-";
   }
@@ -126,7 +126,15 @@ function drawPublisher(p) {
     ["last exit", p.last_exit_reason || "-"], ["cpu", cpu(p.cpu)], ["memory", bytes(p.rss)],
     ["open fds", p.fds === null ? "-" : p.fds], ["details", p.details || "-"],
   ];
-  for (const [k, v] of rows) { facts.appendChild(el("dt", k)); facts.appendChild(el("dd", v)); }
+  for (const [k, v] of rows) {
+    facts.appendChild(el("dt", k));
+    const dd = el("dd", v);
+    if (k === "uptime") {
+      dd.className = "uptime";
+      dd.dataset.started = p.started === null ? "" : String(p.started);
+    }
+    facts.appendChild(dd);
+  }
   document.getElementById("facts").replaceWith(facts);
   const body = document.createElement("tbody");
   for (const x of p.recent_exits) {
@@ -138,7 +146,9 @@ function drawPublisher(p) {
   }
   if (!p.recent_exits.length) {
     const tr = document.createElement("tr");
-    tr.appendChild(el("td", "none since the daemon started", "muted"));
+    const td = el("td", "none since the daemon started", "muted");
+    td.colSpan = 3;
+    tr.appendChild(td);
     body.appendChild(tr);
   }
   document.querySelector("#exits tbody").replaceWith(body);
@@ -181,6 +191,7 @@ function followPublisher() {
   });
   events.addEventListener("state", (e) => drawPublisher(JSON.parse(e.data)));
   events.addEventListener("log", (e) => appendLines(JSON.parse(e.data)));
+  setInterval(tickUptimes, 1000);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
