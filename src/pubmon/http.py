@@ -456,7 +456,12 @@ class HttpServer:
             if last_id.isdigit():
                 cursor = int(last_id)
             sent = b""
-            while not self._closed.is_set():
+            sup = self._daemon.supervisor
+            while (
+                not self._closed.is_set()
+                and sup is not None
+                and sup.publishers.get(pub.name) is pub
+            ):
                 self.procstats.one(pub.name, pub.pid)
                 state = _row(pub, self.procstats)
                 state["recent_exits"] = list(self.exits.exits.get(pub.name, ()))
