@@ -363,3 +363,20 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Pat
                 await asyncio.sleep(0.1)  # the file is looked at once a second at most
         assert (await get(url + "/logs/a", headers=old))[0] == 401
         assert any("new token in force" in line for line in d.stderr)
+
+
+async def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "pubmon.toml"
+        config.write_text(
+            daemon_header(tmp_path) + http_section(port) + toml_publisher("a", ["sleep", "3600"])
+        )
+        async with run_daemon(config, ready=False) as d:
+            assert await d.wait_exit() == 3  # EXIT_STARTUP, before any publisher was spawned
+        assert any(f"http listener 127.0.0.1:{port}: " in line for line in d.stderr), d.stderr
+        assert not any("spawned pid" in line for line in d.stderr)

@@ -140,6 +140,16 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     except StartupError as exc:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    except BaseExceptionGroup as group:
+        # A listener that cannot bind raises inside the daemon's TaskGroup, which wraps it.
+        rest = group.subgroup(lambda e: not isinstance(e, StartupError | BaseExceptionGroup))
+        if rest is not None:
+            raise
+        startup = group.subgroup(StartupError)
+        assert startup is not None
+        for err in _leaves(startup):
+            print(f"pubmon: {err}", file=sys.stderr)
+        return EXIT_STARTUP
     # Every publisher is stopped and every file closed: skip the interpreter's teardown (module
     # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
     # scripts wait for.
@@ -149,6 +159,13 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def run_demo(debug: bool) -> int:
