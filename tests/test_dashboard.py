@@ -149,4 +149,9 @@ async def _check_dashboard(
     assert log.text.splitlines() == [SECRET, "a new line", HOSTILE]
     assert browser.find_elements(By.CSS_SELECTOR, "#log script, #log img") == []
     assert browser.title == "pubmon: talker"  # the hostile line's script never ran
+
+    # A restart shows up in the page's recent exits, and the tail goes on across it.
+    assert await cli("restart", "talker", "--socket", sock) == 0
+    wait(browser, lambda b: "SIGTERM" in b.find_element(By.CSS_SELECTOR, "#exits tbody").text)
+    wait(browser, lambda b: b.find_element(By.ID, "log").text.count(SECRET) == 2)
     browser.save_screenshot(str(tmp_path / "publisher.png"))

@@ -7,7 +7,7 @@ listener. TLS comes from [monitor]'s tls_cert/tls_key when given (`[http] tls = 
 out); with its tls_client_ca, a client certificate is asked for but not required, and a
 verified one grants the logs level.
 
-Access levels (issue 18; the names are those of access.py: status, logs, control):
+Access levels (issue 18, checked in _http_access.py; names as in access.py):
 - status, without any credential: /metrics, /healthz, /readyz, the dashboard's states;
 - logs: /logs/<name> and the log tail of a publisher's page. It needs a credential: the token
   of `[http] token_file` as `Authorization: Bearer <token>` (compared in constant time, as
