@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -366,8 +367,6 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Pat
 
 
 async def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -380,3 +379,38 @@ async def test_a_port_in_use_stops_the_start_with_a_clear_error(tmp_path: Path) 
             assert await d.wait_exit() == 3  # EXIT_STARTUP, before any publisher was spawned
         assert any(f"http listener 127.0.0.1:{port}: " in line for line in d.stderr), d.stderr
         assert not any("spawned pid" in line for line in d.stderr)
+
+
+async def test_reload_moves_the_listener_and_applies_hosts(tmp_path: Path) -> None:
+    (new_port,) = free_ports(1)
+    async with http_daemon(tmp_path, toml_publisher("a", PRINTS)) as (d, url, token_file):
+        config = d.config.read_text()
+        old = url.rsplit(":", 1)[1]
+        d.config.write_text(
+            config.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new_port}").replace(
+                "[http]\n", '[http]\nhosts = ["pubmon.internal"]\n'
+            )
+        )
+        d.signal(signal.SIGHUP)
+        await d.wait_log(f"http listening on 127.0.0.1:{new_port}")
+        new_url = f"http://127.0.0.1:{new_port}"
+        status, _, _ = await get(new_url + "/healthz", headers={"Host": "pubmon.internal"})
+        assert status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get(url + "/healthz")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await get(new_url + "/logs/a", headers=auth))[0] == 200
+
+        # A port that cannot be bound: the reload keeps the listener where it was.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            d.config.write_text(d.config.read_text().replace(str(new_port), str(busy)))
+            d.signal(signal.SIGHUP)
+            await d.wait_log(f"http listener 127.0.0.1:{busy}: ")
+            back = f"http listening on 127.0.0.1:{new_port}"
+            async with asyncio.timeout(5):
+                while sum(back in line for line in d.stderr) < 2:
+                    await asyncio.sleep(0.02)  # the old address is bound again
+            assert (await get(new_url + "/healthz"))[0] == 200

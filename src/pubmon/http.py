@@ -39,6 +39,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import fields, replace
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -187,6 +188,7 @@ class HttpServer:
         self.tls = False
         self.scrapes = 0
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._closed = asyncio.Event()
         self._table: tuple[tuple[int, int], bytes] | None = None
         self._assets = resources.files("pubmon") / "dashboard"
@@ -227,19 +229,84 @@ class HttpServer:
         r.add_get("/logs/{name}", self._logs, name="logs")
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
+        self._runner = runner
+        try:
+            await self._bind(host, port)
+        except StartupError:
+            self._runner = None
+            await runner.cleanup()
+            raise
+
+    async def _bind(self, host: str, port: int) -> None:
+        assert self._runner is not None
         ctx = self._ssl()
-        site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ctx, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
-            await runner.cleanup()
             raise StartupError(
                 f"http listener {self.config.listen}: {exc.strerror or exc}"
             ) from exc
-        self._runner = runner
+        self._site = site
         self.tls = ctx is not None
-        self.port = runner.addresses[0][1]
+        self.port = self._runner.addresses[-1][1]
         logger.info("http listening on %s:%d%s", host, self.port, " (TLS)" if ctx else "")
+
+    async def reconfigure(self, config: Config) -> list[str]:
+        """Apply a reloaded config's [http] (and [monitor] TLS) live; one line per change,
+        as "http.key: old -> new" (the reload's report lists them).
+
+        Credentials, hosts and limits apply at once. A new address or TLS setting rebinds: the
+        old listener closes first (it may be the same port) and is bound again if the new one
+        cannot be (the reload still succeeds; the line and the log say so). `listen = ""`
+        closes it. Never raises.
+        """
+        old, new = self.config, config.http
+        mon = config.monitor
+        old_tls = (self._monitor.tls_cert, self._monitor.tls_key, self._monitor.tls_client_ca)
+        new_tls = (mon.tls_cert, mon.tls_key, mon.tls_client_ca)
+        lines = [
+            f"http.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+            for f in fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)
+        ]
+        if (old.token_file, old.hosts) != (new.token_file, new.hosts):
+            try:
+                access = HttpAccess(new, read_token(new.token_file))
+            except StartupError as exc:
+                lines.append(f"http.token_file: kept the previous token: {exc}")
+                new = replace(new, token_file=old.token_file, hosts=old.hosts)
+            else:
+                access.denied = self.access.denied
+                self.access = access
+        self.children.cap = new.child_counters_max
+        rebind = (old.listen, old.tls, old_tls) != (new.listen, new.tls, new_tls)
+        if rebind and old.listen == new.listen and old.tls == new.tls:
+            lines.append("http: the [monitor] TLS files changed: listener reopened")
+        previous = self.config, self._monitor
+        self.config, self._monitor = new, mon
+        if not rebind or self._runner is None:
+            return lines
+        if not new.listen:
+            await self.close()
+            return lines
+        address = new.address()
+        assert address is not None
+        if self._site is not None:
+            await self._site.stop()
+        try:
+            await self._bind(*address)
+        except StartupError as exc:
+            logger.error("%s; listening on %s again", exc, previous[0].listen)
+            self.config, self._monitor = previous
+            old_address = previous[0].address()
+            assert old_address is not None
+            await self._bind(*old_address)
+            # What is bound is the old address and TLS: keep describing that.
+            kept = replace(new, listen=previous[0].listen, tls=previous[0].tls)
+            self.config, self._monitor = kept, previous[1]
+            lines.append(f"http.listen: kept {previous[0].listen!r}: {exc}")
+        return lines
 
     async def run(self) -> None:
         """Record exits as they happen (the daemon's TaskGroup owns this task)."""
