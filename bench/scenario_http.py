@@ -53,6 +53,7 @@ class Daemon:
         self.port = _free_port()
         token = workdir / "token"
         token.write_text(TOKEN + "\n")
+        token.chmod(0o600)
         config = workdir / "pubmon.toml"
         config.write_text(
             f'[control]\nsocket = ""\n[monitor]\nlisten = ""\n'

@@ -89,6 +89,7 @@ async def test_dashboard_live_table_log_tail_and_escaping(
     os.mkfifo(fifo)
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     talker = ["sh", "-c", f"echo {SECRET}; while true; do cat {fifo}; done"]
     config = tmp_path / "pubmon.toml"
     config.write_text(

@@ -95,6 +95,7 @@ def test_http_is_off_by_default() -> None:
 def test_http_config_errors_name_their_keys(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("abc\n")
+    short.chmod(0o644)
     text = (
         '[http]\nlisten = "localhost"\ntoken_file = "short"\nhosts = ["ok.example", "a/b"]\n'
         "child_counters_max = -1\nlistne = 1\n"
@@ -107,6 +108,7 @@ def test_http_config_errors_name_their_keys(tmp_path: Path) -> None:
     for expected in (
         'http.listen: expected "host:port"',
         "http.token_file: expected a token of at least 16 characters",
+        "short is open to every user (mode 0644): chmod o-rwx",
         "http.hosts: item 2: expected a host name, got 'a/b'",
         "http.child_counters_max: expected an integer in 0..10000, got -1",
         "http.listne: unknown key (did you mean 'listen'?)",
@@ -219,9 +221,9 @@ async def test_logs_need_the_token_and_refusals_are_counted(tmp_path: Path) -> N
 
         _, _, metrics = await get(url + "/metrics")
         assert 'pubmon_access_denied_total{listener="http",level="logs"} 2' in metrics
-        refusals = [line for line in d.stderr if "http: refused" in line]
+        refusals = [line for line in d.stderr if "access denied on http" in line]
         assert len(refusals) == 1, refusals  # once per peer per minute
-        assert "GET /logs/a from 127.0.0.1 (logs level): no credential" in refusals[0]
+        assert "to 127.0.0.1: GET /logs/a needs the logs level: no credential" in refusals[0]
 
 
 async def test_login_form_sets_a_strict_httponly_cookie(tmp_path: Path) -> None:
@@ -264,6 +266,7 @@ async def test_client_certificate_grants_logs(tmp_path: Path, certs: Path) -> No
     monitor = (
         f'[monitor]\nlisten = "127.0.0.1:{mon_port}"\ntls_cert = "{certs / "server.pem"}"\n'
         f'tls_key = "{certs / "server.key"}"\ntls_client_ca = "{certs / "ca.pem"}"\n'
+        'allow = { logs = ["CN=operator,O=pubmon"] }\n'  # the subject of certs/client.pem
     )
     async with http_daemon(tmp_path, toml_publisher("a", PRINTS), monitor=monitor) as (d, url, _):
         plain = ssl.create_default_context(cafile=str(certs / "ca.pem"))
@@ -282,6 +285,14 @@ async def test_client_certificate_grants_logs(tmp_path: Path, certs: Path) -> No
             s.post(url + "/login", data={"token": TOKEN}, ssl=plain, allow_redirects=False) as r,
         ):
             assert "Secure" in r.headers["Set-Cookie"]
+
+        # A certificate [monitor] allow does not name for logs gets the status level only.
+        d.config.write_text(d.config.read_text().replace("allow = { logs", "allow = { status"))
+        d.signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while (await get(url + "/logs/a", ssl_ctx=mutual))[0] != 401:
+                await asyncio.sleep(0.05)  # the reload is applied
+        assert (await get(url + "/healthz", ssl_ctx=mutual))[0] == 200
 
 
 # --- browsers' attack surface -------------------------------------------------------------------
@@ -357,6 +368,7 @@ async def test_a_rotated_token_file_takes_effect_without_a_restart(tmp_path: Pat
         new_token = "a-rotated-token-9876543210"
         fresh = tmp_path / "token.new"
         fresh.write_text(new_token + "\n")
+        fresh.chmod(0o600)
         fresh.rename(token_file)  # as a secret manager replaces it
         new = {"Authorization": f"Bearer {new_token}"}
         async with asyncio.timeout(5):

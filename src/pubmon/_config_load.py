@@ -273,9 +273,16 @@ class Loader:
             try:
                 with open(token_file, "rb") as f:
                     token = f.read().strip()
+                    mode = os.fstat(f.fileno()).st_mode & 0o777
             except OSError as e:
                 chk.problem((*key, "token_file"), f"cannot read {token_file}: {e.strerror}")
             else:
+                if mode & 0o007:  # a secret every local user could read (or replace)
+                    chk.problem(
+                        (*key, "token_file"),
+                        f"{token_file} is open to every user (mode {mode:04o}): "
+                        f"chmod o-rwx {token_file}",
+                    )
                 if len(token) < 16:
                     chk.problem(
                         (*key, "token_file"),

@@ -1,6 +1,5 @@
-"""HTTP access checks (issue 18): the Host check, the credentials of the logs level, counted
-refusals. Level names are those of access.py (status, logs, control); when that module lands,
-`HttpAccess.deny` and `levels` are the two places that should use it.
+"""HTTP access checks (issue 18): the Host check and the credentials of the logs level, with
+the levels, allow lists and refusal counting of `pubmon.access`.
 
 - The bearer token of `[http] token_file` is compared as SHA-256 digests with
   hmac.compare_digest: equal lengths, so the time taken says nothing about the token, not even
@@ -8,7 +7,8 @@ refusals. Level names are those of access.py (status, logs, control); when that 
   without a restart; an unreadable or empty file keeps the old one).
 - The session cookie set by /login is an HMAC of the token, not the token: it never leaves the
   server in a form that works as a bearer token, and a new token ends every session.
-- A verified client certificate (mutual TLS with [monitor]'s tls_client_ca) grants logs.
+- A verified client certificate (mutual TLS with [monitor]'s tls_client_ca) gets the level
+  `[monitor] allow` gives its subject or a SAN, as on the Thrift monitor listener.
 - A request whose Host header is not the listen host, localhost, 127.0.0.1, ::1 or one of
   `[http] hosts` is refused: a site whose DNS name was rebound to 127.0.0.1 reaches the port
   but cannot name it.
@@ -16,27 +16,25 @@ refusals. Level names are those of access.py (status, logs, control); when that 
 
 from __future__ import annotations
 
-__all__ = ["COOKIE", "LEVELS", "LISTENER", "HttpAccess", "Level", "read_token"]
+__all__ = ["COOKIE", "LISTENER", "HttpAccess", "read_token"]
 
 import hashlib
 import hmac
 import logging
 import os
 import time
-from typing import Literal
+from typing import Any
 
 from aiohttp import web
 
+from .access import LEVELS, AccessList, Level, Policy, Refusals, cert_keys
 from .config import HttpConfig
 from .errors import StartupError
 
 logger = logging.getLogger("pubmon.http")
 
-Level = Literal["status", "logs", "control"]
-LEVELS: tuple[Level, ...] = ("status", "logs", "control")
 LISTENER = "http"
 COOKIE = "pubmon_session"
-_LOG_EVERY = 60.0  # seconds between two logged refusals of one peer
 
 
 def _digest(token: bytes) -> bytes:
@@ -44,9 +42,21 @@ def _digest(token: bytes) -> bytes:
 
 
 class HttpAccess:
-    """Who may see what over HTTP: the Host check, the credential checks, counted refusals."""
+    """Who may see what over HTTP: the Host check, the credential checks, counted refusals.
 
-    def __init__(self, config: HttpConfig, token: bytes | None) -> None:
+    `refusals` is the daemon's (the Thrift listeners count theirs there too: one set of
+    access.denied.<listener>.<level> counters); `cert_allow` is [monitor] allow when mutual
+    TLS is on, else None.
+    """
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        token: bytes | None,
+        *,
+        refusals: Refusals,
+        cert_allow: AccessList | None = None,
+    ) -> None:
         self._token_file = config.token_file
         self._token_stat: tuple[int, int, int] | None = _stat_key(config.token_file)
         self._token_checked = time.monotonic()
@@ -54,8 +64,13 @@ class HttpAccess:
         address = config.address()
         host = address[0] if address is not None else "127.0.0.1"
         self.hosts = frozenset({host.lower(), "localhost", "127.0.0.1", "::1", *config.hosts})
-        self.denied: dict[tuple[str, str], int] = {}
-        self._logged: dict[str, float] = {}  # peer -> time.monotonic() of its last logged refusal
+        self.refusals = refusals
+        refusals.track(LISTENER)
+        self._certs = (
+            None
+            if cert_allow is None
+            else Policy(LISTENER, f"the HTTP listener {config.listen}", cert_allow, "")
+        )
 
     def _set_token(self, token: bytes | None) -> None:
         self._token = _digest(token) if token else None
@@ -116,33 +131,35 @@ class HttpAccess:
         assert self._session is not None
         return self._session.decode()
 
-    def levels(self, request: web.Request) -> frozenset[Level]:
-        """The levels this request has: status always; logs with a credential."""
+    def level(self, request: web.Request) -> Level:
+        """The level this request has: status always, logs with a token or session, and what
+        [monitor] allow gives a verified client certificate (never control: nothing over HTTP
+        changes state)."""
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() == "bearer" and self.token_ok(given.strip()):
-            return frozenset({"status", "logs"})
+            return Level.LOGS
         if self.session_ok(request.cookies.get(COOKIE)):
-            return frozenset({"status", "logs"})
+            return Level.LOGS
         transport = request.transport
-        if transport is not None and transport.get_extra_info("peercert"):
-            return frozenset({"status", "logs"})
-        return frozenset({"status"})
+        peercert: dict[str, Any] | None = (
+            transport.get_extra_info("peercert") if transport is not None else None
+        )
+        if peercert and self._certs is not None:
+            rdns = tuple(pair for rdn in peercert.get("subject", ()) for pair in rdn)
+            got = self._certs.level(cert_keys(rdns, tuple(peercert.get("subjectAltName", ()))))
+            if got is not None and LEVELS.index(got) >= LEVELS.index(Level.LOGS):
+                return Level.LOGS
+        return Level.STATUS
+
+    def allowed(self, request: web.Request, level: Level) -> bool:
+        return LEVELS.index(self.level(request)) >= LEVELS.index(level)
 
     def deny(self, request: web.Request, level: Level, why: str) -> None:
-        key = (LISTENER, level)
-        self.denied[key] = self.denied.get(key, 0) + 1
+        """Count the refusal; log it unless this peer was logged in the last minute."""
         peer = request.remote or "?"
-        now = time.monotonic()
-        if now - self._logged.get(peer, -_LOG_EVERY) >= _LOG_EVERY:
-            if len(self._logged) > 10000:  # a scan from many addresses: forget the oldest
-                self._logged.clear()
-            self._logged[peer] = now
-            logger.warning(
-                "http: refused %s %s from %s (%s level): %s (further refusals of this peer "
-                "are counted, not logged, for a minute)",
-                request.method, request.path, peer, level, why,
-            )  # fmt: skip
+        message = f"{request.method} {request.path} needs the {level} level: {why}"
+        self.refusals.refuse(LISTENER, level, peer, message)
 
 
 def _stat_key(path: str | None) -> tuple[int, int, int] | None:
@@ -156,13 +173,18 @@ def _stat_key(path: str | None) -> tuple[int, int, int] | None:
 
 
 def read_token(path: str | None) -> bytes | None:
+    """The token in `path` (None: no token file). StartupError when it cannot be read, is
+    empty, or is open to every user (a secret any local user could read or swap)."""
     if path is None:
         return None
     try:
         with open(path, "rb") as f:
             token = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode & 0o777
     except OSError as exc:
         raise StartupError(f"http.token_file {path}: {exc.strerror or exc}") from exc
     if not token:
         raise StartupError(f"http.token_file {path} is empty")
+    if mode & 0o007:
+        raise StartupError(f"http.token_file {path} is open to every user (mode {mode:04o})")
     return token

@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ._http_access import COOKIE, LISTENER, HttpAccess, Level, read_token
+from ._http_access import COOKIE, HttpAccess, read_token
 from ._procstats import ProcStats
+from .access import Level, Refusals
 from .child_counters import ChildCounters
 from .config import Config
 from .errors import StartupError
@@ -153,12 +154,11 @@ class _View:
         )
 
     def denied(self) -> Mapping[tuple[str, str], int]:
-        out = dict(self._s.access.denied)
-        # Refusals counted elsewhere (access.py: access.denied.<listener>.<level>).
-        counters: Callable[[], Mapping[str, int]] | None = getattr(self._d, "access_counters", None)
-        for key, n in (counters() if counters else {}).items():
+        # Every listener's refusals, counted by access.Refusals as access.denied.<listener>.<level>
+        out = {}
+        for key, n in self._s.access.refusals.counters().items():
             parts = key.split(".")
-            if len(parts) == 4 and parts[:2] == ["access", "denied"] and parts[2] != LISTENER:
+            if len(parts) == 4:
                 out[(parts[2], parts[3])] = n
         return out
 
@@ -179,7 +179,9 @@ class HttpServer:
         self._daemon = daemon
         self.config = config.http
         self._monitor = config.monitor
-        self.access = HttpAccess(self.config, read_token(self.config.token_file))
+        listeners = daemon.listeners
+        self._refusals = listeners.refusals if listeners is not None else Refusals()
+        self.access = self._access(config, read_token(self.config.token_file))
         self.procstats = daemon.procstats
         self.children = ChildCounters(self.config.child_counters_max)
         self.metrics = MetricsWriter(_View(daemon, self), self.procstats)
@@ -192,6 +194,11 @@ class HttpServer:
         self._closed = asyncio.Event()
         self._table: tuple[tuple[int, int], bytes] | None = None
         self._assets = resources.files("pubmon") / "dashboard"
+
+    def _access(self, config: Config, token: bytes | None) -> HttpAccess:
+        mon = config.monitor
+        mtls = mon.allow if (config.http.tls and mon.tls_client_ca) else None
+        return HttpAccess(config.http, token, refusals=self._refusals, cert_allow=mtls)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -270,15 +277,14 @@ class HttpServer:
             for f in fields(old)
             if getattr(old, f.name) != getattr(new, f.name)
         ]
-        if (old.token_file, old.hosts) != (new.token_file, new.hosts):
+        if (old.token_file, old.hosts, old.tls, old_tls, self._monitor.allow) != (
+            new.token_file, new.hosts, new.tls, new_tls, mon.allow
+        ):  # fmt: skip
             try:
-                access = HttpAccess(new, read_token(new.token_file))
+                self.access = self._access(config, read_token(new.token_file))
             except StartupError as exc:
                 lines.append(f"http.token_file: kept the previous token: {exc}")
                 new = replace(new, token_file=old.token_file, hosts=old.hosts)
-            else:
-                access.denied = self.access.denied
-                self.access = access
         self.children.cap = new.child_counters_max
         rebind = (old.listen, old.tls, old_tls) != (new.listen, new.tls, new_tls)
         if rebind and old.listen == new.listen and old.tls == new.tls:
@@ -330,13 +336,13 @@ class HttpServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        level: Level = "logs" if request.match_info.route.name == "logs" else "status"
+        level = Level.LOGS if request.match_info.route.name == "logs" else Level.STATUS
         if not self.access.host_ok(request.headers.get("Host")):
             self.access.deny(request, level, f"Host {request.headers.get('Host')!r} not allowed")
             return web.Response(
                 status=421, text="misdirected request: this Host is not served here\n"
             )
-        if level not in self.access.levels(request):
+        if not self.access.allowed(request, level):
             self.access.deny(request, level, "no credential")
             return web.Response(
                 status=401,
@@ -371,14 +377,14 @@ class HttpServer:
     async def _login(self, request: web.Request) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin is not None and not self.access.host_ok(origin.split("://", 1)[-1]):
-            self.access.deny(request, "logs", f"login posted from another origin {origin!r}")
+            self.access.deny(request, Level.LOGS, f"login posted from another origin {origin!r}")
             raise web.HTTPForbidden(text="cross-origin login refused\n")
         form = await request.post()
         given = form.get("token")
         target = form.get("next")
         where = target if isinstance(target, str) and _local_path(target) else "/"
         if not isinstance(given, str) or not self.access.token_ok(given.strip()):
-            self.access.deny(request, "logs", "wrong token at /login")
+            self.access.deny(request, Level.LOGS, "wrong token at /login")
             body = (self._assets / "login.html").read_bytes()
             return web.Response(status=401, body=body, content_type="text/html", charset="utf-8")
         response = web.HTTPSeeOther(where)
@@ -513,7 +519,7 @@ class HttpServer:
 
     async def _publisher_events(self, request: web.Request) -> web.StreamResponse:
         pub = self._publisher(request)
-        logs = "logs" in self.access.levels(request)
+        logs = self.access.allowed(request, Level.LOGS)
         response = await self._stream(request)
         try:
             hello = {"logs": logs, "token": self.access.has_token}
