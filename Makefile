@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench bench-quick soak clean
+.PHONY: demo test lint pytest bench bench-quick soak clean apt-http
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,20 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Debian packages the tests use when present (Prometheus scrape test, headless-browser test):
+# installed once, only where missing; without root or apt those tests skip and say why.
+HTTP_TEST_APT := prometheus chromium chromium-driver
+apt-http:
+	@if ! command -v prometheus >/dev/null || ! command -v chromium >/dev/null \
+	    || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends $(HTTP_TEST_APT); \
+	  else \
+	    echo "make: apt-get install $(HTTP_TEST_APT) to run the Prometheus and browser tests"; \
+	  fi; \
+	fi
+
 demo: $(STAMP)
 	$(VENV)/bin/pubmon demo
 
@@ -24,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy --strict src
 
-pytest: $(STAMP)
+pytest: $(STAMP) apt-http
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest

@@ -84,6 +84,17 @@ def figures(sizes: Sizes) -> list[Figure]:
                at_most(0.5)),
         Figure("orphans", None, "children alive 2 s after SIGKILL of the supervisor", "of 5",
                "0", at_most(0)),
+        Figure("http_scrape_cpu", 1000, "/metrics scrape of 1000, daemon CPU (/proc walk)", "ms",
+               "<= 50 ms", at_most(50)),
+        Figure("http_scrape_cpu_warm", 1000, "/metrics scrape of 1000, back to back", "ms"),
+        Figure("http_lag_10hz", 1000, "loop lag, 10 scrapes/s of 1000 (daemon's own)", "ms",
+               "<= 10 ms", at_most(10)),
+        Figure("http_healthz_p99_10hz", 1000, "/healthz p99 meanwhile", "ms"),
+        Figure("http_dashboard_cpu", 20, "dashboard open in a browser, daemon CPU", "%",
+               "< 1 %", at_most(1)),
+        Figure("http_token_wrong_minus_right", None, "wrong token - right token, median", "µs",
+               "within noise"),
+        Figure("http_token_iqr", None, "  noise: IQR of the right token's time", "µs"),
     ]  # fmt: skip
     return out
 

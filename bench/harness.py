@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCENARIOS = ("spawn", "idle", "restart", "logs", "rpc", "cli", "stop", "orphans")
+SCENARIOS = ("spawn", "idle", "restart", "logs", "rpc", "cli", "stop", "orphans", "http")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ from types import FrameType
 import procfs
 import scenario_faults
 import scenario_fleet
+import scenario_http
 import scenario_logs
 from contenders import CONTENDERS, Contender
 from contenders import supervisord as supervisord_contender
@@ -44,6 +45,7 @@ RUNNERS: list[tuple[tuple[str, ...], Runner]] = [
     (("restart",), scenario_faults.restart),
     (("logs",), scenario_logs.logs),
     (("orphans",), scenario_faults.orphans),
+    (("http",), scenario_http.http_side),
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 NOISY = 10.0  # % of one core used by other processes during a runner: warn

@@ -51,6 +51,15 @@ struct PublisherInfo {
   10: i32 port,
   /** The child's own fb303 getStatusDetails, or the probe's failure reason. */
   11: string statusDetails,
+  /**
+   * CPU seconds (user + system) of the publisher's whole process tree in its current run,
+   * reaped children included, read from /proc at most once a second. Unset when not running.
+   */
+  12: optional double cpuSeconds,
+  /** Resident memory of its process tree in bytes (summed per process). Unset when not running. */
+  13: optional i64 memoryBytes,
+  /** Open file descriptors of its process tree. Unset when not running. */
+  14: optional i32 openFds,
 }
 
 /** What a reload did to one publisher instance. */

@@ -98,7 +98,11 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
         rc, out, err = await cli("status", "--socket", sock)
         assert rc == 0, err
         header, *rows = out.splitlines()
-        assert header.split()[:6] == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH"]
+        assert header.split()[:8] == [
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "HEALTH"
+        ]  # fmt: skip
+        # CPU and MEM of each process tree, in human units ("0.00s", "1.6M").
+        assert all(r.split()[5].endswith("s") and r.split()[6][-1] in "BKMG" for r in rows)
         assert [r.split()[:2] for r in rows] == [
             ["feed:0", "RUNNING"],
             ["feed:1", "RUNNING"],
@@ -108,6 +112,14 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
         data = json.loads(out)
         assert [x["name"] for x in data] == ["feed:0", "feed:1"]
         assert all(x["pid"] == d.publisher_pids()[x["name"]] for x in data)
+        # The same /proc figures the HTTP dashboard shows: sleep's resident memory and its fds.
+        for x in data:
+            rss = int(Path(f"/proc/{x['pid']}/statm").read_text().split()[1]) * os.sysconf(
+                "SC_PAGE_SIZE"
+            )
+            assert abs(x["memory_bytes"] - rss) < 1 << 20, (x, rss)
+            assert x["open_fds"] == len(os.listdir(f"/proc/{x['pid']}/fd"))
+            assert 0 <= x["cpu_seconds"] < 5
 
         rc, out, err = await cli("stop", "feed:1", "--socket", sock)
         assert (rc, out.strip()) == (0, "feed:1: STOPPED")

@@ -28,6 +28,8 @@ async def test_installed_wheel_serves_the_idl_from_package_data(tmp_path: Path) 
     for idl in ("fb303.thrift", "publisher.thrift", "pubmon.thrift"):
         assert f"pubmon/idl/{idl}" in names
     assert "pubmon/py.typed" in names
+    for asset in ("index.html", "publisher.html", "login.html", "dashboard.js", "dashboard.css"):
+        assert f"pubmon/dashboard/{asset}" in names  # the HTTP dashboard needs no CDN
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

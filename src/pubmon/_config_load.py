@@ -34,6 +34,7 @@ from .config import (
     ControlConfig,
     CrashLoop,
     DaemonConfig,
+    HttpConfig,
     LogSpec,
     MonitorConfig,
     ProbeKind,
@@ -53,12 +54,13 @@ _PORT_PROBES = ("fb303", "tcp")
 
 # The keys each table accepts. Listed rather than derived from the dataclass fields, so a field
 # added to a dataclass is not silently accepted in files before a reader for it exists.
-_SECTIONS = ("daemon", "control", "monitor", "publisher")
+_SECTIONS = ("daemon", "control", "monitor", "http", "publisher")
 _DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment")
 _CONTROL_KEYS = ("socket", "allow_uids", "allow")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
                  "max_frame", "idle_timeout", "max_connections")  # fmt: skip
 _ALLOW_KEYS = tuple(str(level) for level in LEVELS)
+_HTTP_KEYS = ("listen", "tls", "token_file", "hosts", "ready_ignores_fatal", "child_counters_max")
 _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
                    "inherit_environment", "autostart", "depends_on", "restart",
                    "success_exit_codes", "start_timeout", "stop_signal", "stop_timeout",
@@ -67,7 +69,7 @@ _BACKOFF_KEYS = ("initial", "max", "factor", "jitter", "reset_after")
 _CRASH_LOOP_KEYS = ("max_restarts", "window")
 _LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
 _PROBE_KEYS = ("kind", "interval", "timeout", "failure_threshold", "transport", "host", "port",
-               "command")  # fmt: skip
+               "command", "export_counters")  # fmt: skip
 
 
 def _uid(p: Principal) -> int:
@@ -99,12 +101,15 @@ class Loader:
     def load(self) -> Config:
         self.chk.known_keys(self.doc, (), _SECTIONS)
         daemon, control, monitor = self._daemon(), self._control(), self._monitor()
+        http = self._http()
         programs = self._programs()
         check_depends(self.chk, {p.program: p.depends_on for p in programs}, self.sections)
         instances = [spec for program in programs for spec in self._instances(program)]
         # An invalid listen address was replaced by the default: do not judge ports against it.
         listen_ok = not self.chk.failed(("monitor", "listen"))
         self._check_ports(instances, monitor.address() if listen_ok else None)
+        if http.listen and not self.chk.failed(("http", "listen")):
+            self._check_http_port(http, instances, monitor if listen_ok else None)
         if self.chk.problems:
             raise ConfigError(self.file, self.chk.in_file_order(self.doc))
         config = Config(
@@ -112,6 +117,7 @@ class Loader:
             daemon=daemon,
             control=control,
             monitor=monitor,
+            http=http,
             publishers=tuple(instances),
         )
         # Who can change what the daemon runs, obeys or writes in (_config_trust): judged on the
@@ -251,6 +257,69 @@ class Loader:
             idle_timeout=chk.number(t, "idle_timeout", key, d.idle_timeout, gt=0),
             max_connections=chk.integer(t, "max_connections", key, d.max_connections, lo=1),
         )
+
+    def _http(self) -> HttpConfig:
+        chk, key, d = self.chk, ("http",), HttpConfig()
+        t = self._section(self.doc, "http", key, _HTTP_KEYS)
+        listen = chk.string(t, "listen", key)
+        if listen:
+            try:
+                parse_listen(listen)
+            except ValueError as e:
+                chk.problem((*key, "listen"), str(e))
+                listen = None
+        token_file = self._file(t, "token_file", key)
+        if token_file is not None and os.path.isfile(token_file):
+            try:
+                with open(token_file, "rb") as f:
+                    token = f.read().strip()
+                    mode = os.fstat(f.fileno()).st_mode & 0o777
+            except OSError as e:
+                chk.problem((*key, "token_file"), f"cannot read {token_file}: {e.strerror}")
+            else:
+                if mode & 0o007:  # a secret every local user could read (or replace)
+                    chk.problem(
+                        (*key, "token_file"),
+                        f"{token_file} is open to every user (mode {mode:04o}): "
+                        f"chmod o-rwx {token_file}",
+                    )
+                if len(token) < 16:
+                    chk.problem(
+                        (*key, "token_file"),
+                        f"expected a token of at least 16 characters in {token_file}, "
+                        f"got {len(token)}",
+                    )
+        hosts = chk.str_list(t, "hosts", key) or ()
+        for i, host in enumerate(hosts):
+            if not host or any(c in host for c in "/ @\\?#"):
+                chk.problem((*key, "hosts"), f"item {i + 1}: expected a host name, got {host!r}")
+        return HttpConfig(
+            listen=listen or d.listen,
+            tls=chk.boolean(t, "tls", key, d.tls),
+            token_file=token_file,
+            hosts=tuple(h.lower() for h in hosts),
+            ready_ignores_fatal=chk.boolean(t, "ready_ignores_fatal", key, d.ready_ignores_fatal),
+            child_counters_max=chk.integer(
+                t, "child_counters_max", key, d.child_counters_max, lo=0, hi=10000
+            ),
+        )
+
+    def _check_http_port(
+        self, http: HttpConfig, instances: list[PublisherSpec], monitor: MonitorConfig | None
+    ) -> None:
+        address = http.address()
+        assert address is not None
+        port = address[1]
+        if port == 0:
+            return
+        key: Key = ("http", "listen")
+        mon = monitor.address() if monitor is not None else None
+        if mon is not None and mon[1] == port:
+            self.chk.problem(key, f"port {port} is also the monitor.listen port")
+        for spec in instances:
+            if spec.port == port:
+                self.chk.problem(key, f"port {port} is also the port of publisher {spec.name}")
+                break
 
     def _file(self, t: Table, name: str, key: Key) -> str | None:
         value = self.chk.string(t, name, key, nonempty=True)
@@ -446,6 +515,12 @@ class Loader:
         if port is not None and port + numprocs - 1 > 65535:
             chk.problem((*key, "port"), f"port {port} + numprocs {numprocs} - 1 exceeds 65535")
         transport = chk.choice(p, "transport", key, ("framed", "buffered")) or d.transport
+        export_counters = chk.boolean(p, "export_counters", key, d.export_counters)
+        if export_counters and kind != "fb303" and not chk.failed((*key, "kind")):
+            chk.problem(
+                (*key, "export_counters"),
+                f"needs kind = 'fb303' (the counters come from its getCounters), not {kind!r}",
+            )
         return ProbeSpec(
             kind=cast(ProbeKind, kind),
             interval=interval,
@@ -455,6 +530,7 @@ class Loader:
             host=chk.string(p, "host", key, nonempty=True) or d.host,
             port=port,
             command=chk.command(p, "command", key) or (),
+            export_counters=export_counters,
         )
 
     # --- instances, and checks across them ---------------------------------------------------

@@ -163,6 +163,9 @@ STRUCTS: dict[str, Fields] = {
         (9, "uptime", DOUBLE, None),
         (10, "port", I32, None),
         (11, "statusDetails", STRING, None),
+        (12, "cpuSeconds", DOUBLE, None),
+        (13, "memoryBytes", I64, None),
+        (14, "openFds", I32, None),
     ),
     "ReloadResult": (
         (1, "added", LIST, (STRING, None)),

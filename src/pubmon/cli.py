@@ -140,6 +140,16 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     except StartupError as exc:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_STARTUP
+    except BaseExceptionGroup as group:
+        # A listener that cannot bind raises inside the daemon's TaskGroup, which wraps it.
+        rest = group.subgroup(lambda e: not isinstance(e, StartupError | BaseExceptionGroup))
+        if rest is not None:
+            raise
+        startup = group.subgroup(StartupError)
+        assert startup is not None
+        for err in _leaves(startup):
+            print(f"pubmon: {err}", file=sys.stderr)
+        return EXIT_STARTUP
     # Every publisher is stopped and every file closed: skip the interpreter's teardown (module
     # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
     # scripts wait for.
@@ -149,6 +159,13 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def run_demo(debug: bool) -> int:
@@ -162,8 +179,11 @@ def run_demo(debug: bool) -> int:
     quotes, trades, news = DEMO_NAMES
     with tempfile.TemporaryDirectory(prefix="pubmon-demo-") as tmp:
         config = Path(tmp) / "pubmon.toml"
-        ports = free_ports(4)
-        config.write_text(demo_config(Path(tmp), ports))
+        ports = free_ports(5)
+        token = Path(tmp) / "http-token"
+        token.write_text(os.urandom(18).hex() + "\n")
+        token.chmod(0o600)
+        config.write_text(demo_config(Path(tmp), ports, token))
         sock = f"--socket {Path(tmp) / 'pubmon.sock'}"
         bin_ = Path(sys.executable).parent / "pubmon"
         pubmon = str(bin_) if bin_.exists() else "pubmon"
@@ -179,6 +199,8 @@ def run_demo(debug: bool) -> int:
             f"  {sys.executable} -m pubmon.demo --pub_port {ports[0]} --set hang=1"
             "    # the probe finds it and restarts it\n"
             f"  kill -HUP {os.getpid()}    # reload {config}\n"
+            f"Dashboard: http://127.0.0.1:{ports[4]}/ (log in with the token in {token}),"
+            f" metrics: http://127.0.0.1:{ports[4]}/metrics\n"
             "Ctrl-C stops the daemon and every publisher.\n",
             flush=True,
         )
@@ -315,6 +337,27 @@ def _uptime(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _cpu(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    return _uptime(seconds)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n}B"
+    size = float(n)
+    for unit in ("K", "M", "G"):
+        size /= 1024
+        if size < 1024 or unit == "G":
+            break
+    return f"{size:.1f}{unit}"
+
+
 def _info_dict(i: Any) -> dict[str, object]:
     return {
         "name": i.name,
@@ -328,6 +371,9 @@ def _info_dict(i: Any) -> dict[str, object]:
         "uptime": i.uptime,
         "port": i.port or None,
         "details": i.statusDetails,
+        "cpu_seconds": i.cpuSeconds,
+        "memory_bytes": i.memoryBytes,
+        "open_fds": i.openFds,
     }
 
 
@@ -338,7 +384,8 @@ def cmd_status(remote: Remote, a: Args) -> int:
 
         print(json.dumps([_info_dict(i) for i in infos], indent=1))
         return EXIT_OK
-    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "DETAILS")]
+    # CPU and MEM: the publisher's whole process tree (/proc), as the HTTP dashboard shows.
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "HEALTH", "DETAILS")]
     for i in infos:
         rows.append(
             (
@@ -347,13 +394,16 @@ def cmd_status(remote: Remote, a: Args) -> int:
                 str(i.pid or "-"),
                 _uptime(i.uptime),
                 str(i.restarts),
+                _cpu(i.cpuSeconds),
+                _bytes(i.memoryBytes),
                 i.health,
                 i.statusDetails,
             )
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    last = len(rows[0]) - 1
+    widths = [max(len(r[c]) for r in rows) for c in range(last)]
     for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
+        print("  ".join(r[c].ljust(widths[c]) for c in range(last)) + "  " + r[last])
     return EXIT_OK
 
 

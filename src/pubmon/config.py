@@ -14,6 +14,7 @@ __all__ = [
     "ControlConfig",
     "CrashLoop",
     "DaemonConfig",
+    "HttpConfig",
     "LogSpec",
     "MonitorConfig",
     "ProbeSpec",
@@ -79,6 +80,7 @@ class ProbeSpec:
     # probe.port + index, else the instance's own port); None when neither is set.
     port: int | None = None
     command: tuple[str, ...] = ()  # exec: exit 0 = healthy
+    export_counters: bool = False  # fb303 only: the child's getCounters() go to /metrics
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,11 +150,27 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    """[http]: /metrics, /healthz, /readyz and the dashboard (http.py). Off unless `listen`."""
+
+    listen: str = ""  # "host:port"; "" = no HTTP listener
+    tls: bool = True  # serve TLS with [monitor]'s tls_cert/tls_key (and client CA) when set
+    token_file: str | None = None  # the bearer token that grants the logs level
+    hosts: tuple[str, ...] = ()  # Host header names accepted besides the defaults
+    ready_ignores_fatal: bool = False  # /readyz: a FATAL wanted publisher does not fail it
+    child_counters_max: int = 200  # per publisher, for probe.export_counters
+
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     path: str  # the file it was read from (absolute)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     publishers: tuple[PublisherSpec, ...] = ()  # instances, in file order
     # "key: why" lines to show (check-config) or log (daemon start), never fatal (_config_trust)
     warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -31,8 +31,9 @@ import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import fields
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from ._procstats import ProcStats
 from .config import Config, ConfigDiff, load_config
 from .errors import ConfigError, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
@@ -41,6 +42,9 @@ from .notify import Notifier
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
 from .supervisor import Leftover, Supervisor
+
+if TYPE_CHECKING:
+    from .http import HttpServer  # [http] hook
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Daemon:
         self.ready = asyncio.Event()  # the first autostart round has settled
         self.forced = False
         self.listeners: Listeners | None = None
+        self.procstats = ProcStats()  # [http] hook: /proc figures shared by /metrics and status
+        self.http: HttpServer | None = None  # [http] hook
         self._stop = asyncio.Event()
         # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
         self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
@@ -157,6 +163,10 @@ class Daemon:
             if announce:
                 self.notifier.ready(self.status_details())  # dropped once STOPPING=1 went out
         self.config = new
+        if self.http is not None:  # [http] hook: apply [http] changes live
+            lines += await self.http.reconfigure(new)
+        elif new.http.listen:
+            lines.append(f"http.listen: {new.http.listen!r} (takes effect at the next start)")
         self.reloads += 1
         self.last_reload_error = ""
         self.notifier.status(self.status_details())
@@ -240,6 +250,12 @@ class Daemon:
             try:
                 await listeners.start()
                 self.listeners = listeners
+                if self.config.http.listen:  # [http] hook (issue 13): 4 lines here, 2 below
+                    from .http import HttpServer  # aiohttp is imported only when it is used
+
+                    self.http = HttpServer(self, self.config)
+                    await self.http.start()
+                    background.append(tg.create_task(self.http.run(), name="http"))
                 async with Supervisor(self.config) as sup:
                     self.supervisor = sup
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
@@ -263,6 +279,8 @@ class Daemon:
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
                     left = await sup.stop_all(self.config.daemon.shutdown_timeout)
             finally:
+                if self.http is not None:  # [http] hook
+                    await self.http.close()
                 await listeners.close()
                 for task in background:
                     task.cancel()

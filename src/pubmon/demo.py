@@ -443,7 +443,7 @@ DEMO_NAMES = ("quotes", "trades", "news")  # the publishers of demo_config(), in
 DEMO_DATA_SOURCE = "tcp://upstream.example:1234"  # quotes' data_source
 
 
-def demo_config(tmpdir: Path, ports: list[int]) -> str:
+def demo_config(tmpdir: Path, ports: list[int], token_file: Path | None = None) -> str:
     """The TOML text ``pubmon demo`` runs: three demo publishers on ``ports[0:3]``.
 
     - ``quotes``: framed, with a data_source (it gets startPublishers after every start);
@@ -452,7 +452,9 @@ def demo_config(tmpdir: Path, ports: list[int]) -> str:
 
     Each has an fb303 probe (interval 1 s, timeout 0.5 s, failure_threshold 3). Logs go to
     ``tmpdir/logs``, the control socket is ``tmpdir/pubmon.sock``; the monitor listens on
-    127.0.0.1:``ports[3]`` when a fourth port is given, else not at all.
+    127.0.0.1:``ports[3]`` when a fourth port is given, else not at all; the HTTP dashboard
+    and /metrics on 127.0.0.1:``ports[4]`` when a fifth is given (with ``token_file`` for
+    the log views).
     """
     if len(ports) < 3:
         raise ValueError(f"demo_config needs at least 3 ports, got {len(ports)}")
@@ -499,7 +501,10 @@ def demo_config(tmpdir: Path, ports: list[int]) -> str:
         f"socket = {_toml(str(tmpdir / 'pubmon.sock'))}\n"
         "\n[monitor]\n"
         f"listen = {_toml(listen)}\n"
-        "\n" + "\n".join(sections)
+        + (f"\n[http]\nlisten = {_toml(f'127.0.0.1:{ports[4]}')}\n" if len(ports) > 4 else "")
+        + (f"token_file = {_toml(str(token_file))}\n" if token_file and len(ports) > 4 else "")
+        + "\n"
+        + "\n".join(sections)
     )
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, idl
 from ._frames import Encoded, encode_struct, field_encoder
+from ._procstats import ProcFigures
 from .access import ANONYMOUS, AccessList, Level, Policy, Refusals, cert_keys, level_of, unix_keys
 from .config import Config, ControlConfig, MonitorConfig
 from .errors import (
@@ -53,8 +54,10 @@ logger = logging.getLogger(__name__)
 TAIL_WAIT = 0.5  # tailLog with nothing new waits this long for a line (long poll for tail -f)
 
 
-def _publisher_info(snap: PublisherSnapshot) -> Any:
+def _publisher_info(snap: PublisherSnapshot, fig: ProcFigures | None = None) -> Any:
     m = idl.pubmon()
+    if snap.pid is None:
+        fig = None  # figures of a run that has ended
     return m.PublisherInfo(
         name=snap.name,
         program=snap.program,
@@ -67,6 +70,9 @@ def _publisher_info(snap: PublisherSnapshot) -> Any:
         uptime=round(snap.uptime, 3),
         port=snap.port or 0,
         statusDetails=snap.details,
+        cpuSeconds=None if fig is None else round(fig.cpu_seconds, 2),
+        memoryBytes=None if fig is None else fig.rss_bytes,
+        openFds=None if fig is None else fig.open_fds,
     )
 
 
@@ -170,12 +176,16 @@ class PubmonHandler:
         if self._uptime is None:
             self._uptime = field_encoder(idl.pubmon().PublisherInfo, "uptime")
         uptime, old, new = self._uptime, self._infos, {}
+        procstats = self._daemon.procstats
+        procstats.refresh_now({n: p.pid for n, p in sup.publishers.items()})
+        figures = procstats.figures
         out: list[Any] = []
         for snap in sup.snapshots():
-            key = snap[:-1]  # everything but the uptime
+            fig = figures.get(snap.name)
+            key = (*snap[:-1], fig)  # everything but the uptime
             hit = old.get(snap.name)
             if hit is None or hit[0] != key:
-                hit = (key, encode_struct(_publisher_info(snap), skip="uptime"))
+                hit = (key, encode_struct(_publisher_info(snap, fig), skip="uptime"))
             new[snap.name] = hit
             out.append(Encoded(uptime(round(snap.uptime, 3)) + hit[1]))
         self._infos = new
@@ -183,7 +193,8 @@ class PubmonHandler:
 
     def getPublisher(self, name: str) -> Any:
         try:
-            return _publisher_info(self._sup().get(name).snapshot())
+            pub = self._sup().get(name)
+            return _publisher_info(pub.snapshot(), self._daemon.procstats.one(pub.name, pub.pid))
         except UnknownPublisher as exc:
             raise self._translate(exc) from None
 
