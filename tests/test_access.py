@@ -307,7 +307,12 @@ async def test_unix_socket_logs_group_reads_logs_but_cannot_stop(
     nobody = as_user(NOBODY, NOBODY)
     async with run_daemon(config):
         assert sock.stat().st_mode & 0o777 == 0o666  # others are named: SO_PEERCRED is the gate
-        rc, out, err = await pubmon_as(member, py, "tail", "a", "-n", "5", "--socket", str(sock))
+        async with asyncio.timeout(20):  # until the daemon has read the publisher's line
+            while True:
+                tail = ("tail", "a", "-n", "5", "--socket", str(sock))
+                rc, out, err = await pubmon_as(member, py, *tail)
+                if rc != 0 or out:
+                    break
         assert rc == 0 and "SECRET_TOKEN=hunter2" in out, err
         rc, out, err = await pubmon_as(member, py, "status", "--socket", str(sock))
         assert rc == 0 and "RUNNING" in out, err  # logs includes status

@@ -158,7 +158,7 @@ async def test_a_stall_of_our_own_loop_does_not_fail_the_probe_of_a_child_that_a
         child.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         assert await probe.check() == Health.UNHEALTHY
-        assert time.monotonic() - t0 < 0.3 + 0.2
+        assert time.monotonic() - t0 < 5  # gave up at its timeout, did not hang
         assert "no answer within 0.3 s" in probe.last_error
     finally:
         await probe.close()
