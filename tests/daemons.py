@@ -109,10 +109,14 @@ async def _pump(d: RunningDaemon) -> None:
 
 @asynccontextmanager
 async def run_daemon(
-    config: Path, *extra: str, ready: bool = True, wrap: tuple[str, ...] = ()
+    config: Path,
+    *extra: str,
+    ready: bool = True,
+    wrap: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[RunningDaemon]:
-    """Start `pubmon daemon --config config` (behind `wrap`, e.g. setpriv); on exit make sure
-    it and its children are gone."""
+    """Start `pubmon daemon --config config` (behind `wrap`, e.g. setpriv; with `env` added to
+    ours); on exit make sure it and its children are gone."""
     proc = await asyncio.create_subprocess_exec(
         *wrap,
         sys.executable,
@@ -125,6 +129,7 @@ async def run_daemon(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
     )
     d = RunningDaemon(proc, config)
     pump = asyncio.ensure_future(_pump(d))

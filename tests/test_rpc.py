@@ -500,7 +500,8 @@ async def test_garbage_is_refused_and_the_server_stays_healthy() -> None:
         cases[f"random {i}"] = rng.randbytes(rng.randint(1, 4096))
     cases["truncated frame"] = struct.pack(">i", 100) + b"0123456789"
 
-    async with serving() as (server, port):
+    # "deep" is a 50 KB frame: let it reach the decoder (plain TCP is capped at 16 KiB otherwise).
+    async with serving(max_frame_unauthenticated=1 << 20) as (server, port):
         rss_before = _rss_bytes()
         started = time.monotonic()
         for name, data in cases.items():
@@ -592,8 +593,8 @@ async def test_connection_cap() -> None:
     async with serving(max_connections=2) as (server, port):
         first, second = await connect(port), await connect(port)
         assert await first.call("getStatus") == await second.call("getStatus") == 2
-        async with await connect(port) as third:
-            with pytest.raises(RpcError):
+        with pytest.raises(RpcError):  # reset at once: the connect or the call fails
+            async with await connect(port) as third:
                 await third.call("getStatus")
         assert server.rejected_connections == 1
         await first.close()
@@ -782,3 +783,49 @@ def test_idl_cache_round_trips_and_refuses_foreign_files(tmp_path: Path) -> None
     )
     os.chmod(cache, 0o666)  # writable by others: unpickling it could run their code
     assert idl._read_cache(cache) is None
+
+
+# --- fairness (issue 19) ---------------------------------------------------------------------
+
+
+async def test_pipelined_calls_run_one_per_connection_per_loop_turn_within_a_budget() -> None:
+    # Before issue 19 one read callback ran every complete frame it had: 20 pipelined calls on
+    # one connection ran back to back, and 96 such connections stalled the loop for seconds.
+    loop = asyncio.get_running_loop()
+    turn = 0
+
+    def tick() -> None:  # one increment per loop iteration
+        nonlocal turn
+        turn += 1
+        loop.call_soon(tick)
+
+    seen: list[tuple[int, str]] = []
+
+    class Costly(Handler):
+        def getStatus(self) -> int:
+            time.sleep(0.002)  # a call that costs 2 ms of loop time
+            return 2
+
+    def note(peer: Peer, method: str) -> None:
+        seen.append((turn, peer.address))
+
+    n_conns, n_calls = 8, 20
+    calls = b"".join(frame(message_head("getStatus", seqid=i) + b"\0") for i in range(n_calls))
+    async with serving(Costly(), on_call=note, peer_share=10.0, total_share=10.0) as (_, port):
+        loop.call_soon(tick)
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n_conns)]
+        for _, writer in conns:
+            writer.write(calls)
+        for reader, _ in conns:
+            for _ in range(n_calls):
+                (size,) = struct.unpack(">i", await reader.readexactly(4))
+                await reader.readexactly(size)
+        for _, writer in conns:
+            writer.close()
+    assert len(seen) == n_conns * n_calls
+    per_turn: dict[int, list[str]] = {}
+    for t, address in seen:
+        per_turn.setdefault(t, []).append(address)
+    # never two calls of one connection in one turn, and 10 ms of calls (+ one) per turn at most
+    assert all(len(set(a)) == len(a) for a in per_turn.values()), per_turn
+    assert max(len(a) for a in per_turn.values()) <= 6, per_turn

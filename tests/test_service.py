@@ -224,9 +224,37 @@ async def test_tail_follow_across_restarts_shows_every_line_once(tmp_path: Path)
 
 
 async def _ring(sock: str, name: str) -> list[str]:
+    """Every line the ring holds, following nextSeq (one reply carries ~256 K characters)."""
+    lines: list[str] = []
+    cursor = 0
     async with await ThriftClient.connect(idl.pubmon().PubmonService, unix_socket=sock) as c:
-        chunk = await c.call("tailLog", name, 0, 10000)
-    return [line.text for line in chunk.lines]  # type: ignore[attr-defined]
+        end = (await c.call("tailLog", name, -1, 1)).nextSeq  # the newest line now
+        while cursor < end:
+            chunk: Any = await c.call("tailLog", name, cursor, 10000)
+            if not chunk.lines:
+                break
+            lines += [line.text for line in chunk.lines if line.seq <= end]
+            cursor = chunk.nextSeq
+    return lines
+
+
+async def test_a_long_tail_is_paged_and_complete(tmp_path: Path) -> None:
+    # 3000 lines of 1000 characters: 3 MB, a dozen replies of at most ~256 K characters.
+    script = "import sys, time\nfor i in range(3000): print(str(i).ljust(1000, '.'))\n"
+    wide = [sys.executable, "-c", script + "sys.stdout.flush(); time.sleep(3600)"]
+    body = toml_publisher("wide", wide, log={"ring_lines": 5000})
+    async with daemon_with_listeners(tmp_path, body) as (d, sock, _):
+        async with asyncio.timeout(20):
+            while len(await _ring(sock, "wide")) < 3000:
+                await asyncio.sleep(0.1)
+        async with await ThriftClient.connect(idl.pubmon().PubmonService, unix_socket=sock) as c:
+            first: Any = await c.call("tailLog", "wide", 0, 10000)
+            newest: Any = await c.call("tailLog", "wide", -2500, 10000)
+        assert 0 < len(first.lines) < 300 and first.nextSeq == first.lines[-1].seq
+        assert 0 < len(newest.lines) < 300 and newest.lines[-1].text.startswith("2999")
+        rc, out, err = await cli("tail", "wide", "-n", "2500", "--socket", sock)
+        assert rc == 0, err
+        assert [int(x.split(".")[0]) for x in out.splitlines()] == list(range(500, 3000))
 
 
 async def test_counters_and_fb303_basics(tmp_path: Path) -> None:
@@ -314,7 +342,9 @@ async def test_listeners_survive_garbage_and_idle_floods(tmp_path: Path) -> None
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    async with daemon_with_listeners(tmp_path, toml_publisher("a", SLEEP)) as (d, sock, port):
+    # 500 TCP connections from one address: above the default per-IP cap (64), on purpose.
+    body = "max_connections_per_ip = 1024\n" + toml_publisher("a", SLEEP)
+    async with daemon_with_listeners(tmp_path, body) as (d, sock, port):
         svc = idl.pubmon().PubmonService
         async with await ThriftClient.connect(svc, host="127.0.0.1", port=port) as probe:
             await probe.call("getStatus")

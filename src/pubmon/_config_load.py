@@ -56,9 +56,10 @@ _PORT_PROBES = ("fb303", "tcp")
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "http", "publisher")
 _DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment")
-_CONTROL_KEYS = ("socket", "allow_uids", "allow")
+_CONTROL_KEYS = ("socket", "allow_uids", "allow", "max_connections", "max_connections_per_uid")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
-                 "max_frame", "idle_timeout", "max_connections")  # fmt: skip
+                 "max_frame", "idle_timeout", "max_connections",
+                 "max_connections_per_ip")  # fmt: skip
 _ALLOW_KEYS = tuple(str(level) for level in LEVELS)
 _HTTP_KEYS = ("listen", "tls", "token_file", "hosts", "ready_ignores_fatal", "child_counters_max")
 _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
@@ -167,6 +168,10 @@ class Loader:
             socket=d.socket if socket is None else self._path(socket) if socket else None,
             allow_uids=d.allow_uids if uids is None else tuple(_uid(p) for p in uids),
             allow=replace(allow, control=tuple(merged.values())),
+            max_connections=chk.integer(t, "max_connections", key, d.max_connections, lo=1),
+            max_connections_per_uid=chk.integer(
+                t, "max_connections_per_uid", key, d.max_connections_per_uid, lo=1
+            ),
         )
 
     def _allow_uids(self, t: Table, key: Key) -> tuple[Principal, ...] | None:
@@ -256,6 +261,9 @@ class Loader:
             max_frame=chk.integer(t, "max_frame", key, d.max_frame, lo=1024, hi=256 * _MIB),
             idle_timeout=chk.number(t, "idle_timeout", key, d.idle_timeout, gt=0),
             max_connections=chk.integer(t, "max_connections", key, d.max_connections, lo=1),
+            max_connections_per_ip=chk.integer(
+                t, "max_connections_per_ip", key, d.max_connections_per_ip, lo=1
+            ),
         )
 
     def _http(self) -> HttpConfig:

@@ -444,11 +444,23 @@ def cmd_reload(remote: Remote, a: Args) -> int:
 
 def cmd_tail(remote: Remote, a: Args) -> int:
     name = a.names[0]
+    want = min(max(a.lines, 0), 10000)
     # afterSeq < 0 asks for the last -afterSeq lines; -n 0 asks for one only to learn the
     # cursor (0 would mean "from the start of the ring").
-    chunk = remote.call("tailLog", name, -max(a.lines, 1), 10000)
+    chunk = remote.call("tailLog", name, -max(want, 1), 10000)
     cursor = chunk.nextSeq
-    _print_lines(chunk.lines if a.lines > 0 else [])
+    if want > 0:
+        # Replies are capped in size: the newest lines come first, the older ones they left
+        # out (from nextSeq - want + missed up to the first line sent) are fetched page by page.
+        first = chunk.lines[0].seq if chunk.lines else cursor + 1
+        older = max(0, cursor - want + chunk.missed)
+        while older < first - 1:
+            page = remote.call("tailLog", name, older, first - 1 - older)
+            if not page.lines or page.nextSeq <= older:
+                break
+            _print_lines([x for x in page.lines if x.seq < first])
+            older = page.nextSeq
+        _print_lines(chunk.lines)
     while a.follow:
         try:
             chunk = remote.call("tailLog", name, cursor, 1000)

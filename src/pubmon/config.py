@@ -130,6 +130,9 @@ class ControlConfig:
     allow: AccessList = field(
         default_factory=lambda: AccessList(control=(Principal("0", "uid:0"),))
     )
+    # The unix socket's own pool (TCP cannot use it up); the daemon's uid is never refused.
+    max_connections: int = 128
+    max_connections_per_uid: int = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +146,7 @@ class MonitorConfig:
     max_frame: int = 1 << 20
     idle_timeout: float = 300.0
     max_connections: int = 1024
+    max_connections_per_ip: int = 64
 
     def address(self) -> tuple[str, int] | None:
         """`listen` as (host, port) for asyncio.start_server (IPv6 without brackets); None if ""."""

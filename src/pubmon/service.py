@@ -41,9 +41,9 @@ from .errors import (
     StartupError,
     UnknownPublisher,
 )
-from .output import LogChunk
+from .output import LogChunk, LogLine, OutputLog
 from .publisher import PublisherSnapshot
-from .rpc import Peer, ThriftServer
+from .rpc import Peer, ThriftServer, fair_turn
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -248,13 +248,79 @@ class PubmonHandler:
                     await output.wait_beyond(afterSeq)
             except TimeoutError:
                 pass
+        await fair_turn()  # building a big chunk is work: take our turn in the server's queue
         if afterSeq < 0:
-            return _log_chunk(output.last(-afterSeq))
-        return _log_chunk(output.tail(afterSeq, maxLines))
+            return _log_chunk(_newest(output, -afterSeq))
+        return _log_chunk(_oldest(output, afterSeq, maxLines))
 
     def reopenLogs(self) -> None:
         self._sup()
         self._daemon.reopen_logs()
+
+
+# One tailLog reply stays under ~1 MiB (the server holds at most one unsent reply per
+# connection, and 150 callers that never read must not cost a GB): lines are read from the ring
+# in pages and taken while their text (in characters, at most 4 bytes each once encoded) plus a
+# LogLine's overhead fits REPLY_CHARS. At least one line always goes, however long.
+REPLY_CHARS = 256 * 1024
+_LINE_OVERHEAD = 48  # field headers, seq, time, stream, partial, STOP
+_PAGE = 64  # lines decoded at a time (64 lines of the default 64 KiB max_line: 4 MiB)
+_MAX_LINES = 10_000
+
+
+def _oldest(output: OutputLog, after: int, max_lines: int) -> LogChunk:
+    """Up to ``max_lines`` lines after ``after``, oldest first, cut at REPLY_CHARS. nextSeq is
+    the last line sent, so a client that follows nextSeq pages through the rest."""
+    want = min(max(max_lines, 1), _MAX_LINES)
+    lines: list[LogLine] = []
+    missed, cursor, budget = 0, after, REPLY_CHARS
+    while len(lines) < want:
+        page = output.tail(cursor, min(want - len(lines), _PAGE))
+        if not lines:
+            if not page.lines:
+                return page  # caught up (or a cursor from the future: resynced)
+            missed = page.missed
+        elif page.missed or not page.lines:
+            break  # caught up, or the ring moved under us: the next call reports it
+        for x in page.lines:
+            budget -= len(x.text) + _LINE_OVERHEAD
+            if budget < 0 and lines:
+                return LogChunk(lines, lines[-1].seq, missed)
+            lines.append(x)
+        cursor = lines[-1].seq
+    return LogChunk(lines, lines[-1].seq, missed)
+
+
+def _newest(output: OutputLog, n: int) -> LogChunk:
+    """The newest ``n`` lines, cut at REPLY_CHARS by leaving out the oldest. nextSeq is the
+    newest line; ``missed`` counts lines of the ``n`` that the ring no longer holds. Lines held
+    back for size are those from ``nextSeq - n + missed`` to the first line sent (exclusive):
+    a client fetches them with ``tailLog(name, nextSeq - n + missed, ...)``."""
+    n = min(n, _MAX_LINES)
+    last = output.last_seq
+    start = max(0, last - n)
+    lines: list[LogLine] = []
+    missed, hi, budget = 0, last, REPLY_CHARS
+    while hi > start:
+        lo = max(start, hi - _PAGE)
+        # (lo, hi]; past an eviction the ring answers from its oldest line, maybe beyond hi
+        got = [x for x in output.tail(lo, hi - lo).lines if x.seq <= hi]
+        evicted = len(got) < hi - lo  # reached the oldest line the ring holds
+        if evicted:
+            missed = (got[0].seq if got else hi + 1) - 1 - start
+        taken: list[LogLine] = []
+        full = False
+        for x in reversed(got):
+            budget -= len(x.text) + _LINE_OVERHEAD
+            if budget < 0 and (lines or taken):
+                full = True
+                break
+            taken.append(x)
+        lines[:0] = reversed(taken)
+        if full or evicted:
+            break
+        hi = lo
+    return LogChunk(lines, last, missed)
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
@@ -351,6 +417,9 @@ class Listeners:
             max_frame=mon.max_frame,
             idle_timeout=mon.idle_timeout,
             max_connections=mon.max_connections,
+            max_connections_per_ip=mon.max_connections_per_ip,
+            max_unix_connections=config.control.max_connections,
+            max_connections_per_uid=config.control.max_connections_per_uid,
             authorize=self._authorize,
             admit=self._admit,
         )
@@ -362,6 +431,9 @@ class Listeners:
             "rpc.errors": s.errors,
             "rpc.connections": s.connections,
             "rpc.rejected_frames": s.rejected_frames,
+            "rpc.rejected_connections": s.rejected_connections,
+            "rpc.throttled": s.throttled,
+            "rpc.buffered_bytes": s.memory,
         }
         out.update(self.refusals.counters())
         return out
@@ -527,6 +599,7 @@ class Listeners:
         lines += octl.allow.changes(ctl.allow, "control.allow")
         lines += omon.allow.changes(mon.allow, "monitor.allow")
         lines += self._limits(omon, mon)
+        lines += self._control_limits(octl, ctl)
         before = self._policies
         self._policies = self._make_policies(config)
         self.config = config
@@ -573,11 +646,23 @@ class Listeners:
 
     def _limits(self, omon: MonitorConfig, mon: MonitorConfig) -> list[str]:
         out = []
-        for name in ("max_frame", "idle_timeout", "max_connections"):
+        for name in ("max_frame", "idle_timeout", "max_connections", "max_connections_per_ip"):
             was, now = getattr(omon, name), getattr(mon, name)
             if was != now:
                 setattr(self.server, name, now)
                 out.append(f"monitor.{name}: {was} -> {now}")
+        return out
+
+    def _control_limits(self, octl: ControlConfig, ctl: ControlConfig) -> list[str]:
+        out = []
+        for name, attr in (
+            ("max_connections", "max_unix_connections"),
+            ("max_connections_per_uid", "max_connections_per_uid"),
+        ):
+            was, now = getattr(octl, name), getattr(ctl, name)
+            if was != now:
+                setattr(self.server, attr, now)
+                out.append(f"control.{name}: {was} -> {now}")
         return out
 
     def _demoted(self, before: dict[str, Policy], peer: Peer) -> str | None:
