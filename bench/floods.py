@@ -101,6 +101,8 @@ def main() -> int:
     per_ip = "" if args.plain_config else "max_connections_per_ip = 2048\n"
     (base / "pubmon.toml").write_text(
         f'[daemon]\nshutdown_timeout = 10\n[control]\nsocket = "{sock}"\n'
+        # nobody may read logs on the unix socket (TCP without a certificate may not at all)
+        "allow_uids = [0, 65534]\nmax_connections = 256\nmax_connections_per_uid = 256\n"
         f'[monitor]\nlisten = "127.0.0.1:{port}"\n{per_ip}'
         f"[publisher.talk]\ncommand = {json.dumps([sys.executable, '-c', TALKER])}\n"
         "start_timeout = 0\nlog = { ring_lines = 5000 }\n"
@@ -138,7 +140,7 @@ def main() -> int:
         # held past the 10 s partial-frame timeout: the burst of closes is measured too
         "1000 conns x 16 KiB frame - 1 B": (["hold", "127.0.0.1", port, 1000, 16 << 10, 12], 12),
         "1000 conns x 1 MiB frame - 1 B": (["hold", "127.0.0.1", port, 1000, 1 << 20, s], s),
-        "150 conns tailLog(10000), unread": (["noread", "127.0.0.1", port, 150, s, tail], s),
+        "150 unix conns tailLog(10000), unread": (["noread", f"unix:{sock}", 0, 150, s, tail], s),
         "1100 idle TCP conns": (["idle", "127.0.0.1", port, 1100, s], s),
     }
     rows = []
