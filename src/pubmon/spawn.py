@@ -209,13 +209,13 @@ _CHECK_OOM = 'test "$PPID" = "$0" || exit 111; echo 0 >/proc/self/oom_score_adj;
 # the command and all it starts are born there: `sh -c _JOIN <daemon pid> <cgroup.procs> argv`.
 _JOIN = 'echo 0 >"$1" || exit 112; shift; '
 _EXIT_JOIN_FAILED = 112
-_PRLIMIT = shutil.which("prlimit")
-# RLIMIT_* -> prlimit(1)'s option, for the wrapper path (prlimit sets them, then execs sh).
-_PRLIMIT_OPTIONS = {
-    resource.RLIMIT_NOFILE: "--nofile",
-    resource.RLIMIT_CORE: "--core",
-    resource.RLIMIT_NPROC: "--nproc",
-    resource.RLIMIT_AS: "--as",
+# rlimits are set by the preexec hook (setrlimit before exec): the wrapper has no portable way
+# (prlimit(1) forks, so the PPID check fails; sh's ulimit flags and units differ by shell).
+_RLIMIT_KEYS = {
+    resource.RLIMIT_NOFILE: "nofile",
+    resource.RLIMIT_CORE: "core",
+    resource.RLIMIT_NPROC: "nproc",
+    resource.RLIMIT_AS: "as",
 }
 _EXEC_MAGIC = (b"\x7fELF", b"#!")
 
@@ -226,22 +226,16 @@ def wrapped(
     *,
     oom_reset: bool = False,
     cgroup_procs: str | None = None,
-    rlimits: tuple[tuple[int, int], ...] = (),
 ) -> list[str]:
     """`argv` behind the parent-death-signal wrapper, for a child of `parent`; joining the
-    cgroup whose `cgroup.procs` is given, with `rlimits` set (through prlimit) first."""
+    cgroup whose `cgroup.procs` is given before the exec."""
     assert _SETPRIV is not None
     check = _CHECK_OOM if oom_reset else _CHECK
-    limits: list[str] = []
-    if rlimits:
-        assert _PRLIMIT is not None
-        limits = [_PRLIMIT, *(f"{_PRLIMIT_OPTIONS[r]}={_rlim(v)}" for r, v in rlimits), "--"]
     if cgroup_procs is None:
-        return [_SETPRIV, "--pdeathsig", "KILL", "--", *limits, _SH, "-c", check, str(parent),
-                *argv]  # fmt: skip
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), *argv]
     check = check.replace("exec ", _JOIN + "exec ", 1)
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *limits, _SH, "-c", check, str(parent),
-            cgroup_procs, *argv]  # fmt: skip
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), cgroup_procs,
+            *argv]  # fmt: skip
 
 
 def _rlim(value: int) -> str:
@@ -256,9 +250,8 @@ def rlimit_problem(rlimits: tuple[tuple[int, int], ...]) -> str | None:
     for res, value in rlimits:
         hard = resource.getrlimit(res)[1]
         if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
-            name = _PRLIMIT_OPTIONS[res].removeprefix("--")
             return (
-                f"limits.{'as' if name == 'as' else name} = {_rlim(value)} is above pubmon's own "
+                f"limits.{_RLIMIT_KEYS[res]} = {_rlim(value)} is above pubmon's own "
                 f"hard limit {hard}, and pubmon lacks CAP_SYS_RESOURCE to raise it"
             )
     return None
@@ -601,15 +594,9 @@ async def spawn(
         raise SpawnError(req.name, limits_problem, permanent=True)
     # With another user, the preexec hook switches and then enters the directory as that user.
     cwd, report = req.directory, None
-    fast = creds is None and _wrapper_usable() and _wrapper_can_run(path, req.directory)
-    if fast and (_PRLIMIT is not None or not req.rlimits):
-        argv = wrapped(
-            req.argv,
-            os.getpid(),
-            oom_reset=oom_reset,
-            cgroup_procs=req.cgroup_procs,
-            rlimits=req.rlimits,
-        )
+    fast = creds is None and not req.rlimits and _wrapper_usable()
+    if fast and _wrapper_can_run(path, req.directory):
+        argv = wrapped(req.argv, os.getpid(), oom_reset=oom_reset, cgroup_procs=req.cgroup_procs)
         arm = None
     else:
         report = os.pipe()  # close-on-exec: the child's end is gone once it execs
