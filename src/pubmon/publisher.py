@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
 from ._stats import EXIT_REASONS, ExitReason, Histogram
-from .cgroup import EMPTY_USAGE, Cgroup, Usage, tree_usage
+from .cgroup import EMPTY_USAGE, Cgroup, MemoryReader, Usage, tree_usage
 from .config import Limits, PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -239,6 +239,7 @@ class Publisher:
         self._usage: tuple[float, Usage] | None = None  # (clock(), figures): see usage()
         self._cpu_base = 0.0  # the cgroup's CPU seconds before this run (it is reused)
         self._above_since: float | None = None  # the memory sweep's: over memory_restart since
+        self._memory: MemoryReader | None = None  # the memory sweep's, for the current run
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
         self._pulse = Pulse()  # this publisher's own changes
         self._deps_ready = deps_ready
@@ -357,10 +358,10 @@ class Publisher:
         if spec.memory_restart is None or child is None or self.state not in _LIVE:
             self._above_since = None
             return
-        if self.cgroup is not None:
-            used = self.cgroup.memory()
-        else:
-            used = tree_usage(child.pid).memory_bytes
+        if self._memory is None or self._memory.pid != child.pid:
+            self._close_memory_reader()
+            self._memory = MemoryReader(child.pid, self.cgroup)
+        used = self._memory.read()
         if used <= spec.memory_restart:
             self._above_since = None
             return
@@ -456,6 +457,7 @@ class Publisher:
                 self.child.signal(signal.SIGKILL)
                 self._kill_cgroup()
                 self.child.close()
+            self._close_memory_reader()
             for w in self._waiters:
                 if not w.answer.done():
                     w.answer.set_result(Outcome.SUPERSEDED)
@@ -724,6 +726,11 @@ class Publisher:
                 CGROUP_EMPTY_BOUND,
             )
 
+    def _close_memory_reader(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
     def _on_memory_high(self, used: int) -> None:
         spec = self.spec
         assert self.child is not None and spec.memory_restart is not None
@@ -820,6 +827,7 @@ class Publisher:
         self.last_exit_reason = describe_exit(child.returncode)
         logger.debug("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
         self.child = None
+        self._close_memory_reader()
         self._run_started = None
         self.started_wall = None
         self.stuck = False
