@@ -365,7 +365,7 @@ async def test_accounting_matches_proc_within_ten_percent(
     assert abs(usage.memory_bytes - rss) <= 0.1 * rss, (usage, rss)
     assert usage.source == ("cgroup+rss" if cg else "proc")
     assert counters["publisher.burner.tasks"] == 2
-    assert counters["publisher.burner.cpu_ms"] == int(usage.cpu_seconds * 1000)
+    assert abs(counters["publisher.burner.cpu_ms"] / 1000 - cpu) <= 0.1 * cpu  # read again
 
 
 def test_cgroup_limits_are_written_where_the_controller_is_enabled(tmp_path: Path) -> None:
