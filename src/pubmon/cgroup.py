@@ -456,6 +456,14 @@ class Cgroups:
                 cls._move_into_leaf(root)
             controllers = cls._enable_controllers(root)
         except OSError as exc:
+            if setting == "auto":  # delegated, but not writable here (a read-only mount)
+                logger.warning(
+                    "no cgroup: pubmon's cgroup %s was delegated to it but cannot be used (%s); "
+                    "publishers run in process groups (no pause, no cgroup limits or kill)",
+                    root,
+                    exc.strerror or exc,
+                )
+                return None
             raise StartupError(
                 f"cgroup {root}: {exc.strerror or exc} (pubmon must be able to create groups "
                 "and move processes there: root, or a delegated subtree)"
