@@ -49,12 +49,14 @@ __all__ = [
     "Usage",
     "cgroup2_problem",
     "limit_problems",
+    "rlimits",
     "tree_usage",
 ]
 
 import asyncio
 import logging
 import os
+import resource
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,6 +525,17 @@ class Cgroups:
             for key in limits.cgroup_limits()
             if _LIMIT_CONTROLLER[key] not in self.controllers
         ]
+
+
+def rlimits(limits: Limits) -> tuple[tuple[int, int], ...]:
+    """The rlimits of `[publisher.X.limits]` as (RLIMIT_*, value) for SpawnRequest."""
+    pairs = (
+        (resource.RLIMIT_NOFILE, limits.nofile),
+        (resource.RLIMIT_CORE, limits.core),
+        (resource.RLIMIT_NPROC, limits.nproc),
+        (resource.RLIMIT_AS, limits.address_space),
+    )
+    return tuple((r, resource.RLIM_INFINITY if v == -1 else v) for r, v in pairs if v is not None)
 
 
 def limit_problems(

@@ -39,7 +39,6 @@ import asyncio
 import enum
 import logging
 import random
-import resource
 import signal
 import time
 from collections import deque
@@ -48,8 +47,8 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
 from ._stats import EXIT_REASONS, ExitReason, Histogram
-from .cgroup import EMPTY_USAGE, Cgroup, MemoryReader, Usage, tree_usage
-from .config import Limits, PublisherSpec
+from .cgroup import EMPTY_USAGE, Cgroup, MemoryReader, Usage, rlimits, tree_usage
+from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
 from .output import OutputLog
@@ -1060,17 +1059,6 @@ class Publisher:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-def rlimits(limits: Limits) -> tuple[tuple[int, int], ...]:
-    """The rlimits of `[publisher.X.limits]` as (RLIMIT_*, value) for SpawnRequest."""
-    pairs = (
-        (resource.RLIMIT_NOFILE, limits.nofile),
-        (resource.RLIMIT_CORE, limits.core),
-        (resource.RLIMIT_NPROC, limits.nproc),
-        (resource.RLIMIT_AS, limits.address_space),
-    )
-    return tuple((r, resource.RLIM_INFINITY if v == -1 else v) for r, v in pairs if v is not None)
 
 
 def _proc_state(pid: int) -> str:

@@ -19,6 +19,15 @@ Every publisher is started by `spawn()`:
   no CAP_DAC_READ_SEARCH for it;
 - with its own environment, not the daemon's (which may hold secrets): see `child_environment`.
   Whatever the config says, it never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
+- in its cgroup, when it has one (pubmon.cgroup), before it execs the command: the wrapper's
+  `sh` writes `0` (itself) to the group's cgroup.procs; the preexec hook does the same as root,
+  before any switch of user (CLONE_INTO_CGROUP is out of reach of subprocess). Measured here
+  (spawn and exit of `true`, 300 each, interleaved, load average 7 on 2 cores): median 5.0 ms
+  without, 5.4 ms with the join (p90 12 vs 22 ms: moving a task takes a cgroup-wide lock);
+- with the rlimits of `[publisher.X.limits]` (nofile, core, nproc, as), soft = hard, set by the
+  preexec hook: a publisher with rlimits always takes that path (prlimit(1) forks, which the
+  wrapper's parent check refuses, and `ulimit` flags and units differ between shells). A hard
+  limit above the daemon's own needs CAP_SYS_RESOURCE: without it, a permanent spawn error.
 
 Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no thread per child) via
 `SubprocessProtocol.process_exited`, not from `Process.wait()`, which also waits for every holder

@@ -288,6 +288,9 @@ class Supervisor:
         text = f"{running}/{len(wanted)} publishers running, {fatal} fatal"
         if unhealthy:
             text += f", {unhealthy} unhealthy"
+        paused = sum(p.state == S.PAUSED for p in pubs)
+        if paused:
+            text += f", {paused} paused"
         stuck = sum(p.stuck for p in pubs)
         if stuck:
             text += f", {stuck} stuck after SIGKILL"
