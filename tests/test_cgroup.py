@@ -387,17 +387,56 @@ def test_cgroup_limits_are_written_where_the_controller_is_enabled(tmp_path: Pat
 
 
 @needs_cgroup
-async def test_a_required_limit_that_cannot_be_applied_stops_the_daemon(
+async def test_a_limit_that_cannot_be_applied_warns_or_with_require_is_an_error(
     cgroup_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "logs").mkdir()
     cfg = tmp_path / "pubmon.toml"
-    header = daemon_header(tmp_path).replace("[daemon]\n", f'[daemon]\ncgroup = "{cgroup_dir}"\n')
-    limits = {"pids_max": 50, "require": True}
-    cfg.write_text(header + toml_publisher("strict", ["sleep", "3600"], limits=limits))
-    async with run_daemon(cfg, ready=False) as d:
+    header = daemon_header(tmp_path, socket=True).replace(
+        "[daemon]\n", f'[daemon]\ncgroup = "{cgroup_dir}"\n'
+    )
+
+    def write(require: bool) -> None:
+        limits = {"pids_max": 50, "require": require}
+        cfg.write_text(header + toml_publisher("strict", ["sleep", "3600"], limits=limits))
+
+    write(False)  # a warning at start, and it runs
+    async with run_daemon(cfg) as d:
+        await d.wait_log("publisher.strict.limits.pids_max: no pids controller is enabled")
+        write(True)  # a reload refuses it, naming the key; the running config stays
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pubmon", "reload", "--socket", str(tmp_path / "pubmon.sock"),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await done.communicate()
+        assert done.returncode == 2 and b"publisher.strict.limits.pids_max" in err, err
+        assert "strict" in d.publisher_pids()
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    async with run_daemon(cfg, ready=False) as d:  # at start: the daemon does not start
         assert await d.wait_exit() == 3
     assert any("publisher.strict.limits.pids_max" in line for line in d.stderr), d.stderr
+
+
+@needs_cgroup
+async def test_setup_kills_what_an_earlier_daemon_left_in_publisher_groups(
+    cgroup_dir: Path,
+) -> None:
+    # A daemon killed with -9: its publishers die of their parent-death signal, an escapee
+    # does not. The next daemon's setup finds it in pub-<name> and kills it.
+    left, empty = cgroup_dir / "pub-old", cgroup_dir / "pub-empty"
+    left.mkdir()
+    empty.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'echo 0 > "$0" && exec sleep 3600', str(left / "cgroup.procs")
+    )
+    async with asyncio.timeout(5):
+        while str(proc.pid) not in (left / "cgroup.procs").read_text().split():
+            await asyncio.sleep(0.01)  # the exec chain: external state, no event to wait on
+    Cgroups.setup(str(cgroup_dir))
+    async with asyncio.timeout(5):
+        assert await proc.wait() == -9
+    assert not empty.exists()
 
 
 def test_config_reads_limits_sizes_and_cgroup(tmp_path: Path) -> None:
