@@ -341,7 +341,10 @@ class Publisher:
         if child is None or child.returncode is not None:
             u = EMPTY_USAGE
         elif self.cgroup is not None:
-            u = self.cgroup.usage()
+            try:
+                u = self.cgroup.usage()
+            except (OSError, ValueError):  # removed under us: nothing to count
+                u = EMPTY_USAGE
             u = Usage(max(0.0, u.cpu_seconds - self._cpu_base), u.memory_bytes, u.tasks, u.source)
         else:
             u = tree_usage(child.pid)
@@ -757,15 +760,17 @@ class Publisher:
                 f"{self.name} is {self.state}: only a "
                 f"{'RUNNING publisher can be paused' if pause else 'PAUSED one can be resumed'}"
             )
+        try:
+            cg.freeze(pause)
+        except OSError as exc:
+            raise InvalidState(f"{self.name}: cannot write {cg.path}/cgroup.freeze: {exc}") from exc
         if pause:
             self._stop_watch()
-            cg.freeze(True)
             if not await cg.wait_frozen(FREEZE_BOUND):
                 logger.warning("%s: cgroup %s not frozen after %g s", self.name, cg.path,
                                FREEZE_BOUND)  # fmt: skip
             self._transition(S.PAUSED, "paused by operator")
         else:
-            cg.freeze(False)
             self._transition(S.RUNNING, "resumed by operator")
             self._start_watch(self.child, announce=False)
         req.answer.set_result(Outcome.DONE)
@@ -788,7 +793,10 @@ class Publisher:
         self._stop_watch()
         spec = self.spec  # a reload's stop settings apply to every stop that starts after it
         if self.state == S.PAUSED and self.cgroup is not None:
-            self.cgroup.freeze(False)  # a frozen process cannot act on the stop signal
+            try:
+                self.cgroup.freeze(False)  # a frozen process cannot act on the stop signal
+            except OSError as exc:  # then SIGKILL after stop_timeout (it works on frozen ones)
+                logger.error("%s: cannot thaw cgroup %s: %s", self.name, self.cgroup.path, exc)
         self._transition(S.STOPPING, why)
         child.signal(spec.stop_signal)
         if spec.stop_signal not in (signal.SIGKILL, signal.SIGCONT):
