@@ -174,9 +174,9 @@ async def test_the_daemon_moves_into_a_leaf_of_the_cgroup_it_is_in(
         sock = tmp_path / "pubmon.sock"
         status = await _cli("status", "--socket", str(sock))
         head = status.splitlines()[0].split()
-        assert head[6:9] == ["CPU", "MEM", "TASKS"], status
+        assert head[5:8] == ["CPU", "MEM", "TASKS"], status
         feed_row = next(r.split() for r in status.splitlines() if r.startswith("feed "))
-        assert feed_row[8] == "2"  # the leader and the escapee (whose parent left)
+        assert feed_row[7] == "2"  # the leader and the escapee (whose parent left)
         assert "PAUSED" in await _cli("pause", "feed", "--socket", str(sock))
         assert (cgroup_dir / "pub-feed" / "cgroup.freeze").read_text().strip() == "1"
         assert "RUNNING" in await _cli("resume", "feed", "--socket", str(sock))
