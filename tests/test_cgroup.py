@@ -26,7 +26,7 @@ from children import SLEEP, config, py, spec
 from daemons import daemon_header, run_daemon, toml_publisher
 from procs import alive, descendants
 from pubmon import publisher as publisher_module
-from pubmon.cgroup import Cgroup, Cgroups, own_cgroup, tree_usage
+from pubmon.cgroup import Cgroup, Cgroups, UsageReader, own_cgroup
 from pubmon.config import Limits, ProbeSpec, PublisherSpec, parse_config
 from pubmon.errors import ConfigError, InvalidState
 from pubmon.lifecycle import PublisherState
@@ -472,8 +472,13 @@ def test_config_reads_limits_sizes_and_cgroup(tmp_path: Path) -> None:
     assert "publisher.a.limits.swap" in said
 
 
-@needs_cgroup
-def test_tree_usage_counts_the_leader_and_its_descendants() -> None:
-    usage = tree_usage(os.getpid())
-    assert usage.tasks >= 1 and usage.memory_bytes > 0
-    assert usage.cpu_seconds >= sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) * 0.9
+def test_usage_of_a_tree_counts_the_leader_and_its_descendants() -> None:
+    reader = UsageReader(os.getpid(), None)
+    try:
+        usage = reader.usage()
+    finally:
+        reader.close()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    assert usage.tasks == 1 + len(descendants(os.getpid()))
+    assert usage.memory_bytes >= own.ru_maxrss * 1024 * 0.5
+    assert usage.cpu_seconds >= (own.ru_utime + own.ru_stime) * 0.9

@@ -37,7 +37,7 @@ child group still has cgroup.kill, cgroup.freeze, cgroup.events and cpu.stat):
   within a millisecond or two, so `wait_empty` polls `cgroup.events` with a growing step.
 Without the memory controller, "memory" is the summed RSS of the processes in `cgroup.procs`;
 without a cgroup at all, every figure comes from the leader's process tree in /proc
-(`tree_usage`), which misses escapees (they are re-parented to the daemon).
+(`UsageReader`), which misses escapees (they are re-parented to the daemon).
 """
 
 from __future__ import annotations
@@ -45,12 +45,11 @@ from __future__ import annotations
 __all__ = [
     "Cgroup",
     "Cgroups",
-    "MemoryReader",
     "Usage",
+    "UsageReader",
     "cgroup2_problem",
     "limit_problems",
     "rlimits",
-    "tree_usage",
 ]
 
 import asyncio
@@ -58,8 +57,8 @@ import logging
 import os
 import resource
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import Limits
 from .errors import StartupError
@@ -155,8 +154,7 @@ def _delegated(path: str) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """What a publisher's processes use now: CPU seconds so far, memory, processes."""
 
     cpu_seconds: float
@@ -166,56 +164,6 @@ class Usage:
 
 
 EMPTY_USAGE = Usage(0.0, 0, 0, "none")
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                out.extend(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def tree_usage(pid: int) -> Usage:
-    """Usage of `pid` and its live descendants, from /proc: CPU is utime + stime of each (and
-    of the children each has reaped), memory the sum of their RSS."""
-    ticks, rss, tasks = 0, 0, 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        fields = _stat_fields(p)
-        if fields is None or fields[0] == b"Z":
-            continue
-        tasks += 1
-        # Fields 14-17 of stat (utime, stime, cutime, cstime), counted after "pid (comm) ".
-        ticks += sum(int(x) for x in fields[11:15])
-        rss += int(fields[21]) * _PAGE
-        todo.extend(_children(p))
-    return Usage(ticks / _TICK, rss, tasks, "proc")
 
 
 class Cgroup:
@@ -293,24 +241,9 @@ class Cgroup:
             return bool(done())
         return True
 
-    def memory(self) -> int:
-        """memory.current, else the summed RSS of its processes."""
-        if "memory" in self.controllers:
-            try:
-                return int(_read(os.path.join(self.path, "memory.current")))
-            except (OSError, ValueError):
-                pass
-        return sum(_rss(pid) for pid in self.pids())
-
-    def usage(self) -> Usage:
-        try:
-            usec = _keyed(_read(os.path.join(self.path, "cpu.stat")), "usage_usec") or 0
-        except FileNotFoundError:
-            return EMPTY_USAGE
-        pids = self.pids()
-        if "memory" in self.controllers:
-            return Usage(usec / 1e6, self.memory(), len(pids), "cgroup")
-        return Usage(usec / 1e6, sum(_rss(p) for p in pids), len(pids), "cgroup+rss")
+    def cpu_seconds(self) -> float:
+        """cpu.stat usage_usec: CPU of every process that ever ran in it, in seconds."""
+        return (_keyed(_read(os.path.join(self.path, "cpu.stat")), "usage_usec") or 0) / 1e6
 
     def apply(self, limits: Limits) -> list[str]:
         """Write the cgroup limits whose controller is enabled (and reset those not set, so a
@@ -348,14 +281,17 @@ def _cpu(fraction: float | None) -> str:
     return f"{max(1000, round(fraction * CPU_PERIOD))} {CPU_PERIOD}"
 
 
-class MemoryReader:
-    """One run's memory, read again and again for the memory sweep (1000 publishers, once a
-    second): its files stay open and are re-read with pread. Measured here: open + read +
-    close of /proc/<pid>/statm 10-15 µs, pread of a held one 3 µs; cgroup.procs 9 vs 1.4 µs.
-    A /proc/<pid> file stays bound to its process, so a recycled pid is never misread.
+class UsageReader:
+    """One run's figures, read again and again (the memory sweep once a second, getCounters):
+    its files stay open and are re-read with pread. Measured here: open + read + close of
+    /proc/<pid>/statm 10-15 µs, pread of a held one 3 µs; cgroup.procs 9 vs 1.4 µs; at 1000
+    publishers a cold getCounters took 120-170 ms reading afresh. A /proc/<pid> file stays
+    bound to its process, so a recycled pid is never misread.
 
-    Reads memory.current (with the memory controller), else the RSS of the processes in the
-    cgroup, else of the leader's tree (children of its main thread, then theirs)."""
+    With a cgroup: CPU from cpu.stat, processes from cgroup.procs, memory from memory.current
+    (memory controller) or the RSS of those processes. Without: the leader's tree in /proc
+    (children of each thread, then theirs), CPU as utime + stime (+ those of reaped children)
+    and RSS of each process; escapees re-parented to the daemon are not in it."""
 
     def __init__(self, pid: int, cgroup: Cgroup | None) -> None:
         self.pid = pid
@@ -368,13 +304,41 @@ class MemoryReader:
             fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         return os.pread(fd, 65536, 0)
 
+    def _stat(self, pid: int) -> list[bytes] | None:
+        """Fields of /proc/<pid>/stat after "pid (comm) ": [0] state, [11:15] utime, stime,
+        cutime, cstime (ticks), [17] threads, [21] rss (pages). None when gone or a zombie."""
+        try:
+            raw = self._pread(f"/proc/{pid}/stat")
+        except OSError:
+            return None
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        return fields if len(fields) > 21 and fields[0] != b"Z" else None
+
     def _rss(self, pid: int) -> int:
         try:
             return int(self._pread(f"/proc/{pid}/statm").split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
             return 0
 
-    def read(self) -> int:
+    def _tree(self) -> list[tuple[int, list[bytes]]]:
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            fields = self._stat(pid)
+            if fields is None:
+                continue
+            out.append((pid, fields))
+            tids = [str(pid)] if fields[17] == b"1" else _tids(pid)
+            for tid in tids:
+                try:
+                    todo.extend(
+                        int(p) for p in self._pread(f"/proc/{pid}/task/{tid}/children").split()
+                    )
+                except OSError:
+                    continue
+        return out
+
+    def memory(self) -> int:
         """Bytes in use now (0 when nothing can be read)."""
         cg = self._cgroup
         try:
@@ -382,28 +346,36 @@ class MemoryReader:
                 return int(self._pread(os.path.join(cg.path, "memory.current")))
             if cg is not None:
                 pids = [int(p) for p in self._pread(cg.procs).split()]
+                used = sum(self._rss(pid) for pid in pids)
             else:
-                pids = self._tree()
+                tree = self._tree()
+                pids = [pid for pid, _ in tree]
+                used = sum(int(f[21]) for _, f in tree) * _PAGE
         except (OSError, ValueError):
             return 0
-        used = sum(self._rss(pid) for pid in pids)
         self._forget(pids)
         return used
 
-    def _tree(self) -> list[int]:
-        out, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            try:
-                todo.extend(int(p) for p in self._pread(f"/proc/{pid}/task/{pid}/children").split())
-            except OSError:
-                continue
-        return out
+    def usage(self) -> Usage:
+        cg = self._cgroup
+        try:
+            if cg is not None:
+                cpu = self._pread(os.path.join(cg.path, "cpu.stat"))
+                usec = _keyed(cpu.decode(), "usage_usec") or 0
+                pids = [int(p) for p in self._pread(cg.procs).split()]
+                source = "cgroup" if "memory" in cg.controllers else "cgroup+rss"
+                return Usage(usec / 1e6, self.memory(), len(pids), source)
+            tree = self._tree()
+        except (OSError, ValueError):
+            return EMPTY_USAGE
+        ticks = sum(int(x) for _, f in tree for x in f[11:15])
+        rss = sum(int(f[21]) for _, f in tree) * _PAGE
+        self._forget([pid for pid, _ in tree])
+        return Usage(ticks / _TICK, rss, len(tree), "proc")
 
     def _forget(self, pids: list[int]) -> None:
         """Close the files of processes that are gone (a tree changes)."""
-        if len(self._fds) <= 2 * len(pids) + 2:
+        if len(self._fds) <= 3 * len(pids) + 3:
             return
         keep = {f"/proc/{p}/" for p in pids}
         for path in [p for p in self._fds if p.startswith("/proc/")]:
@@ -414,6 +386,13 @@ class MemoryReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _tids(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
 
 
 class Cgroups:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
 from ._stats import EXIT_REASONS, ExitReason, Histogram
-from .cgroup import EMPTY_USAGE, Cgroup, MemoryReader, Usage, rlimits, tree_usage
+from .cgroup import EMPTY_USAGE, Cgroup, Usage, UsageReader, rlimits
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -238,7 +238,7 @@ class Publisher:
         self._usage: tuple[float, Usage] | None = None  # (clock(), figures): see usage()
         self._cpu_base = 0.0  # the cgroup's CPU seconds before this run (it is reused)
         self._above_since: float | None = None  # the memory sweep's: over memory_restart since
-        self._memory: MemoryReader | None = None  # the memory sweep's, for the current run
+        self._reader: UsageReader | None = None  # the current run's figures (files held open)
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
         self._pulse = Pulse()  # this publisher's own changes
         self._deps_ready = deps_ready
@@ -337,33 +337,40 @@ class Publisher:
         now = self._clock()
         if self._usage is not None and now - self._usage[0] < USAGE_TTL:
             return self._usage[1]
-        child = self.child
-        if child is None or child.returncode is not None:
+        reader = self._usage_reader()
+        if reader is None:
             u = EMPTY_USAGE
-        elif self.cgroup is not None:
-            try:
-                u = self.cgroup.usage()
-            except (OSError, ValueError):  # removed under us: nothing to count
-                u = EMPTY_USAGE
-            u = Usage(max(0.0, u.cpu_seconds - self._cpu_base), u.memory_bytes, u.tasks, u.source)
         else:
-            u = tree_usage(child.pid)
+            u = reader.usage()
+            if self.cgroup is not None:  # the cgroup outlives runs: this run's share
+                u = u._replace(cpu_seconds=max(0.0, u.cpu_seconds - self._cpu_base))
         self._usage = (now, u)
         return u
+
+    def _usage_reader(self) -> UsageReader | None:
+        """The current run's reader (made on first use, closed when the run ends)."""
+        child = self.child
+        if child is None or child.returncode is not None:
+            return None
+        if self._reader is None or self._reader.pid != child.pid:
+            self._close_usage_reader()
+            self._reader = UsageReader(child.pid, self.cgroup)
+        return self._reader
 
     def check_memory(self, now: float) -> None:
         """The memory sweep's visit (about once a second): post a verdict to the runner once
         the memory stayed above memory_restart for memory_restart_after seconds. Reads one
         file (memory.current) or the RSS of its processes, and only when memory_restart is
         set and it runs."""
-        spec, child = self.spec, self.child
-        if spec.memory_restart is None or child is None or self.state not in _LIVE:
+        spec = self.spec
+        if spec.memory_restart is None or self.state not in _LIVE:
             self._above_since = None
             return
-        if self._memory is None or self._memory.pid != child.pid:
-            self._close_memory_reader()
-            self._memory = MemoryReader(child.pid, self.cgroup)
-        used = self._memory.read()
+        reader = self._usage_reader()
+        if reader is None:
+            self._above_since = None
+            return
+        used = reader.memory()
         if used <= spec.memory_restart:
             self._above_since = None
             return
@@ -459,7 +466,7 @@ class Publisher:
                 self.child.signal(signal.SIGKILL)
                 self._kill_cgroup()
                 self.child.close()
-            self._close_memory_reader()
+            self._close_usage_reader()
             for w in self._waiters:
                 if not w.answer.done():
                     w.answer.set_result(Outcome.SUPERSEDED)
@@ -697,7 +704,7 @@ class Publisher:
                     )
             for problem in cg.apply(self.spec.limits):
                 logger.debug("%s: %s", self.name, problem)  # said at start and reload
-            self._cpu_base = cg.usage().cpu_seconds
+            self._cpu_base = cg.cpu_seconds()
         except OSError as exc:
             why = f"cannot prepare its cgroup {cg.path}: {exc.strerror or exc}"
             raise SpawnError(self.name, why, permanent=False) from exc
@@ -728,10 +735,10 @@ class Publisher:
                 CGROUP_EMPTY_BOUND,
             )
 
-    def _close_memory_reader(self) -> None:
-        if self._memory is not None:
-            self._memory.close()
-            self._memory = None
+    def _close_usage_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _on_memory_high(self, used: int) -> None:
         spec = self.spec
@@ -834,7 +841,7 @@ class Publisher:
         self.last_exit_reason = describe_exit(child.returncode)
         logger.debug("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
         self.child = None
-        self._close_memory_reader()
+        self._close_usage_reader()
         self._run_started = None
         self.started_wall = None
         self.stuck = False
