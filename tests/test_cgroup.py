@@ -26,12 +26,13 @@ from children import SLEEP, config, py, spec
 from daemons import daemon_header, run_daemon, toml_publisher
 from procs import alive, descendants
 from pubmon import publisher as publisher_module
-from pubmon.cgroup import Cgroup, Cgroups, UsageReader, own_cgroup
+from pubmon.cgroup import Cgroup, Cgroups, own_cgroup
 from pubmon.config import Limits, ProbeSpec, PublisherSpec, parse_config
 from pubmon.errors import ConfigError, InvalidState
 from pubmon.lifecycle import PublisherState
 from pubmon.publisher import Publisher
 from pubmon.supervisor import Supervisor
+from pubmon.usage import UsageReader
 
 S = PublisherState
 _seq = itertools.count()

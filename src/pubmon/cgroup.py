@@ -35,9 +35,7 @@ child group still has cgroup.kill, cgroup.freeze, cgroup.events and cpu.stat):
   `true` through setpriv + sh: 2.8-3.3 ms each with or without the write (noise is larger);
 - `populated` changes are not worth an inotify watch here: after cgroup.kill the group is empty
   within a millisecond or two, so `wait_empty` polls `cgroup.events` with a growing step.
-Without the memory controller, "memory" is the summed RSS of the processes in `cgroup.procs`;
-without a cgroup at all, every figure comes from the leader's process tree in /proc
-(`UsageReader`), which misses escapees (they are re-parented to the daemon).
+Accounting (CPU, memory, processes) is read by pubmon.usage, from the cgroup when there is one.
 """
 
 from __future__ import annotations
@@ -45,8 +43,6 @@ from __future__ import annotations
 __all__ = [
     "Cgroup",
     "Cgroups",
-    "Usage",
-    "UsageReader",
     "cgroup2_problem",
     "limit_problems",
     "rlimits",
@@ -58,7 +54,6 @@ import os
 import resource
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 from .config import Limits
 from .errors import StartupError
@@ -71,8 +66,6 @@ CPU_PERIOD = 100_000  # µs: cpu.max "<quota> <period>", systemd's CPUQuotaPerio
 _CONTROLLERS = ("cpu", "memory", "pids")  # what limits need; enabled for publishers if offered
 _LIMIT_CONTROLLER = {"memory_max": "memory", "memory_high": "memory", "cpu_max": "cpu",
                      "pids_max": "pids"}  # fmt: skip
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _mounts() -> list[str]:
@@ -152,18 +145,6 @@ def _delegated(path: str) -> bool:
         except OSError:
             continue
     return False
-
-
-class Usage(NamedTuple):
-    """What a publisher's processes use now: CPU seconds so far, memory, processes."""
-
-    cpu_seconds: float
-    memory_bytes: int
-    tasks: int
-    source: str  # "cgroup", "cgroup+rss" (no memory controller) or "proc"
-
-
-EMPTY_USAGE = Usage(0.0, 0, 0, "none")
 
 
 class Cgroup:
@@ -279,120 +260,6 @@ def _cpu(fraction: float | None) -> str:
     if fraction is None:
         return f"max {CPU_PERIOD}"
     return f"{max(1000, round(fraction * CPU_PERIOD))} {CPU_PERIOD}"
-
-
-class UsageReader:
-    """One run's figures, read again and again (the memory sweep once a second, getCounters):
-    its files stay open and are re-read with pread. Measured here: open + read + close of
-    /proc/<pid>/statm 10-15 µs, pread of a held one 3 µs; cgroup.procs 9 vs 1.4 µs; at 1000
-    publishers a cold getCounters took 120-170 ms reading afresh. A /proc/<pid> file stays
-    bound to its process, so a recycled pid is never misread.
-
-    With a cgroup: CPU from cpu.stat, processes from cgroup.procs, memory from memory.current
-    (memory controller) or the RSS of those processes. Without: the leader's tree in /proc
-    (children of each thread, then theirs), CPU as utime + stime (+ those of reaped children)
-    and RSS of each process; escapees re-parented to the daemon are not in it."""
-
-    def __init__(self, pid: int, cgroup: Cgroup | None) -> None:
-        self.pid = pid
-        self._cgroup = cgroup
-        self._fds: dict[str, int] = {}  # path -> open fd
-
-    def _pread(self, path: str) -> bytes:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        return os.pread(fd, 65536, 0)
-
-    def _stat(self, pid: int) -> list[bytes] | None:
-        """Fields of /proc/<pid>/stat after "pid (comm) ": [0] state, [11:15] utime, stime,
-        cutime, cstime (ticks), [17] threads, [21] rss (pages). None when gone or a zombie."""
-        try:
-            raw = self._pread(f"/proc/{pid}/stat")
-        except OSError:
-            return None
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        return fields if len(fields) > 21 and fields[0] != b"Z" else None
-
-    def _rss(self, pid: int) -> int:
-        try:
-            return int(self._pread(f"/proc/{pid}/statm").split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
-            return 0
-
-    def _tree(self) -> list[tuple[int, list[bytes]]]:
-        out, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            fields = self._stat(pid)
-            if fields is None:
-                continue
-            out.append((pid, fields))
-            tids = [str(pid)] if fields[17] == b"1" else _tids(pid)
-            for tid in tids:
-                try:
-                    todo.extend(
-                        int(p) for p in self._pread(f"/proc/{pid}/task/{tid}/children").split()
-                    )
-                except OSError:
-                    continue
-        return out
-
-    def memory(self) -> int:
-        """Bytes in use now (0 when nothing can be read)."""
-        cg = self._cgroup
-        try:
-            if cg is not None and "memory" in cg.controllers:
-                return int(self._pread(os.path.join(cg.path, "memory.current")))
-            if cg is not None:
-                pids = [int(p) for p in self._pread(cg.procs).split()]
-                used = sum(self._rss(pid) for pid in pids)
-            else:
-                tree = self._tree()
-                pids = [pid for pid, _ in tree]
-                used = sum(int(f[21]) for _, f in tree) * _PAGE
-        except (OSError, ValueError):
-            return 0
-        self._forget(pids)
-        return used
-
-    def usage(self) -> Usage:
-        cg = self._cgroup
-        try:
-            if cg is not None:
-                cpu = self._pread(os.path.join(cg.path, "cpu.stat"))
-                usec = _keyed(cpu.decode(), "usage_usec") or 0
-                pids = [int(p) for p in self._pread(cg.procs).split()]
-                source = "cgroup" if "memory" in cg.controllers else "cgroup+rss"
-                return Usage(usec / 1e6, self.memory(), len(pids), source)
-            tree = self._tree()
-        except (OSError, ValueError):
-            return EMPTY_USAGE
-        ticks = sum(int(x) for _, f in tree for x in f[11:15])
-        rss = sum(int(f[21]) for _, f in tree) * _PAGE
-        self._forget([pid for pid, _ in tree])
-        return Usage(ticks / _TICK, rss, len(tree), "proc")
-
-    def _forget(self, pids: list[int]) -> None:
-        """Close the files of processes that are gone (a tree changes)."""
-        if len(self._fds) <= 3 * len(pids) + 3:
-            return
-        keep = {f"/proc/{p}/" for p in pids}
-        for path in [p for p in self._fds if p.startswith("/proc/")]:
-            if path[: path.index("/", 6) + 1] not in keep:
-                os.close(self._fds.pop(path))
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _tids(pid: int) -> list[str]:
-    try:
-        return os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
 
 
 class Cgroups:

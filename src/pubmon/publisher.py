@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
 from ._stats import EXIT_REASONS, ExitReason, Histogram
-from .cgroup import EMPTY_USAGE, Cgroup, Usage, UsageReader, rlimits
+from .cgroup import Cgroup, rlimits
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -55,6 +55,7 @@ from .output import OutputLog
 from .policy import CrashWindow, next_delay, should_restart
 from .probe import Probe, make_probe
 from .spawn import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, spawn
+from .usage import EMPTY_USAGE, Usage, UsageReader
 
 logger = logging.getLogger(__name__)
 
