@@ -33,7 +33,7 @@ struct PublisherInfo {
   1: string name,
   /** The [publisher.<program>] section this instance comes from. */
   2: string program,
-  /** Lifecycle state: STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED or FATAL. */
+  /** Lifecycle state: STOPPED, STARTING, RUNNING, PAUSED, BACKOFF, STOPPING, EXITED or FATAL. */
   3: string state,
   /** Process id of the running child; 0 = none. */
   4: i32 pid,
@@ -145,6 +145,18 @@ service PubmonService extends fb303.FacebookService {
 
   /** Stop then start an instance. [mutating] */
   PublisherInfo restartPublisher(1: string name)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /**
+   * Freeze an instance's whole process tree through its cgroup (cgroup.freeze): RUNNING ->
+   * PAUSED; its probes are suspended. InvalidState when pubmon runs it without a cgroup
+   * ([daemon] cgroup, or Delegate=yes in the systemd unit) or it is not RUNNING. [mutating]
+   */
+  PublisherInfo pausePublisher(1: string name)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /** Thaw a PAUSED instance: back to RUNNING, probes resume. [mutating] */
+  PublisherInfo resumePublisher(1: string name)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
   /** Re-read the config file and apply the difference. [mutating] */

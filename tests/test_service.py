@@ -98,10 +98,11 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
         rc, out, err = await cli("status", "--socket", sock)
         assert rc == 0, err
         header, *rows = out.splitlines()
-        assert header.split()[:8] == [
-            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "HEALTH"
+        assert header.split()[:9] == [
+            "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "TASKS", "HEALTH"
         ]  # fmt: skip
-        # CPU and MEM of each process tree, in human units ("0.00s", "1.6M").
+        # CPU and MEM of each process tree, in human units ("0.00s", "1.6M"); TASKS: processes.
+        assert all(r.split()[7] == "1" for r in rows)
         assert all(r.split()[5].endswith("s") and r.split()[6][-1] in "BKMG" for r in rows)
         assert [r.split()[:2] for r in rows] == [
             ["feed:0", "RUNNING"],

@@ -12,6 +12,7 @@ external state (`systemctl show`, /proc) under a deadline: there is no event to 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -421,3 +422,53 @@ def test_the_example_config_is_valid() -> None:
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+# A daemonizing child: its own child calls setsid and forks the grandchild, which prints its
+# pid and lives on outside the publisher's process group and session.
+ESCAPER = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        print('escapee', os.getpid(), flush=True)\n"
+    "        time.sleep(3600)\n"
+    "    os._exit(0)\n"
+    "time.sleep(3600)\n"
+)
+
+
+def cgroup_of(pid: int) -> str:
+    """The cgroup2 path of `pid` as the host sees it."""
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x[:3] == "0::")
+    return line[3:]
+
+
+def test_publishers_run_in_cgroups_of_their_own_below_the_unit(pubmon: Pubmon) -> None:
+    # Delegate=yes: the daemon moves into pubmon.service/supervisor, each publisher gets
+    # pubmon.service/pub-<name>; the escapee stays in its publisher's cgroup, so a stop of
+    # that publisher (and `systemctl stop`) leaves nothing.
+    python = os.path.realpath(REPO / ".venv" / "bin" / "python")
+    argv = json.dumps([python, "-c", ESCAPER])  # JSON strings are TOML basic strings
+    escaper = f"[publisher.escaper]\ncommand = {argv}\nstart_timeout = 0\nlog = {{ echo = true }}\n"
+    pubmon.config.write_text(pubmon.config.read_text() + "\n" + escaper)
+    pubmon.systemctl("start")
+    assert cgroup_of(pubmon.main_pid()).endswith("/pubmon.service/supervisor")
+    pubs = pubmon.publishers()
+    assert set(pubs) == {"ticker", "nobody", "worker", "escaper"}
+    for name, pid in pubs.items():
+        assert cgroup_of(pid).endswith(f"/pubmon.service/pub-{name}"), (name, cgroup_of(pid))
+    lines = pubmon.wait_journal("escaper| escapee ")
+    line = next(x for x in lines if "escaper| escapee " in x)
+    escapee = pubmon.machine.host_pid(int(line.rsplit(" ", 1)[1]))
+    assert escapee is not None and cgroup_of(escapee).endswith("/pubmon.service/pub-escaper")
+    tree = pubmon.machine.run("systemd-cgls", "--no-pager", "-u", SERVICE).stdout
+    assert all(f"pub-{name}" in tree for name in pubs) and "supervisor" in tree, tree
+    pubmon.machine.run(str(VENV_PUBMON), "pause", "worker")
+    assert "PAUSED" in pubmon.machine.run(str(VENV_PUBMON), "status", "worker").stdout
+    pubmon.machine.run(str(VENV_PUBMON), "stop", "escaper")
+    assert not alive(escapee) and not alive(pubs["escaper"])
+    pubmon.systemctl("stop")
+    assert pubmon.show("Result")["Result"] == "success"
+    assert not any(alive(p) for p in pubs.values())
+    assert not pubmon.machine.unit_pids(SERVICE)

@@ -35,6 +35,7 @@ from .config import (
     CrashLoop,
     DaemonConfig,
     HttpConfig,
+    Limits,
     LogSpec,
     MonitorConfig,
     ProbeKind,
@@ -55,7 +56,7 @@ _PORT_PROBES = ("fb303", "tcp")
 # The keys each table accepts. Listed rather than derived from the dataclass fields, so a field
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "http", "publisher")
-_DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment")
+_DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment", "cgroup")
 _CONTROL_KEYS = ("socket", "allow_uids", "allow", "max_connections", "max_connections_per_uid")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
                  "max_frame", "idle_timeout", "max_connections",
@@ -65,7 +66,12 @@ _HTTP_KEYS = ("listen", "tls", "token_file", "hosts", "ready_ignores_fatal", "ch
 _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "user",
                    "inherit_environment", "autostart", "depends_on", "restart",
                    "success_exit_codes", "start_timeout", "stop_signal", "stop_timeout",
-                   "backoff", "crash_loop", "data_source", "log", "probe")  # fmt: skip
+                   "backoff", "crash_loop", "data_source", "log", "probe", "limits",
+                   "memory_restart", "memory_restart_after")  # fmt: skip
+_LIMITS_KEYS = ("memory_max", "memory_high", "cpu_max", "pids_max", "nofile", "core", "nproc",
+                "as", "require")  # fmt: skip
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BACKOFF_KEYS = ("initial", "max", "factor", "jitter", "reset_after")
 _CRASH_LOOP_KEYS = ("max_restarts", "window")
 _LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
@@ -151,10 +157,25 @@ class Loader:
         log_dir = chk.string(t, "log_dir", key)  # "" = none, as for control.socket
         self._inherit_default = self._inherit(t, key, d.inherit_environment)
         return DaemonConfig(
+            cgroup=self._cgroup(t, key, d.cgroup),
             log_dir=self._path(log_dir) if log_dir else None,
             inherit_environment=self._inherit_default,
             shutdown_timeout=chk.number(t, "shutdown_timeout", key, d.shutdown_timeout, gt=0),
         )
+
+    def _cgroup(self, t: Table, key: Key, default: str) -> str:
+        """`cgroup`: "auto", "" (none) or an absolute path to a directory in a cgroup2
+        hierarchy (whether pubmon may write there is found at start: pubmon.cgroup)."""
+        value = self.chk.string(t, "cgroup", key)
+        if value is None or value in ("", "auto"):
+            return default if value is None else value
+        from .cgroup import cgroup2_problem  # the kernel's side: kept with the rest of it
+
+        why = cgroup2_problem(value)
+        if why:
+            self.chk.problem((*key, "cgroup"), f'expected "auto", "" or {why}')
+            return ""
+        return os.path.normpath(value)
 
     def _control(self) -> ControlConfig:
         chk, key, d = self.chk, ("control",), ControlConfig()
@@ -426,6 +447,11 @@ class Loader:
             data_source=data_source,
             log=self._log(t, (*key, "log")),
             probe=probe,
+            limits=self._limits(t, (*key, "limits")),
+            memory_restart=self._size(t, "memory_restart", key, lo=1 << 20),
+            memory_restart_after=chk.number(
+                t, "memory_restart_after", key, d.memory_restart_after, ge=0
+            ),
         )
 
     def _inherit(
@@ -503,6 +529,55 @@ class Loader:
             ring_lines=chk.integer(g, "ring_lines", key, d.ring_lines, lo=1),
             max_line=chk.integer(g, "max_line", key, d.max_line, lo=64, hi=16 * _MIB),
             echo=chk.boolean(g, "echo", key, d.echo),
+        )
+
+    def _size(
+        self, t: Table, name: str, key: Key, *, lo: int = 0, unlimited: bool = False
+    ) -> int | None:
+        """Bytes: an integer or a string with a K, M, G or T suffix (powers of 1024), as
+        systemd takes them ("512M"); with `unlimited`, also "unlimited" (RLIM_INFINITY)."""
+        if name not in t:
+            return None
+        value = t[name]
+        if unlimited and value == "unlimited":
+            return -1
+        found = _SIZE.fullmatch(value) if isinstance(value, str) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size: int | None = value
+        elif found:
+            size = int(found.group(1)) * _SIZE_UNITS[found.group(2).upper()]
+        else:
+            size = None
+        if size is None or size < lo:
+            also = ' or "unlimited"' if unlimited else ""
+            self.chk.problem(
+                (*key, name),
+                f'expected a size of at least {lo} bytes: an integer or "512M" (K, M, G, T)'
+                f"{also}, got {describe(value)}",
+            )
+            return None
+        return size
+
+    def _limits(self, t: Table, key: Key) -> Limits:
+        chk = self.chk
+        g = self._section(t, "limits", key, _LIMITS_KEYS)
+        cpu = chk.number(g, "cpu_max", key, 0.0, gt=0, le=float(os.cpu_count() or 1) * 64)
+        count: dict[str, int | None] = {}
+        for name in ("pids_max", "nofile", "nproc"):
+            if g.get(name) == "unlimited" and name != "pids_max":
+                count[name] = -1
+            else:
+                count[name] = chk.integer(g, name, key, None, lo=1)
+        return Limits(
+            memory_max=self._size(g, "memory_max", key, lo=4096),
+            memory_high=self._size(g, "memory_high", key, lo=4096),
+            cpu_max=cpu if "cpu_max" in g and cpu > 0 else None,
+            pids_max=count["pids_max"],
+            nofile=count["nofile"],
+            core=self._size(g, "core", key, unlimited=True),
+            nproc=count["nproc"],
+            address_space=self._size(g, "as", key, lo=1 << 20, unlimited=True),
+            require=chk.boolean(g, "require", key, False),
         )
 
     def _probe(self, t: Table, key: Key, numprocs: int) -> ProbeSpec:

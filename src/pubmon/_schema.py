@@ -92,6 +92,26 @@ METHODS: dict[str, MethodDef] = {
         ),
         False,
     ),
+    "pausePublisher": (
+        ((1, "name", STRING, None),),
+        (
+            (1, "e1", STRUCT, "UnknownPublisher"),
+            (2, "e2", STRUCT, "InvalidState"),
+            (3, "e3", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "PublisherInfo"),
+        ),
+        False,
+    ),
+    "resumePublisher": (
+        ((1, "name", STRING, None),),
+        (
+            (1, "e1", STRUCT, "UnknownPublisher"),
+            (2, "e2", STRUCT, "InvalidState"),
+            (3, "e3", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "PublisherInfo"),
+        ),
+        False,
+    ),
     "reloadConfig": (
         (),
         (

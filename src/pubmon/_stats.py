@@ -12,8 +12,8 @@ __all__ = ["EXIT_REASONS", "PROBE_BUCKETS", "ExitReason", "Histogram"]
 import bisect
 from typing import Literal
 
-ExitReason = Literal["exit", "signal", "unhealthy", "operator"]
-EXIT_REASONS: tuple[ExitReason, ...] = ("exit", "signal", "unhealthy", "operator")
+ExitReason = Literal["exit", "signal", "unhealthy", "operator", "memory"]
+EXIT_REASONS: tuple[ExitReason, ...] = ("exit", "signal", "unhealthy", "operator", "memory")
 
 # fb303 / tcp / exec probes on loopback take 0.1-5 ms; a timeout is seconds.
 PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

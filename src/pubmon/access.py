@@ -96,7 +96,8 @@ _STATUS = (
 _LOGS = ("tailLog",)
 _CONTROL = (
     "startPublisher", "stopPublisher", "restartPublisher", "reloadConfig", "reopenLogs",
-    "setOption", "shutdown", "reinitialize", "getCpuProfile",
+    "setOption", "shutdown", "reinitialize", "getCpuProfile", "pausePublisher",
+    "resumePublisher",
 )  # fmt: skip
 _METHOD_LEVELS = {
     **dict.fromkeys(_STATUS, Level.STATUS),

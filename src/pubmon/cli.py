@@ -8,6 +8,8 @@ Usage:
   pubmon start NAME... [options]
   pubmon stop NAME... [options]
   pubmon restart NAME... [options]
+  pubmon pause NAME... [options]
+  pubmon resume NAME... [options]
   pubmon reload [options]
   pubmon tail NAME [-n N] [-f] [options]
   pubmon counters [PREFIX] [options]
@@ -32,6 +34,7 @@ Options:
   -h --help        Show this text.
   --version        Show the version.
 
+pause freezes a publisher's whole process tree (its cgroup) until resume.
 Names are instance names (feed, feed:0) or program names (feed = all its instances).
 Exit codes: 0 ok, 1 error, 2 bad config, 3 daemon cannot start, 4 daemon not reachable,
 5 permission denied, 6 unknown publisher, 7 invalid state for the request.
@@ -377,16 +380,35 @@ def _info_dict(i: Any) -> dict[str, object]:
     }
 
 
+def _usage(counters: dict[str, int], i: Any) -> tuple[float | None, int | None, int | None]:
+    """(CPU seconds, memory bytes, processes) of a running publisher: its counters (its cgroup
+    when it has one, escapees included; else its process tree), else PublisherInfo's."""
+    p = f"publisher.{i.name}."
+    if not i.pid:
+        return None, None, None
+    if p + "tasks" not in counters:  # a daemon without them
+        return i.cpuSeconds, i.memoryBytes, None
+    return counters[p + "cpu_ms"] / 1000, counters[p + "memory_bytes"], counters[p + "tasks"]
+
+
 def cmd_status(remote: Remote, a: Args) -> int:
     infos = _resolve(remote, a.names) if a.names else remote.call("listPublishers")
+    counters = remote.call("getCounters")
     if a.json:
         import json
 
-        print(json.dumps([_info_dict(i) for i in infos], indent=1))
+        out = []
+        for i in infos:
+            cpu, mem, tasks = _usage(counters, i)
+            out.append({**_info_dict(i), "cpu_seconds": cpu, "memory_bytes": mem, "tasks": tasks})
+        print(json.dumps(out, indent=1))
         return EXIT_OK
-    # CPU and MEM: the publisher's whole process tree (/proc), as the HTTP dashboard shows.
-    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "HEALTH", "DETAILS")]
+    # CPU, MEM, TASKS: the publisher's cgroup when it has one (pubmon.cgroup), else its process
+    # tree in /proc.
+    rows = [("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "TASKS", "HEALTH",
+             "DETAILS")]  # fmt: skip
     for i in infos:
+        cpu, mem, tasks = _usage(counters, i)
         rows.append(
             (
                 i.name,
@@ -394,8 +416,9 @@ def cmd_status(remote: Remote, a: Args) -> int:
                 str(i.pid or "-"),
                 _uptime(i.uptime),
                 str(i.restarts),
-                _cpu(i.cpuSeconds),
-                _bytes(i.memoryBytes),
+                _cpu(cpu),
+                _bytes(mem),
+                "-" if tasks is None else str(tasks),
                 i.health,
                 i.statusDetails,
             )
@@ -408,7 +431,8 @@ def cmd_status(remote: Remote, a: Args) -> int:
 
 
 def cmd_action(remote: Remote, a: Args) -> int:
-    method = {"start": "startPublisher", "stop": "stopPublisher", "restart": "restartPublisher"}
+    method = {"start": "startPublisher", "stop": "stopPublisher", "restart": "restartPublisher",
+              "pause": "pausePublisher", "resume": "resumePublisher"}  # fmt: skip
     code = EXIT_OK
     for info in _resolve(remote, a.names):
         try:
@@ -419,7 +443,7 @@ def cmd_action(remote: Remote, a: Args) -> int:
             code = code or exc.code
             continue
         pid = f" pid {i.pid}" if i.pid else ""
-        extra = f" ({i.statusDetails})" if i.state not in ("RUNNING", "STOPPED") else ""
+        extra = f" ({i.statusDetails})" if i.state not in ("RUNNING", "STOPPED", "PAUSED") else ""
         print(f"{i.name}: {i.state}{pid}{extra}")
     return code
 
@@ -506,6 +530,8 @@ COMMANDS: dict[str, Callable[[Remote, Args], int]] = {
     "start": cmd_action,
     "stop": cmd_action,
     "restart": cmd_action,
+    "pause": cmd_action,
+    "resume": cmd_action,
     "reload": cmd_reload,
     "tail": cmd_tail,
     "counters": cmd_counters,

@@ -15,6 +15,7 @@ __all__ = [
     "CrashLoop",
     "DaemonConfig",
     "HttpConfig",
+    "Limits",
     "LogSpec",
     "MonitorConfig",
     "ProbeSpec",
@@ -84,6 +85,32 @@ class ProbeSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """`[publisher.X.limits]`: cgroup limits (need the controller, see pubmon.cgroup) and
+    rlimits set for the child at spawn (work everywhere). None = not set (inherited)."""
+
+    memory_max: int | None = None  # bytes: memory.max (the kernel's OOM killer inside it)
+    memory_high: int | None = None  # bytes: memory.high (reclaim and throttling above it)
+    cpu_max: float | None = None  # fraction of one core: cpu.max (0.5 = 50 ms per 100 ms)
+    pids_max: int | None = None  # pids.max
+    # rlimits, soft = hard = the value; RLIM_INFINITY (-1) = "unlimited"
+    nofile: int | None = None
+    core: int | None = None  # bytes
+    nproc: int | None = None
+    address_space: int | None = None  # bytes; the file's key is `as`
+    require: bool = False  # a cgroup limit that cannot be applied is an error, not a warning
+
+    def cgroup_limits(self) -> dict[str, int | float]:
+        """The cgroup limits that are set, by config key."""
+        out: dict[str, int | float] = {}
+        for key in ("memory_max", "memory_high", "cpu_max", "pids_max"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PublisherSpec:
     """One instance. `[publisher.feed] numprocs = 3` gives feed:0, feed:1, feed:2."""
 
@@ -112,11 +139,19 @@ class PublisherSpec:
     data_source: str | None = None
     log: LogSpec = field(default_factory=LogSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)
+    limits: Limits = field(default_factory=Limits)
+    # Restart it (gracefully) when its memory (cgroup memory.current, else the RSS of its
+    # processes) stays above memory_restart bytes for memory_restart_after seconds.
+    memory_restart: int | None = None
+    memory_restart_after: float = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
     log_dir: str | None = None
+    # The cgroup2 directory pubmon manages (a cgroup per publisher below it): "auto" = its own
+    # cgroup when delegated to it (systemd's Delegate=yes), "" = none, or an absolute path.
+    cgroup: str = "auto"
     inherit_environment: bool | tuple[str, ...] = False  # the publishers' default
     shutdown_timeout: float = 60.0
 
@@ -216,6 +251,12 @@ FIELD_EFFECTS: dict[str, FieldEffect] = {
     "data_source": "probe",  # handed over by the new probe once the child is healthy
     "log": "live",
     "probe": "probe",
+    # Written to the cgroup and set as rlimits when the process starts: a new value needs a
+    # new process (systemd applies cgroup limits live; pubmon restarts, which is simpler and
+    # says what happens).
+    "limits": "restart",
+    "memory_restart": "live",  # read by the memory sweep each second
+    "memory_restart_after": "live",
 }
 
 ChangeKind = Literal["added", "removed", "restarted", "updated", "unchanged"]

@@ -34,8 +34,9 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, NamedTuple
 
 from ._procstats import ProcStats
+from .cgroup import Cgroups, limit_problems
 from .config import Config, ConfigDiff, load_config
-from .errors import ConfigError, InvalidState, StartupError
+from .errors import ConfigError, ConfigProblem, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
 from .lock import acquire_lock
 from .notify import Notifier
@@ -83,6 +84,7 @@ class Daemon:
         self.listeners: Listeners | None = None
         self.procstats = ProcStats()  # [http] hook: /proc figures shared by /metrics and status
         self.http: HttpServer | None = None  # [http] hook
+        self.cgroups: Cgroups | None = None  # the cgroup subtree publishers run in, if any
         self._stop = asyncio.Event()
         # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
         self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
@@ -151,6 +153,7 @@ class Daemon:
             new = load_config(self.config.path)
             for warning in new.warnings:
                 logger.warning("%s: %s", new.path, warning)
+            self._check_limits(new)
             lines = _daemon_changes(self.config, new)
             lines += await self.listeners.reconfigure(new)
             diff = await self.supervisor.reload(new)
@@ -171,6 +174,19 @@ class Daemon:
         self.last_reload_error = ""
         self.notifier.status(self.status_details())
         return ReloadReport(diff, lines)
+
+    def _check_limits(self, config: Config) -> None:
+        """Cgroup limits that cannot be applied here (no cgroup, no controller): a warning
+        each, or, for a publisher with `limits.require = true`, a ConfigError naming them."""
+        specs = ((s.program, s.limits) for s in config.publishers)
+        required = []
+        for program, why, require in limit_problems(self.cgroups, specs):
+            if require:
+                required.append(ConfigProblem(f"publisher.{program}.{why.split(':', 1)[0]}", why))
+            else:
+                logger.warning("%s: publisher.%s.%s (not applied)", config.path, program, why)
+        if required:
+            raise ConfigError(config.path, required)
 
     def reopen_logs(self) -> None:
         assert self.supervisor is not None
@@ -240,6 +256,11 @@ class Daemon:
 
     async def _run(self) -> int:
         left: list[Leftover] = []
+        self.cgroups = Cgroups.setup(self.config.daemon.cgroup)
+        try:
+            self._check_limits(self.config)
+        except ConfigError as exc:
+            raise StartupError(f"limits that cannot be applied: {exc}") from exc
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(self._dispatch_signals(), name="signals"),
@@ -256,7 +277,7 @@ class Daemon:
                     self.http = HttpServer(self, self.config)
                     await self.http.start()
                     background.append(tg.create_task(self.http.run(), name="http"))
-                async with Supervisor(self.config) as sup:
+                async with Supervisor(self.config, cgroups=self.cgroups) as sup:
                     self.supervisor = sup
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
@@ -344,7 +365,8 @@ def _daemon_changes(old: Config, new: Config) -> list[str]:
     for f in fields(old.daemon):
         a, b = getattr(old.daemon, f.name), getattr(new.daemon, f.name)
         if a != b:
-            later = " (takes effect at the next daemon start)" if f.name == "log_dir" else ""
+            at_start = f.name in ("log_dir", "cgroup")
+            later = " (takes effect at the next daemon start)" if at_start else ""
             out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
     return out
 

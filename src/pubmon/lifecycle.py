@@ -13,6 +13,7 @@ class PublisherState(enum.StrEnum):
     STOPPED = "STOPPED"  # not running, and not wanted
     STARTING = "STARTING"  # spawned, not yet healthy
     RUNNING = "RUNNING"  # healthy (or survived start_timeout with no probe)
+    PAUSED = "PAUSED"  # its cgroup frozen by an operator (pause); probes suspended
     BACKOFF = "BACKOFF"  # died or failed; waiting before the next start
     STOPPING = "STOPPING"  # stop signal sent, waiting for the group to go
     EXITED = "EXITED"  # exited and, by its restart policy, not restarted
@@ -30,7 +31,9 @@ _S = PublisherState
 ALLOWED: dict[PublisherState, frozenset[PublisherState]] = {
     _S.STOPPED: frozenset({_S.STARTING}),
     _S.STARTING: frozenset({_S.RUNNING, _S.BACKOFF, _S.STOPPING, _S.EXITED, _S.FATAL}),
-    _S.RUNNING: frozenset({_S.BACKOFF, _S.STOPPING, _S.EXITED, _S.FATAL}),
+    _S.RUNNING: frozenset({_S.BACKOFF, _S.STOPPING, _S.EXITED, _S.FATAL, _S.PAUSED}),
+    # Resumed, stopped (thawed first), or it died while frozen (a SIGKILL from outside).
+    _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPING, _S.BACKOFF, _S.EXITED, _S.FATAL}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.FATAL}),
     # A stop that began because the child failed (its probe) ends in a restart decision.
     _S.STOPPING: frozenset({_S.STOPPED, _S.BACKOFF, _S.EXITED, _S.FATAL}),

@@ -20,6 +20,13 @@ publisher stays STOPPING with the pid and its /proc state in `details` and `stuc
 shutdown can give up on it and say so. Once the leader is gone, the rest of its group is killed
 at once (systemd's KillMode=mixed) and the pipes are drained (bounded) before the state moves.
 
+With a cgroup (pubmon.cgroup), the tree is the cgroup, not the group: once the leader is gone,
+`cgroup.kill` takes what is left, escapees included, and the state moves only once the cgroup
+is empty (bounded by CGROUP_EMPTY_BOUND); a spawn refuses a cgroup still populated by an
+earlier run. PAUSED is the cgroup frozen (`pause()`/`resume()`), with the health watch off.
+The memory sweep (the supervisor's, once a second) posts a verdict when the tree stayed above
+`memory_restart`: the runner restarts it, reason "memory".
+
 Every state change goes through `_transition()`, which checks the table in `lifecycle.py` and
 logs one line with the name, pid and reason.
 """
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeVar
 
 from ._stats import EXIT_REASONS, ExitReason, Histogram
+from .cgroup import Cgroup, rlimits
 from .config import PublisherSpec
 from .errors import InvalidState, SpawnError
 from .lifecycle import Health, PublisherState, check_transition
@@ -47,6 +55,7 @@ from .output import OutputLog
 from .policy import CrashWindow, next_delay, should_restart
 from .probe import Probe, make_probe
 from .spawn import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, spawn
+from .usage import EMPTY_USAGE, Usage, UsageReader
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +63,12 @@ S = PublisherState
 _T = TypeVar("_T")
 DRAIN_TIMEOUT = 2.0  # after the group is gone, how long pipes may stay open (an escaped holder)
 KILL_BOUND = 10.0  # after SIGKILL, how long before a child that has not exited is reported stuck
+CGROUP_EMPTY_BOUND = 5.0  # after cgroup.kill, how long the cgroup may stay populated
+FREEZE_BOUND = 2.0  # how long a pause waits for cgroup.events to say frozen
+USAGE_TTL = 1.0  # accounting read at most once a second per publisher
 _STARTING_POLL_FIRST = 0.02  # the first probe while STARTING; doubles up to the interval
 _LIVE = (S.STARTING, S.RUNNING)
+_ACTIVE = (*_LIVE, S.PAUSED)  # a process to stop (a paused one is thawed first)
 _IDLE = (S.STOPPED, S.EXITED, S.FATAL)
 
 
@@ -125,7 +138,7 @@ class Outcome(enum.StrEnum):
     SUPERSEDED = "superseded"  # a later request changed the goal before this one was reached
 
 
-RequestKind = Literal["start", "stop", "restart", "shutdown", "kill", "update"]
+RequestKind = Literal["start", "stop", "restart", "shutdown", "kill", "update", "pause", "resume"]
 
 
 @dataclass(eq=False, slots=True)
@@ -161,7 +174,15 @@ class _Nudge:
     """Something outside changed (a dependency's state): re-check whether a spawn is due."""
 
 
-_Message = _Request | _Exited | _Verdict | _Timer | _Nudge
+@dataclass(eq=False, slots=True)
+class _MemoryHigh:
+    """The memory sweep's verdict: run `run` stayed above memory_restart."""
+
+    run: int
+    used: int
+
+
+_Message = _Request | _Exited | _Verdict | _Timer | _Nudge | _MemoryHigh
 
 
 @dataclass(eq=False, slots=True)
@@ -188,6 +209,7 @@ class Publisher:
         deps_ready: Callable[[PublisherSpec], bool],
         on_transition: Callable[[Publisher], None] = lambda _: None,
         reaper: OrphanReaper | None = None,
+        cgroup: Cgroup | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -212,6 +234,12 @@ class Publisher:
         self.start_times: deque[float] = deque(maxlen=256)  # clock() of each spawn
         self.child: Child | None = None
         self.stuck = False  # STOPPING, and the child outlived SIGKILL by KILL_BOUND
+        self.cgroup = cgroup  # its own cgroup (pubmon.cgroup), or None: process groups only
+        self.memory_restarts = 0
+        self._usage: tuple[float, Usage] | None = None  # (clock(), figures): see usage()
+        self._cpu_base = 0.0  # the cgroup's CPU seconds before this run (it is reused)
+        self._above_since: float | None = None  # the memory sweep's: over memory_restart since
+        self._reader: UsageReader | None = None  # the current run's figures (files held open)
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
         self._pulse = Pulse()  # this publisher's own changes
         self._deps_ready = deps_ready
@@ -226,6 +254,7 @@ class Publisher:
         self._due = spec.autostart  # a spawn should happen as soon as dependencies allow
         self._then_start = False  # STOPPING: spawn again once stopped (restart)
         self._stop_ends: Literal["stopped", "failed"] = "stopped"
+        self._stop_reason: ExitReason | None = None  # counted instead (a memory restart)
         self._fail_why = ""  # why a stop that ends in a failure began (the probe's verdict)
         self._closed = False  # shutdown began: start and restart are refused
         self._runs = 0  # spawns so far (a request waits for a run later than the current)
@@ -291,7 +320,66 @@ class Publisher:
             p + "log_lines": self.output.lines,
             p + "log_bytes": self.output.bytes,
             p + "log_dropped": self.output.dropped,
+            p + "memory_restarts": self.memory_restarts,
+            **self._usage_counters(p),
         }
+
+    def _usage_counters(self, p: str) -> dict[str, int]:
+        u = self.usage()
+        return {
+            p + "cpu_ms": int(u.cpu_seconds * 1000),
+            p + "memory_bytes": u.memory_bytes,
+            p + "tasks": u.tasks,
+        }
+
+    def usage(self) -> Usage:
+        """CPU seconds of the current run, memory and processes now: from its cgroup, else its
+        process tree in /proc. Read at most once per USAGE_TTL (getCounters at 1000)."""
+        now = self._clock()
+        if self._usage is not None and now - self._usage[0] < USAGE_TTL:
+            return self._usage[1]
+        reader = self._usage_reader()
+        if reader is None:
+            u = EMPTY_USAGE
+        else:
+            u = reader.usage()
+            if self.cgroup is not None:  # the cgroup outlives runs: this run's share
+                u = u._replace(cpu_seconds=max(0.0, u.cpu_seconds - self._cpu_base))
+        self._usage = (now, u)
+        return u
+
+    def _usage_reader(self) -> UsageReader | None:
+        """The current run's reader (made on first use, closed when the run ends)."""
+        child = self.child
+        if child is None or child.returncode is not None:
+            return None
+        if self._reader is None or self._reader.pid != child.pid:
+            self._close_usage_reader()
+            self._reader = UsageReader(child.pid, self.cgroup)
+        return self._reader
+
+    def check_memory(self, now: float) -> None:
+        """The memory sweep's visit (about once a second): post a verdict to the runner once
+        the memory stayed above memory_restart for memory_restart_after seconds. Reads one
+        file (memory.current) or the RSS of its processes, and only when memory_restart is
+        set and it runs."""
+        spec = self.spec
+        if spec.memory_restart is None or self.state not in _LIVE:
+            self._above_since = None
+            return
+        reader = self._usage_reader()
+        if reader is None:
+            self._above_since = None
+            return
+        used = reader.memory()
+        if used <= spec.memory_restart:
+            self._above_since = None
+            return
+        if self._above_since is None:
+            self._above_since = now
+        if now - self._above_since >= spec.memory_restart_after:
+            self._above_since = None
+            self._inbox.put_nowait(_MemoryHigh(self._runs, used))
 
     def halted(self) -> bool:
         """Not running, and not about to be: no child, idle, no spawn due."""
@@ -329,6 +417,15 @@ class Publisher:
     def kill(self) -> None:
         """SIGKILL its whole group now (a second SIGTERM to the daemon), and stop it."""
         self._post("kill")
+
+    async def pause(self) -> Outcome:
+        """Freeze its whole tree (cgroup.freeze): RUNNING -> PAUSED. InvalidState without a
+        cgroup, or when it is not RUNNING."""
+        return await self._request("pause")
+
+    async def resume(self) -> Outcome:
+        """Thaw it: PAUSED -> RUNNING, and its health watch starts again."""
+        return await self._request("resume")
 
     def nudge(self) -> None:
         """A dependency changed state: a spawn waiting for it may be due."""
@@ -368,7 +465,9 @@ class Publisher:
             self._cancel_timer()
             if self.child is not None:  # cancelled mid-run: never leave it behind
                 self.child.signal(signal.SIGKILL)
+                self._kill_cgroup()
                 self.child.close()
+            self._close_usage_reader()
             for w in self._waiters:
                 if not w.answer.done():
                     w.answer.set_result(Outcome.SUPERSEDED)
@@ -380,7 +479,10 @@ class Publisher:
     async def _handle(self, msg: _Message) -> None:
         if isinstance(msg, _Request):
             try:
-                self._on_request(msg)
+                if msg.kind in ("pause", "resume"):
+                    await self._on_freeze(msg)
+                else:
+                    self._on_request(msg)
             except InvalidState as exc:
                 if not msg.answer.done():
                     msg.answer.set_exception(exc)
@@ -393,6 +495,8 @@ class Publisher:
         elif isinstance(msg, _Timer) and msg.token == self._timer_token:
             self._timer = None
             self._on_timer(msg)
+        elif isinstance(msg, _MemoryHigh) and msg.run == self._runs and self.state in _LIVE:
+            self._on_memory_high(msg.used)
         self._settle_waiters()
 
     def _spawn_due(self) -> bool:
@@ -415,7 +519,7 @@ class Publisher:
         if kind in ("start", "restart") and self._closed:
             raise InvalidState(f"{self.name}: pubmon is stopping; {kind} refused")
         if kind == "start":
-            if self.state in _LIVE or (self.state == S.STOPPING and self._then_start):
+            if self.state in _ACTIVE or (self.state == S.STOPPING and self._then_start):
                 raise InvalidState(f"{self.name} is already {self.state}")
             self._want_run()
             self._await_next_run(req.answer)
@@ -433,6 +537,7 @@ class Publisher:
             self._stop_request("killed: pubmon is stopping now")
             if self.child is not None:
                 self.child.signal(signal.SIGKILL)
+                self._kill_cgroup()
                 self._set_timer("stuck", KILL_BOUND)
             req.answer.set_result(Outcome.DONE)
         else:
@@ -444,7 +549,7 @@ class Publisher:
         self._wanted = True
         self._failures = 0
         self._crashes.reset()
-        if self.state in _LIVE:
+        if self.state in _ACTIVE:
             self._begin_stop("restart requested", then_start=True)
         elif self.state == S.STOPPING:
             self._then_start = True
@@ -458,7 +563,7 @@ class Publisher:
         self._wanted = False
         self._due = False
         self._then_start = False
-        if self.state in _LIVE:
+        if self.state in _ACTIVE:
             self._begin_stop(why)
         elif self.state == S.STOPPING:
             self._stop_ends = "stopped"
@@ -480,7 +585,7 @@ class Publisher:
         if spec.log != old.log:
             self.output.reconfigure(spec.log)
         if req.restart:
-            if self.state in _LIVE:
+            if self.state in _ACTIVE:
                 self._begin_stop("config changed: " + ", ".join(sorted(req.fields)), True)
             elif self.state == S.BACKOFF:  # the new settings may be the fix: try them now
                 self._cancel_timer()
@@ -544,14 +649,16 @@ class Publisher:
             self._transition(S.STARTING, "spawning " + spec.command[0])
             self.health = Health.UNKNOWN
             self.start_times.append(self._clock())
-            req = SpawnRequest(
-                name=spec.name,
-                argv=spec.command,
-                directory=spec.directory,
-                environment=spec.environment,
-                user=spec.user,
-            )
             try:
+                req = SpawnRequest(
+                    name=spec.name,
+                    argv=spec.command,
+                    directory=spec.directory,
+                    environment=spec.environment,
+                    user=spec.user,
+                    cgroup_procs=await self._prepare_cgroup(),
+                    rlimits=rlimits(spec.limits),
+                )
                 child = await spawn(
                     req,
                     self.output.open_stream("stdout"),
@@ -577,14 +684,127 @@ class Publisher:
 
     # --- stopping and exits ---------------------------------------------------------------------
 
-    def _begin_stop(self, why: str, then_start: bool = False, *, failed: bool = False) -> None:
-        """STARTING/RUNNING -> STOPPING: the stop signal now, SIGKILL after stop_timeout."""
+    async def _prepare_cgroup(self) -> str | None:
+        """Its cgroup, thawed, empty and with the limits written; the cgroup.procs to join.
+        SpawnError when the tree of an earlier run will not leave it."""
+        cg = self.cgroup
+        if cg is None:
+            return None
+        try:
+            cg.create()
+            if cg.frozen():
+                cg.freeze(False)  # a process that joins a frozen group is frozen at once
+            if cg.populated():
+                cg.kill()
+                if not await cg.wait_empty(CGROUP_EMPTY_BOUND):
+                    raise SpawnError(
+                        self.name,
+                        f"its cgroup {cg.path} still holds pids {cg.pids()} of an earlier run "
+                        f"{CGROUP_EMPTY_BOUND:g} s after cgroup.kill",
+                        permanent=False,
+                    )
+            for problem in cg.apply(self.spec.limits):
+                logger.debug("%s: %s", self.name, problem)  # said at start and reload
+            self._cpu_base = cg.cpu_seconds()
+        except OSError as exc:
+            why = f"cannot prepare its cgroup {cg.path}: {exc.strerror or exc}"
+            raise SpawnError(self.name, why, permanent=False) from exc
+        return cg.procs
+
+    def _kill_cgroup(self) -> None:
+        """cgroup.kill: SIGKILL to every process of its tree, escapees included."""
+        if self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except OSError as exc:
+                logger.error("%s: cannot kill cgroup %s: %s", self.name, self.cgroup.path, exc)
+
+    async def _empty_cgroup(self, child: Child) -> None:
+        """The leader is gone: with a cgroup, the stop is over when the cgroup is empty. What
+        is left (escapees of the group included) is killed and waited for, bounded."""
+        cg = self.cgroup
+        if cg is None:
+            return
+        self._kill_cgroup()
+        if not await cg.wait_empty(CGROUP_EMPTY_BOUND):
+            logger.error(
+                "%s pid %d: cgroup %s still holds pids %s %g s after cgroup.kill",
+                self.name,
+                child.pid,
+                cg.path,
+                cg.pids(),
+                CGROUP_EMPTY_BOUND,
+            )
+
+    def _close_usage_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _on_memory_high(self, used: int) -> None:
+        spec = self.spec
+        assert self.child is not None and spec.memory_restart is not None
+        why = (
+            f"memory {_mib(used)} above memory_restart {_mib(spec.memory_restart)} for "
+            f"{spec.memory_restart_after:g} s"
+        )
+        logger.warning("%s pid %d: %s; restarting it", self.name, self.child.pid, why)
+        self.memory_restarts += 1
+        self.restarts += 1
+        self._begin_stop(why, then_start=True, reason="memory")
+
+    async def _on_freeze(self, req: _Request) -> None:
+        """pause / resume: cgroup.freeze of its whole tree; the health watch (probes, memory)
+        is off while it is frozen."""
+        pause = req.kind == "pause"
+        cg = self.cgroup
+        if cg is None:
+            raise InvalidState(
+                f"{self.name} has no cgroup, and pause/resume freeze one: give pubmon a cgroup "
+                "([daemon] cgroup, or Delegate=yes in its systemd unit)"
+            )
+        if self.state != (S.RUNNING if pause else S.PAUSED) or self.child is None:
+            raise InvalidState(
+                f"{self.name} is {self.state}: only a "
+                f"{'RUNNING publisher can be paused' if pause else 'PAUSED one can be resumed'}"
+            )
+        try:
+            cg.freeze(pause)
+        except OSError as exc:
+            raise InvalidState(f"{self.name}: cannot write {cg.path}/cgroup.freeze: {exc}") from exc
+        if pause:
+            self._stop_watch()
+            if not await cg.wait_frozen(FREEZE_BOUND):
+                logger.warning("%s: cgroup %s not frozen after %g s", self.name, cg.path,
+                               FREEZE_BOUND)  # fmt: skip
+            self._transition(S.PAUSED, "paused by operator")
+        else:
+            self._transition(S.RUNNING, "resumed by operator")
+            self._start_watch(self.child, announce=False)
+        req.answer.set_result(Outcome.DONE)
+
+    def _begin_stop(
+        self,
+        why: str,
+        then_start: bool = False,
+        *,
+        failed: bool = False,
+        reason: ExitReason | None = None,
+    ) -> None:
+        """STARTING/RUNNING/PAUSED -> STOPPING: the stop signal now, SIGKILL after
+        stop_timeout. `reason` counts the exit under that reason (memory)."""
         child = self.child
         assert child is not None
         self._then_start = then_start
         self._stop_ends = "failed" if failed else "stopped"
+        self._stop_reason = reason
         self._stop_watch()
         spec = self.spec  # a reload's stop settings apply to every stop that starts after it
+        if self.state == S.PAUSED and self.cgroup is not None:
+            try:
+                self.cgroup.freeze(False)  # a frozen process cannot act on the stop signal
+            except OSError as exc:  # then SIGKILL after stop_timeout (it works on frozen ones)
+                logger.error("%s: cannot thaw cgroup %s: %s", self.name, self.cgroup.path, exc)
         self._transition(S.STOPPING, why)
         child.signal(spec.stop_signal)
         if spec.stop_signal not in (signal.SIGKILL, signal.SIGCONT):
@@ -599,6 +819,7 @@ class Publisher:
         child.signal(signal.SIGKILL)
         self._stop_watch()
         self._cancel_timer()
+        await self._empty_cgroup(child)
         if not await child.drain(DRAIN_TIMEOUT):
             logger.warning(
                 "%s pid %d: its output pipes are still held open by a process outside its "
@@ -609,8 +830,10 @@ class Publisher:
             )
         child.close()
         stopping = self.state == S.STOPPING
-        if stopping:
-            reason: ExitReason = "operator" if self._stop_ends == "stopped" else "unhealthy"
+        if stopping and self._stop_reason is not None:
+            reason: ExitReason = self._stop_reason
+        elif stopping:
+            reason = "operator" if self._stop_ends == "stopped" else "unhealthy"
         else:
             reason = "signal" if (child.returncode or 0) < 0 else "exit"
         self.exit_reasons[reason] += 1
@@ -619,6 +842,7 @@ class Publisher:
         self.last_exit_reason = describe_exit(child.returncode)
         logger.debug("%s pid %d %s", self.name, child.pid, self.last_exit_reason)
         self.child = None
+        self._close_usage_reader()
         self._run_started = None
         self.started_wall = None
         self.stuck = False
@@ -709,6 +933,7 @@ class Publisher:
                 self.spec.stop_timeout,
             )
             self.child.signal(signal.SIGKILL)
+            self._kill_cgroup()
             self._set_timer("stuck", KILL_BOUND)
         elif msg.kind == "stuck" and self.state == S.STOPPING and self.child is not None:
             pid = self.child.pid
@@ -846,6 +1071,10 @@ class Publisher:
             logger.info("%s health %s -> %s", self.name, self.health, health)
             self.health = health
             self._fire()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _proc_state(pid: int) -> str:

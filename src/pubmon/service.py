@@ -207,6 +207,12 @@ class PubmonHandler:
     async def restartPublisher(self, name: str) -> Any:
         return await self._request("restart", name)
 
+    async def pausePublisher(self, name: str) -> Any:
+        return await self._request("pause", name)
+
+    async def resumePublisher(self, name: str) -> Any:
+        return await self._request("resume", name)
+
     async def _request(self, what: str, name: str) -> Any:
         sup = self._mutable()
         try:

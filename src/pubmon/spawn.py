@@ -19,6 +19,15 @@ Every publisher is started by `spawn()`:
   no CAP_DAC_READ_SEARCH for it;
 - with its own environment, not the daemon's (which may hold secrets): see `child_environment`.
   Whatever the config says, it never carries NOTIFY_SOCKET, WATCHDOG_* or LISTEN_*.
+- in its cgroup, when it has one (pubmon.cgroup), before it execs the command: the wrapper's
+  `sh` writes `0` (itself) to the group's cgroup.procs; the preexec hook does the same as root,
+  before any switch of user (CLONE_INTO_CGROUP is out of reach of subprocess). Measured here
+  (spawn and exit of `true`, 300 each, interleaved, load average 7 on 2 cores): median 5.0 ms
+  without, 5.4 ms with the join (p90 12 vs 22 ms: moving a task takes a cgroup-wide lock);
+- with the rlimits of `[publisher.X.limits]` (nofile, core, nproc, as), soft = hard, set by the
+  preexec hook: a publisher with rlimits always takes that path (prlimit(1) forks, which the
+  wrapper's parent check refuses, and `ulimit` flags and units differ between shells). A hard
+  limit above the daemon's own needs CAP_SYS_RESOURCE: without it, a permanent spawn error.
 
 Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no thread per child) via
 `SubprocessProtocol.process_exited`, not from `Process.wait()`, which also waits for every holder
@@ -49,6 +58,7 @@ import functools
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import stat
@@ -115,7 +125,8 @@ def install_child_watcher() -> None:
         policy.set_child_watcher(watcher)
 
 
-_STEP_SWITCH, _STEP_CHDIR = 1, 2  # what a failed preexec hook was doing (see _reported)
+# What a failed preexec hook was doing (see _reported).
+_STEP_SWITCH, _STEP_CHDIR, _STEP_CGROUP, _STEP_RLIMIT = 1, 2, 3, 4
 
 
 def _make_arm(
@@ -125,9 +136,11 @@ def _make_arm(
     directory: str | None = None,
     oom_reset: bool = False,
     report: int | None = None,
+    cgroup_procs: str | None = None,
+    rlimits: tuple[tuple[int, int], ...] = (),
 ) -> Callable[[], None]:
-    """The preexec hook: reset the OOM score, switch to `creds`, arm the parent-death signal,
-    enter `directory`, in that order.
+    """The preexec hook: reset the OOM score, join the cgroup, set the rlimits, switch to
+    `creds`, arm the parent-death signal, enter `directory`, in that order.
 
     The score first: raising it needs no privilege, but after a switch of user /proc/self is
     root's and no longer ours to write. The switch is ours, not CPython's (`user=` would run
@@ -142,6 +155,7 @@ def _make_arm(
     prctl, getppid, exit_, chdir, write = _prctl, os.getppid, os._exit, os.chdir, os.write
     open_, close = os.open, os.close
     setgroups, setregid, setreuid = os.setgroups, os.setregid, os.setreuid
+    setrlimit = resource.setrlimit
 
     def arm() -> None:
         step = 0
@@ -153,6 +167,14 @@ def _make_arm(
                     close(fd)
                 except OSError:
                     pass  # a sandbox without /proc: the daemon's score stays
+            if cgroup_procs is not None:  # as root: after the switch it may not write there
+                step = _STEP_CGROUP
+                fd = open_(cgroup_procs, os.O_WRONLY)
+                write(fd, b"0")
+                close(fd)
+            step = _STEP_RLIMIT
+            for res, value in rlimits:
+                setrlimit(res, (value, value))
             if creds is not None:
                 step = _STEP_SWITCH
                 setgroups(creds[2])
@@ -192,14 +214,67 @@ _SH = "/bin/sh"
 # OOM score inherited from the daemon (see _oom_reset_wanted).
 _CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
 _CHECK_OOM = 'test "$PPID" = "$0" || exit 111; echo 0 >/proc/self/oom_score_adj; exec "$@"'
+# With a cgroup (pubmon.cgroup), sh moves itself ("0" = the writer) into it before the exec, so
+# the command and all it starts are born there: `sh -c _JOIN <daemon pid> <cgroup.procs> argv`.
+_JOIN = 'echo 0 >"$1" || exit 112; shift; '
+_EXIT_JOIN_FAILED = 112
+# rlimits are set by the preexec hook (setrlimit before exec): the wrapper has no portable way
+# (prlimit(1) forks, so the PPID check fails; sh's ulimit flags and units differ by shell).
+_RLIMIT_KEYS = {
+    resource.RLIMIT_NOFILE: "nofile",
+    resource.RLIMIT_CORE: "core",
+    resource.RLIMIT_NPROC: "nproc",
+    resource.RLIMIT_AS: "as",
+}
 _EXEC_MAGIC = (b"\x7fELF", b"#!")
 
 
-def wrapped(argv: tuple[str, ...], parent: int, *, oom_reset: bool = False) -> list[str]:
-    """`argv` behind the parent-death-signal wrapper, for a child of `parent`."""
+def wrapped(
+    argv: tuple[str, ...],
+    parent: int,
+    *,
+    oom_reset: bool = False,
+    cgroup_procs: str | None = None,
+) -> list[str]:
+    """`argv` behind the parent-death-signal wrapper, for a child of `parent`; joining the
+    cgroup whose `cgroup.procs` is given before the exec."""
     assert _SETPRIV is not None
     check = _CHECK_OOM if oom_reset else _CHECK
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), *argv]
+    if cgroup_procs is None:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), *argv]
+    check = check.replace("exec ", _JOIN + "exec ", 1)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", check, str(parent), cgroup_procs,
+            *argv]  # fmt: skip
+
+
+def _rlim(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def rlimit_problem(rlimits: tuple[tuple[int, int], ...]) -> str | None:
+    """Why these rlimits cannot be set in a child of this process, or None: a hard limit
+    above the daemon's own needs CAP_SYS_RESOURCE (the unit does not grant it)."""
+    if not rlimits or _has_cap_sys_resource():
+        return None
+    for res, value in rlimits:
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+            return (
+                f"limits.{_RLIMIT_KEYS[res]} = {_rlim(value)} is above pubmon's own "
+                f"hard limit {hard}, and pubmon lacks CAP_SYS_RESOURCE to raise it"
+            )
+    return None
+
+
+def _has_cap_sys_resource() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 24 & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
 
 
 _wrapper_works: bool | None = None  # unknown until the first spawn tries it
@@ -318,6 +393,8 @@ class SpawnRequest:
     directory: str | None = None
     environment: tuple[tuple[str, str], ...] = ()
     user: str | None = None
+    cgroup_procs: str | None = None  # join this cgroup (its cgroup.procs) before the exec
+    rlimits: tuple[tuple[int, int], ...] = ()  # (RLIMIT_*, soft = hard; RLIM_INFINITY)
 
 
 # systemd's default PATH for services, used when the daemon has none.
@@ -521,19 +598,29 @@ async def spawn(
     if problem:
         raise SpawnError(req.name, problem, permanent=True)
     oom_reset = _oom_reset_wanted()
+    limits_problem = rlimit_problem(req.rlimits)
+    if limits_problem:
+        raise SpawnError(req.name, limits_problem, permanent=True)
     # With another user, the preexec hook switches and then enters the directory as that user.
     cwd, report = req.directory, None
-    if creds is None and _wrapper_usable() and _wrapper_can_run(path, req.directory):
-        argv, arm = wrapped(req.argv, os.getpid(), oom_reset=oom_reset), None
-    elif creds is None:
-        argv, arm = list(req.argv), _make_arm(os.getpid(), oom_reset=oom_reset)
+    fast = creds is None and not req.rlimits and _wrapper_usable()
+    if fast and _wrapper_can_run(path, req.directory):
+        argv = wrapped(req.argv, os.getpid(), oom_reset=oom_reset, cgroup_procs=req.cgroup_procs)
+        arm = None
     else:
         report = os.pipe()  # close-on-exec: the child's end is gone once it execs
         argv = list(req.argv)
         arm = _make_arm(
-            os.getpid(), creds=creds, directory=cwd, oom_reset=oom_reset, report=report[1]
+            os.getpid(),
+            creds=creds,
+            directory=cwd if creds is not None else None,
+            oom_reset=oom_reset,
+            report=report[1],
+            cgroup_procs=req.cgroup_procs,
+            rlimits=req.rlimits,
         )
-        cwd = None
+        if creds is not None:
+            cwd = None
     if reaper is not None:
         reaper.spawning += 1
     try:
@@ -557,12 +644,16 @@ async def spawn(
             ) from exc
         except Exception as exc:  # SubprocessError from the preexec hook, KeyError, ...
             step, code = _reported(report)
-            if code and creds is not None:
+            if code:
                 what = os.strerror(code)
-                if step == _STEP_SWITCH:
+                if step == _STEP_SWITCH and creds is not None:
                     why = _switch_failed(req.user, creds[0], what)
-                else:
+                elif step == _STEP_CHDIR:
                     why = f"cannot enter directory {req.directory} as user {req.user}: {what}"
+                elif step == _STEP_CGROUP:
+                    why = f"cannot join its cgroup ({req.cgroup_procs}): {what}"
+                else:
+                    why = f"cannot set its rlimits: {what}"
                 raise SpawnError(req.name, why, permanent=code in _PERMANENT_ERRNOS) from exc
             raise SpawnError(req.name, f"{type(exc).__name__}: {exc}", permanent=False) from exc
         finally:

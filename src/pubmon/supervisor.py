@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Iterable
 from types import TracebackType
 from typing import NamedTuple
 
+from .cgroup import Cgroups
 from .config import Config, ConfigDiff, PublisherSpec, diff_configs
 from .errors import InvalidState, UnknownPublisher
 from .lifecycle import Health, PublisherState
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 S = PublisherState
 _TERMINAL = (S.BACKOFF, S.EXITED, S.FATAL)
 REQUEST_GRACE = 5.0  # how long an operator's request waits beyond the publisher's own timeouts
+MEMORY_SWEEP = 1.0  # seconds between two looks at the memory of publishers with memory_restart
 
 
 class SupervisorState(enum.StrEnum):
@@ -56,8 +58,15 @@ class Leftover(NamedTuple):
 class Supervisor:
     """Owns the publishers of one config. Use as an async context manager."""
 
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        rng: random.Random | None = None,
+        cgroups: Cgroups | None = None,
+    ) -> None:
         self.config = config
+        self.cgroups = cgroups  # a cgroup per publisher below it (pubmon.cgroup), or None
         self.publishers: dict[str, Publisher] = {}
         self.changed = Pulse()
         self.reaper = OrphanReaper()
@@ -69,6 +78,7 @@ class Supervisor:
         self._tg = asyncio.TaskGroup()
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
+        self._sweep: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         running = sum(p.state == S.RUNNING for p in self.publishers.values())
@@ -87,6 +97,7 @@ class Supervisor:
         for spec in self.config.publishers:
             self._add(spec)
         self._index_dependents()
+        self._sweep = self._tg.create_task(self._memory_sweep(), name="memory sweep")
         return self
 
     async def __aexit__(
@@ -102,6 +113,8 @@ class Supervisor:
             self.state = SupervisorState.CLOSED
             for task in self._tasks.values():
                 task.cancel()
+            if self._sweep is not None:
+                self._sweep.cancel()
             try:
                 await self._tg.__aexit__(exc_type, exc, tb)
             finally:
@@ -109,6 +122,8 @@ class Supervisor:
                 self.reaper.uninstall()
                 for pub in self.publishers.values():
                     pub.output.close()
+                    if pub.cgroup is not None:
+                        pub.cgroup.remove()
 
     def _final_sweep(self) -> None:
         # Anything left among our children now is an orphaned grandchild that escaped its group
@@ -174,6 +189,19 @@ class Supervisor:
         await self._bounded(pub, pub.restart())
         return pub.snapshot()
 
+    async def pause(self, name: str) -> PublisherSnapshot:
+        """Freeze its cgroup (InvalidState without one, or unless RUNNING)."""
+        self._refuse_if_stopping("pause")
+        pub = self.get(name)
+        await self._bounded(pub, pub.pause())
+        return pub.snapshot()
+
+    async def resume(self, name: str) -> PublisherSnapshot:
+        self._refuse_if_stopping("resume")
+        pub = self.get(name)
+        await self._bounded(pub, pub.resume())
+        return pub.snapshot()
+
     def _refuse_if_stopping(self, what: str) -> None:
         if self.stopping:
             raise InvalidState(f"pubmon is {self.state}: {what} refused")
@@ -203,6 +231,7 @@ class Supervisor:
             deps_ready=self._deps_ready,
             on_transition=self._wake_dependents,
             reaper=self.reaper,
+            cgroup=self.cgroups.publisher(spec.name) if self.cgroups else None,
             rng=self._rng,
         )
         self.publishers[spec.name] = pub
@@ -259,6 +288,9 @@ class Supervisor:
         text = f"{running}/{len(wanted)} publishers running, {fatal} fatal"
         if unhealthy:
             text += f", {unhealthy} unhealthy"
+        paused = sum(p.state == S.PAUSED for p in pubs)
+        if paused:
+            text += f", {paused} paused"
         stuck = sum(p.stuck for p in pubs)
         if stuck:
             text += f", {stuck} stuck after SIGKILL"
@@ -319,6 +351,19 @@ class Supervisor:
             await self._all_halted(level)
             remaining.difference_update(level)
 
+    async def _memory_sweep(self) -> None:
+        """Once a second, each publisher with memory_restart looks at its memory (one file,
+        or the RSS of its processes) and posts a verdict to its runner when it stayed too
+        high. 100 at a time between yields: 1000 never hold the loop for long."""
+        while True:
+            await asyncio.sleep(MEMORY_SWEEP)
+            now = time.monotonic()
+            watched = [p for p in self.publishers.values() if p.spec.memory_restart is not None]
+            for i, pub in enumerate(watched):
+                pub.check_memory(now)
+                if i % 100 == 99:
+                    await asyncio.sleep(0)
+
     def kill_all(self) -> None:
         """SIGKILL every publisher's group now (the second SIGTERM)."""
         self.begin_stopping()
@@ -361,6 +406,8 @@ class Supervisor:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 pub.output.close()
+                if pub.cgroup is not None:
+                    pub.cgroup.remove()
                 del self.publishers[pub.name]
             await asyncio.gather(
                 *(self._bounded(p, a or self._wait_settled_one(p)) for p, a in posted)

@@ -1,0 +1,137 @@
+"""Micro benchmark of what a cgroup per publisher costs (pubmon.cgroup). Needs root and a
+writable cgroup2 hierarchy (a test group is made below this process's own and removed).
+
+Prints one JSON line per figure:
+  spawn  spawn + exit of `true` through pubmon.spawn, interleaved: the wrapper path with and
+         without joining a cgroup, the preexec path (rlimits) with and without; ms, median,
+         p10, p90
+  sweep  the daemon's own CPU (utime + stime, % of one core) over `--seconds` with N idle
+         `sleep` publishers, without memory_restart and with it on every one (the memory
+         sweep reads each once a second): in process groups, and in cgroups
+
+    python bench/bench_cgroup.py [--spawns 300] [--publishers 1000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pubmon.cgroup import Cgroups, own_cgroup
+from pubmon.config import Config, ControlConfig, DaemonConfig, MonitorConfig, PublisherSpec
+from pubmon.spawn import SpawnRequest, install_child_watcher, spawn
+from pubmon.supervisor import Supervisor
+
+
+class _Null:
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def eof(self) -> None:
+        pass
+
+
+async def _one(procs: str | None, rlimits: tuple[tuple[int, int], ...]) -> float:
+    t = time.perf_counter()
+    req = SpawnRequest(name="x", argv=("true",), cgroup_procs=procs, rlimits=rlimits)
+    child = await spawn(req, _Null(), _Null())
+    await child.exited
+    await child.drain(1)
+    child.close()
+    return (time.perf_counter() - t) * 1000
+
+
+async def bench_spawn(n: int, group: Path) -> None:
+    install_child_watcher()
+    procs = str(group / "cgroup.procs")
+    nofile = ((resource.RLIMIT_NOFILE, 1000),)
+    cases = {
+        "wrapper": (None, ()),
+        "wrapper+cgroup": (procs, ()),
+        "preexec": (None, nofile),
+        "preexec+cgroup": (procs, nofile),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(n):
+        for name, (p, r) in cases.items():
+            times[name].append(await _one(p, r))
+    for name, values in times.items():
+        values.sort()
+        print(json.dumps({
+            "figure": "spawn", "case": name, "ms_median": round(statistics.median(values), 2),
+            "ms_p10": round(values[len(values) // 10], 2),
+            "ms_p90": round(values[len(values) * 9 // 10], 2),
+        }), flush=True)  # fmt: skip
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _idle_cpu(n: int, seconds: float, memory_restart: int | None, cg: Path | None) -> float:
+    specs = tuple(
+        PublisherSpec(
+            name=f"p{i}", program=f"p{i}", command=("sleep", "3600"), start_timeout=0.0,
+            memory_restart=memory_restart,
+        )
+        for i in range(n)
+    )  # fmt: skip
+    config = Config(
+        path="/dev/null",
+        daemon=DaemonConfig(shutdown_timeout=60),
+        control=ControlConfig(socket=None),
+        monitor=MonitorConfig(listen=""),
+        publishers=specs,
+    )
+    groups = Cgroups.setup(str(cg)) if cg else None
+    async with Supervisor(config, cgroups=groups) as sup:
+        await sup.wait_settled()
+        await asyncio.sleep(2)
+        c0, t0 = _cpu(), time.monotonic()
+        await asyncio.sleep(seconds)
+        return (_cpu() - c0) / (time.monotonic() - t0) * 100
+
+
+async def bench_sweep(n: int, seconds: float, group: Path) -> None:
+    for where, cg in (("process groups", None), ("cgroups", group)):
+        base = await _idle_cpu(n, seconds, None, cg)
+        watched = await _idle_cpu(n, seconds, 1 << 30, cg)
+        print(json.dumps({
+            "figure": "sweep", "publishers": n, "in": where,
+            "idle_cpu_pct": round(base, 2), "idle_cpu_pct_memory_restart": round(watched, 2),
+        }), flush=True)  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spawns", type=int, default=300)
+    ap.add_argument("--publishers", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    own = own_cgroup()
+    if own is None or os.geteuid() != 0:
+        print("needs root and a cgroup2 hierarchy", file=sys.stderr)
+        return 1
+    group = Path(own) / f"pubmon-bench-{os.getpid()}"
+    group.mkdir()
+    (group / "spawn").mkdir()
+    (group / "sweep").mkdir()
+    try:
+        asyncio.run(bench_spawn(args.spawns, group / "spawn"))
+        asyncio.run(bench_sweep(args.publishers, args.seconds, group / "sweep"))
+    finally:
+        for sub in sorted(group.glob("**/"), key=lambda p: -len(p.parts)):
+            sub.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

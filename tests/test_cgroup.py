@@ -1,0 +1,485 @@
+"""A cgroup per publisher (pubmon.cgroup) against this machine's real cgroup2 hierarchy.
+
+Each test gets a cgroup2 directory of its own below this process's cgroup (`cgroup_dir`),
+which plays the subtree pubmon manages (`[daemon] cgroup = "<dir>"`); pytest itself stays
+where it is. This kernel's cgroup2 offers cgroup.kill, cgroup.freeze, cgroup.events and
+cpu.stat but no memory/cpu/pids controllers (bound to cgroup v1 here): the limit files are
+checked against a plain test directory (`test_cgroup_limits_are_written_...`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from children import SLEEP, config, py, spec
+from daemons import daemon_header, run_daemon, toml_publisher
+from procs import alive, descendants
+from pubmon import publisher as publisher_module
+from pubmon.cgroup import Cgroup, Cgroups, own_cgroup
+from pubmon.config import Limits, ProbeSpec, PublisherSpec, parse_config
+from pubmon.errors import ConfigError, InvalidState
+from pubmon.lifecycle import PublisherState
+from pubmon.publisher import Publisher
+from pubmon.supervisor import Supervisor
+from pubmon.usage import UsageReader
+
+S = PublisherState
+_seq = itertools.count()
+
+
+def _usable_parent() -> Path | None:
+    own = own_cgroup()
+    if own is None or os.geteuid() != 0:
+        return None
+    probe = Path(own) / f"pubmon-test-cgprobe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return None
+    try:
+        return Path(own) if (probe / "cgroup.kill").exists() else None
+    finally:
+        probe.rmdir()
+
+
+PARENT = _usable_parent()
+needs_cgroup = pytest.mark.skipif(
+    PARENT is None, reason="needs root and a writable cgroup2 hierarchy with cgroup.kill"
+)
+
+
+def _remove_tree(top: Path) -> None:
+    for group in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        (group / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + 5  # a SIGKILL'd process leaves within milliseconds
+        while "populated 1" in (group / "cgroup.events").read_text():
+            assert time.monotonic() < deadline, f"{group} still populated"
+            time.sleep(0.005)
+        group.rmdir()
+    top.rmdir()
+
+
+@pytest.fixture
+def cgroup_dir() -> Iterator[Path]:
+    assert PARENT is not None
+    top = PARENT / f"pubmon-test-cg-{os.getpid()}-{next(_seq)}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        _remove_tree(top)
+
+
+@asynccontextmanager
+async def running(
+    *specs: PublisherSpec, cgroup: Path | None
+) -> AsyncIterator[tuple[Supervisor, Cgroups | None]]:
+    groups = Cgroups.setup(str(cgroup)) if cgroup is not None else None
+    async with Supervisor(config(*specs), cgroups=groups) as sup:
+        yield sup, groups
+
+
+async def in_state(pub: Publisher, *states: S, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        await pub.wait_until(lambda: pub.state in states)
+
+
+async def line_with(pub: Publisher, text: str, timeout: float = 10, after: int = 0) -> str:
+    """The first line after `after` (a seq) that contains `text`."""
+    async with asyncio.timeout(timeout):
+        seq = after
+        while True:
+            for line in pub.output.tail(seq, 1000).lines:
+                seq = line.seq
+                if text in line.text:
+                    return line.text
+            await pub.output.wait_beyond(seq)
+
+
+# The leader's child calls setsid and forks the grandchild, then exits: the grandchild is in
+# no group of the publisher's and is orphaned to the daemon (a classic daemonizing program).
+DOUBLE_FORK = py(
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        print('escapee', os.getpid(), flush=True)\n"
+    "        time.sleep(3600)\n"
+    "    os._exit(0)\n"
+    "print('leader', os.getpid(), flush=True)\n"
+    "time.sleep(3600)\n"
+)
+
+
+@needs_cgroup
+async def test_a_stop_takes_the_setsid_escapee_and_a_restart_never_meets_the_old_tree(
+    cgroup_dir: Path,
+) -> None:
+    async with running(spec("feed", DOUBLE_FORK), cgroup=cgroup_dir) as (sup, _):
+        pub = sup.get("feed")
+        escapee = int((await line_with(pub, "escapee")).split()[1])
+        assert pub.cgroup is not None and escapee in pub.cgroup.pids()
+        assert pub.pid is not None  # the escapee is out of the publisher's session and group
+        assert os.getsid(escapee) != os.getsid(pub.pid) and os.getpgid(escapee) != pub.pid
+        await sup.stop("feed")
+        # Stopped means the whole cgroup is empty, not only that the leader exited.
+        assert pub.state == S.STOPPED and not alive(escapee)
+        assert not pub.cgroup.populated() and pub.cgroup.pids() == []
+        seq = pub.output.last_seq
+        await sup.start("feed")
+        again = int((await line_with(pub, "escapee", after=seq)).split()[1])
+        # The new run spawned into the same (emptied) cgroup: only its own tree is there.
+        assert set(pub.cgroup.pids()) == {pub.pid, again}
+        await sup.restart("feed")  # a restart, too, ends the escapee before the new spawn
+        assert not alive(again) and again not in pub.cgroup.pids()
+
+
+@needs_cgroup
+async def test_the_daemon_moves_into_a_leaf_of_the_cgroup_it_is_in(
+    cgroup_dir: Path, tmp_path: Path
+) -> None:
+    # Standalone, `[daemon] cgroup` names the daemon's own cgroup: it must leave it for
+    # `supervisor` (no internal processes), publishers go to the siblings pub-<name>.
+    (tmp_path / "logs").mkdir()
+    cfg = tmp_path / "pubmon.toml"
+    header = daemon_header(tmp_path, socket=True).replace(
+        "[daemon]\n", f'[daemon]\ncgroup = "{cgroup_dir}"\n'
+    )
+    limits = {"memory_max": "64M", "nofile": 1000}
+    cfg.write_text(
+        header
+        + toml_publisher("feed", list(DOUBLE_FORK))
+        + toml_publisher("capped", ["sleep", "3600"], limits=limits)
+    )
+    wrap = ("sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup_dir))
+    async with run_daemon(cfg, wrap=wrap) as d:
+        await d.wait_log("ready:")
+        assert (cgroup_dir / "supervisor" / "cgroup.procs").read_text().split() == [str(d.pid)]
+        pids = d.publisher_pids()
+        for name in ("feed", "capped"):
+            procs = (cgroup_dir / f"pub-{name}" / "cgroup.procs").read_text().split()
+            assert str(pids[name]) in procs
+        # memory_max cannot be applied here (no memory controller): a warning, it still runs.
+        await d.wait_log("publisher.capped.limits.memory_max: no memory controller")
+        sock = tmp_path / "pubmon.sock"
+        status = await _cli("status", "--socket", str(sock))
+        head = status.splitlines()[0].split()
+        assert head[5:8] == ["CPU", "MEM", "TASKS"], status
+        feed_row = next(r.split() for r in status.splitlines() if r.startswith("feed "))
+        assert feed_row[7] == "2"  # the leader and the escapee (whose parent left)
+        assert "PAUSED" in await _cli("pause", "feed", "--socket", str(sock))
+        assert (cgroup_dir / "pub-feed" / "cgroup.freeze").read_text().strip() == "1"
+        assert "RUNNING" in await _cli("resume", "feed", "--socket", str(sock))
+        escapees = (cgroup_dir / "pub-feed" / "cgroup.procs").read_text().split()
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    assert not any(alive(int(p)) for p in escapees)
+    assert not (cgroup_dir / "pub-feed").exists()
+
+
+async def _cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pubmon",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+# Allocates (and touches) 80 MiB on its first run only: a marker file says it ran before.
+def _grower(marker: Path) -> tuple[str, ...]:
+    return py(
+        "import os, time\n"
+        f"first = not os.path.exists({str(marker)!r})\n"
+        f"open({str(marker)!r}, 'a').close()\n"
+        "blob = b'x' * (80 << 20) if first else b''\n"
+        "print('allocated', len(blob), flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+
+
+@pytest.mark.parametrize("where", ["cgroup", "proc"])
+async def test_memory_past_memory_restart_restarts_it_once_with_reason_memory(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    if where == "cgroup" and PARENT is None:
+        pytest.skip("needs a writable cgroup2 hierarchy")
+    cg = request.getfixturevalue("cgroup_dir") if where == "cgroup" else None
+    grower = spec(
+        "grower", _grower(tmp_path / "ran"), memory_restart=32 << 20, memory_restart_after=0.2
+    )
+    async with running(grower, cgroup=cg) as (sup, _):
+        pub = sup.get("grower")
+        await line_with(pub, f"allocated {80 << 20}")
+        first = pub.pid
+        async with asyncio.timeout(10):
+            await pub.wait_until(lambda: pub.pid not in (None, first) and pub.state == S.RUNNING)
+        await line_with(pub, "allocated 0")
+        # Two more sweeps (one a second) find the new run below the limit: no second restart.
+        second = pub.pid
+        async with asyncio.timeout(10):
+            while pub.uptime() < 2.5 and pub.pid == second:
+                await asyncio.sleep(0.1)
+        assert pub.pid == second
+        assert pub.exit_reasons["memory"] == 1 and pub.memory_restarts == 1
+        assert pub.counters()["publisher.grower.memory_restarts"] == 1
+    said = [r.getMessage() for r in caplog.records if "memory_restart" in r.getMessage()]
+    assert any(" MiB above memory_restart 32.0 MiB for 0.2 s" in m for m in said), said
+
+
+TICKER = py(
+    "import os, sys, time\n"
+    "os.fork()\n"  # two tickers: the whole tree must freeze
+    "while True:\n"
+    "    print('tick', os.getpid(), flush=True)\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+@needs_cgroup
+async def test_pause_freezes_the_tree_and_resume_continues_it(
+    cgroup_dir: Path, tmp_path: Path
+) -> None:
+    probes = tmp_path / "probes"
+    probe = ProbeSpec(
+        kind="exec", interval=0.05, timeout=0.04, command=("sh", "-c", f"echo >> {probes}")
+    )
+    async with running(spec("ticker", TICKER, probe=probe), cgroup=cgroup_dir) as (sup, _):
+        pub = sup.get("ticker")
+        await in_state(pub, S.RUNNING)
+        assert pub.cgroup is not None
+        await line_with(pub, "tick")
+        await sup.pause("ticker")
+        assert pub.state == S.PAUSED and pub.cgroup.frozen()
+        tree = pub.cgroup.pids()
+        assert len(tree) == 2
+        for pid in tree:  # the kernel's freezer holds each task in its signal trap
+            assert Path(f"/proc/{pid}/wchan").read_text() in ("get_signal", "do_freezer_trap")
+        seq, probed = pub.output.last_seq, probes.read_text()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await pub.output.wait_beyond(seq)  # no output while frozen
+        assert probes.read_text() == probed  # and no probes
+        with pytest.raises(InvalidState, match="only a RUNNING publisher can be paused"):
+            await pub.pause()
+        await sup.resume("ticker")
+        assert pub.state == S.RUNNING and not pub.cgroup.frozen()
+        async with asyncio.timeout(5):
+            await pub.output.wait_beyond(pub.output.last_seq)
+            while probes.read_text() == probed:
+                await asyncio.sleep(0.02)
+        # A stop of a paused publisher thaws it first: the stop signal ends it, not SIGKILL.
+        await sup.pause("ticker")
+        await sup.stop("ticker")
+        assert pub.state == S.STOPPED and pub.last_exit == -15
+        assert not pub.cgroup.populated()
+
+
+async def test_pause_is_refused_without_a_cgroup() -> None:
+    async with running(spec("plain"), cgroup=None) as (sup, _):
+        pub = sup.get("plain")
+        await in_state(pub, S.RUNNING)
+        with pytest.raises(InvalidState, match="has no cgroup"):
+            await sup.pause("plain")
+        assert pub.state == S.RUNNING
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+async def test_rlimits_are_set_for_the_child(
+    user: str | None, request: pytest.FixtureRequest
+) -> None:
+    # Set by the preexec hook (the wrapper cannot: module docstring of spawn), before the
+    # switch of user, which the second case makes.
+    cg = request.getfixturevalue("cgroup_dir") if PARENT is not None else None
+    limits = Limits(nofile=1000, core=0, nproc=4000, address_space=2 << 30)
+    limited = spec("limited", SLEEP, limits=limits, user=user)
+    async with running(limited, cgroup=cg) as (sup, _):
+        pub = sup.get("limited")
+        await in_state(pub, S.RUNNING)
+        assert pub.pid is not None
+        text = Path(f"/proc/{pub.pid}/limits").read_text()
+        if cg is not None:  # both paths join the cgroup before the exec
+            assert pub.cgroup is not None and pub.pid in pub.cgroup.pids()
+    rows = {line[:26].strip(): line[26:].split()[:2] for line in text.splitlines()[1:]}
+    assert rows["Max open files"] == ["1000", "1000"]
+    assert rows["Max core file size"] == ["0", "0"]
+    assert rows["Max processes"] == ["4000", "4000"]
+    assert rows["Max address space"] == [str(2 << 30)] * 2
+
+
+BURNER = py(
+    "import os, time\n"
+    "os.fork()\n"  # two processes burning CPU, each with some memory of its own
+    "blob = b'y' * (20 << 20)\n"
+    "print('burning', flush=True)\n"
+    "while True: pass\n"
+)
+
+
+def _proc_figures(pids: list[int]) -> tuple[float, int]:
+    ticks, rss = 0, 0
+    for pid in pids:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])
+        rss += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return ticks / os.sysconf("SC_CLK_TCK"), rss
+
+
+@pytest.mark.parametrize("where", ["cgroup", "proc"])
+async def test_accounting_matches_proc_within_ten_percent(
+    where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if where == "cgroup" and PARENT is None:
+        pytest.skip("needs a writable cgroup2 hierarchy")
+    cg = request.getfixturevalue("cgroup_dir") if where == "cgroup" else None
+    monkeypatch.setattr(publisher_module, "USAGE_TTL", 0.0)
+    async with running(spec("burner", BURNER), cgroup=cg) as (sup, _):
+        pub = sup.get("burner")
+        await line_with(pub, "burning")
+        assert pub.pid is not None
+        pids = [pub.pid, *descendants(pub.pid)]
+        async with asyncio.timeout(20):
+            while _proc_figures(pids)[0] < 0.5:
+                await asyncio.sleep(0.05)
+        usage = pub.usage()
+        cpu, rss = _proc_figures(pids)
+        counters = pub.counters()
+    assert usage.tasks == len(pids) == 2
+    assert abs(usage.cpu_seconds - cpu) <= 0.1 * cpu, (usage, cpu)
+    assert abs(usage.memory_bytes - rss) <= 0.1 * rss, (usage, rss)
+    assert usage.source == ("cgroup+rss" if cg else "proc")
+    assert counters["publisher.burner.tasks"] == 2
+    assert abs(counters["publisher.burner.cpu_ms"] / 1000 - cpu) <= 0.1 * cpu  # read again
+
+
+def test_cgroup_limits_are_written_where_the_controller_is_enabled(tmp_path: Path) -> None:
+    # This kernel has no memory/cpu/pids controller in cgroup2: the files are a test directory.
+    for name in ("memory.max", "memory.high", "cpu.max", "pids.max"):
+        (tmp_path / name).write_text("")
+    group = Cgroup(str(tmp_path), frozenset({"memory", "cpu", "pids"}))
+    limits = Limits(memory_max=512 << 20, cpu_max=0.5, pids_max=100)
+    assert group.apply(limits) == []
+    assert (tmp_path / "memory.max").read_text() == str(512 << 20)
+    assert (tmp_path / "memory.high").read_text() == "max"  # not set: the kernel's default
+    assert (tmp_path / "cpu.max").read_text() == "50000 100000"
+    assert (tmp_path / "pids.max").read_text() == "100"
+    bare = Cgroup(str(tmp_path), frozenset({"pids"}))
+    assert bare.apply(limits) == [
+        f"limits.memory_max: no memory controller for {tmp_path}",
+        f"limits.cpu_max: no cpu controller for {tmp_path}",
+    ]
+
+
+@needs_cgroup
+async def test_a_limit_that_cannot_be_applied_warns_or_with_require_is_an_error(
+    cgroup_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "logs").mkdir()
+    cfg = tmp_path / "pubmon.toml"
+    header = daemon_header(tmp_path, socket=True).replace(
+        "[daemon]\n", f'[daemon]\ncgroup = "{cgroup_dir}"\n'
+    )
+
+    def write(require: bool) -> None:
+        limits = {"pids_max": 50, "require": require}
+        cfg.write_text(header + toml_publisher("strict", ["sleep", "3600"], limits=limits))
+
+    write(False)  # a warning at start, and it runs
+    async with run_daemon(cfg) as d:
+        await d.wait_log("publisher.strict.limits.pids_max: no pids controller is enabled")
+        write(True)  # a reload refuses it, naming the key; the running config stays
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pubmon", "reload", "--socket", str(tmp_path / "pubmon.sock"),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await done.communicate()
+        assert done.returncode == 2 and b"publisher.strict.limits.pids_max" in err, err
+        assert "strict" in d.publisher_pids()
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0
+    async with run_daemon(cfg, ready=False) as d:  # at start: the daemon does not start
+        assert await d.wait_exit() == 3
+    assert any("publisher.strict.limits.pids_max" in line for line in d.stderr), d.stderr
+
+
+@needs_cgroup
+async def test_setup_kills_what_an_earlier_daemon_left_in_publisher_groups(
+    cgroup_dir: Path,
+) -> None:
+    # A daemon killed with -9: its publishers die of their parent-death signal, an escapee
+    # does not. The next daemon's setup finds it in pub-<name> and kills it.
+    left, empty = cgroup_dir / "pub-old", cgroup_dir / "pub-empty"
+    left.mkdir()
+    empty.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'echo 0 > "$0" && exec sleep 3600', str(left / "cgroup.procs")
+    )
+    async with asyncio.timeout(5):
+        while str(proc.pid) not in (left / "cgroup.procs").read_text().split():
+            await asyncio.sleep(0.01)  # the exec chain: external state, no event to wait on
+    Cgroups.setup(str(cgroup_dir))
+    async with asyncio.timeout(5):
+        assert await proc.wait() == -9
+    assert not empty.exists()
+
+
+def test_config_reads_limits_sizes_and_cgroup(tmp_path: Path) -> None:
+    base = '[publisher.a]\ncommand = ["sleep", "1"]\n'
+    cfg = parse_config(
+        base + 'memory_restart = "512M"\nmemory_restart_after = 2\n'
+        '[publisher.a.limits]\nmemory_max = "1G"\ncpu_max = 0.25\npids_max = 64\n'
+        'nofile = 4096\ncore = "unlimited"\nas = 1073741824\nrequire = true\n',
+        tmp_path / "p.toml",
+    )
+    a = cfg.publishers[0]
+    assert a.memory_restart == 512 << 20 and a.memory_restart_after == 2
+    assert a.limits == Limits(
+        memory_max=1 << 30,
+        cpu_max=0.25,
+        pids_max=64,
+        nofile=4096,
+        core=-1,
+        address_space=1 << 30,
+        require=True,
+    )
+    assert cfg.daemon.cgroup == "auto"
+    with pytest.raises(ConfigError) as bad:
+        parse_config(
+            '[daemon]\ncgroup = "/tmp"\n' + base + 'memory_restart = "lots"\n'
+            "[publisher.a.limits]\nmemory_high = 10\nswap = 1\n",
+            tmp_path / "p.toml",
+        )
+    said = "\n".join(map(str, bad.value.problems))
+    assert "daemon.cgroup: expected" in said and "cgroup2 hierarchy" in said
+    assert "publisher.a.memory_restart: expected a size" in said
+    assert "publisher.a.limits.memory_high: expected a size of at least 4096" in said
+    assert "publisher.a.limits.swap" in said
+
+
+def test_usage_of_a_tree_counts_the_leader_and_its_descendants() -> None:
+    reader = UsageReader(os.getpid(), None)
+    try:
+        usage = reader.usage()
+    finally:
+        reader.close()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    assert usage.tasks == 1 + len(descendants(os.getpid()))
+    assert usage.memory_bytes >= own.ru_maxrss * 1024 * 0.5
+    assert usage.cpu_seconds >= (own.ru_utime + own.ru_stime) * 0.9
