@@ -76,6 +76,7 @@ def test_numbered_lines_in_random_chunks(logdir: Path) -> None:
     sink = log.open_stream("stdout")
     feed_randomly(sink, data, rng, [1, 7, 100, 4096, 65536, 262144])
     sink.eof()
+    assert log.sync()
     assert (logdir / "feed:0.log").read_bytes() == data
     assert (log.lines, log.bytes, log.dropped, log.last_seq) == (200_000, len(data), 0, 200_000)
     newest = log.last(2000)
@@ -126,6 +127,8 @@ def test_framing_matches_reference_for_any_chunking(tmp_path: Path, seed: int) -
         assert [(line.text, line.partial) for line in got] == want
         assert [line.seq for line in got] == list(range(1, len(want) + 1))
         assert log.lines == len(want)
+        assert log.sync()
+        log.close()
         written = (tmp_path / str(trial) / "p.log").read_bytes()
         assert written.replace(b"\n", b"") == stream.replace(b"\n", b"")
         assert not written or written.endswith(b"\n")
@@ -143,6 +146,7 @@ def test_a_5mib_line_without_newline_comes_back_whole(logdir: Path) -> None:
     assert len(frags) == log.lines == 80 and all(f.partial for f in frags)
     assert "".join(f.text for f in frags).encode() == line
     assert {len(f.text) for f in frags} == {65536}
+    assert log.sync()
     written = (logdir / "big.log").read_bytes()
     assert written.replace(b"\n", b"") == line
     assert max(map(len, written.split(b"\n"))) <= 65536
@@ -156,6 +160,7 @@ def test_long_lines_in_one_chunk_are_cut_in_the_ring_but_whole_in_the_file(logdi
     got = [(len(x.text), x.partial) for x in log.tail(0, 100).lines]
     assert got == [(5, False), (100, True), (100, True), (50, False), (100, False), (3, False)]
     assert [x.seq for x in log.tail(0, 100).lines] == [1, 2, 3, 4, 5, 6]
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == data
 
 
@@ -164,6 +169,7 @@ def test_invalid_utf8_and_a_last_line_without_newline_survive(logdir: Path) -> N
     sink = log.open_stream("stdout")
     sink.feed(b"ok\n\xff\xfebad\ncaf\xc3")
     sink.eof()
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"ok\n\xff\xfebad\ncaf\xc3\n"
     got = [(x.text, x.partial) for x in log.tail(0, 10).lines]
     assert got == [("ok", False), ("\\xff\\xfebad", False), ("caf\\xc3", True)]
@@ -183,6 +189,7 @@ def test_streams_interleave_in_the_file_only_at_line_boundaries(logdir: Path) ->
         k = rng.randint(1, 150)
         sinks[name].feed(data[name][pos[name] : pos[name] + k])
         pos[name] += k
+    assert log.sync()
     lines = (logdir / "p.log").read_bytes().splitlines(keepends=True)
     assert b"".join(x for x in lines if x.startswith(b"out")) == data["stdout"]
     assert b"".join(x for x in lines if x.startswith(b"err")) == data["stderr"]
@@ -308,6 +315,7 @@ def test_file_and_directory_modes(logdir: Path) -> None:
     os.umask(umask)
     log = OutputLog("feed:0", LogSpec(), str(logdir / "sub"))
     log.open_stream("stdout").feed(b"x\n")
+    assert log.sync()
     assert stat.S_IMODE(os.stat(logdir / "sub").st_mode) == 0o750 & ~umask
     assert stat.S_IMODE(os.stat(logdir / "sub" / "feed:0.log").st_mode) == 0o640 & ~umask
     log.close()
@@ -319,6 +327,7 @@ def test_rotation_keeps_every_line_once_in_order(logdir: Path) -> None:
     log = OutputLog("p", LogSpec(max_bytes=50_000, backups=100), str(logdir))
     sink = log.open_stream("stdout")
     feed_randomly(sink, data, rng, [1, 100, 10_000, 40_000])
+    assert log.sync()
     files = log_files_oldest_first(logdir / "p.log")
     assert len(files) > 10
     contents = [f.read_bytes() for f in files]
@@ -333,6 +342,7 @@ def test_rotation_keeps_only_backups_and_truncates_with_zero(logdir: Path) -> No
         sink = log.open_stream("stdout")
         for i in range(0, len(data), 3000):
             sink.feed(data[i : i + 3000])
+        assert log.sync()
         files = log_files_oldest_first(logdir / f"b{backups}.log")
         names = [f"b{backups}.log.{i}" for i in range(backups, 0, -1)]
         assert [f.name for f in files] == [*names, f"b{backups}.log"]
@@ -349,6 +359,7 @@ def test_a_write_larger_than_max_bytes_goes_whole_to_a_fresh_file(logdir: Path) 
     big = numbered(1, 100)
     sink.feed(big)
     sink.feed(b"after\n")
+    assert log.sync()
     assert (logdir / "p.log.2").read_bytes() == b"small\n"
     assert (logdir / "p.log.1").read_bytes() == big
     assert (logdir / "p.log").read_bytes() == b"after\n"
@@ -358,10 +369,12 @@ def test_reopen_after_the_file_was_renamed_away(logdir: Path) -> None:
     log = OutputLog("p", LogSpec(), str(logdir))
     sink = log.open_stream("stdout")
     sink.feed(b"one\n")
+    assert log.sync()
     os.rename(logdir / "p.log", logdir / "p.log.moved")
     sink.feed(b"two\n")  # still the old inode, as logrotate expects until it signals
     log.reopen()
     sink.feed(b"three\n")
+    assert log.sync()
     assert (logdir / "p.log.moved").read_bytes() == b"one\ntwo\n"
     assert (logdir / "p.log").read_bytes() == b"three\n"
     assert log.dropped == 0
@@ -371,11 +384,14 @@ def test_a_deleted_file_or_directory_is_recreated(logdir: Path) -> None:
     log = OutputLog("p", LogSpec(), str(logdir))
     sink = log.open_stream("stdout")
     sink.feed(b"one\n")
+    assert log.sync()
     os.unlink(logdir / "p.log")
     sink.feed(b"two\n")
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"two\n"
     shutil.rmtree(logdir)
     sink.feed(b"three\n")
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"three\n"
     assert log.dropped == 0
 
@@ -385,45 +401,54 @@ def test_dropping_is_counted_logged_once_rate_limited_and_resumes(
 ) -> None:
     clock = [1000.0]
     monkeypatch.setattr(_logfile, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    caplog.set_level(logging.INFO, logger="pubmon.output")
+    caplog.set_level(logging.INFO, logger="pubmon")
     logdir = tmp_path / "a" / "logs"
     log = OutputLog("p", LogSpec(), str(logdir))
     sink = log.open_stream("stdout")
     sink.feed(b"1\n")
+    assert log.sync()
     shutil.rmtree(tmp_path / "a")
     (tmp_path / "a").write_text("a path component replaced by a regular file")
     sink.feed(b"2\n3\n4")  # reopen attempted at once, fails
     sink.feed(b"\n5\n")  # within the second: no new attempt
+    assert log.sync()
     (tmp_path / "a").unlink()
     sink.feed(b"6\n")  # the path is fine again, but the next attempt is not due yet
+    assert log.sync()
     assert (log.dropped, log.last_seq) == (6 - 1, 6)
+    assert log.dropped_bytes == len(b"2\n3\n4\n5\n6\n")
     clock[0] += 1.0
     sink.feed(b"7\n")
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"7\n"
     assert (log.dropped, log.lines) == (5, 7)
     assert texts(log.tail(0, 10).lines) == ["1", "2", "3", "4", "5", "6", "7"]
-    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pubmon.output"]
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pubmon")]
     assert [level for level, _ in records] == [logging.WARNING, logging.INFO]
     assert "p:" in records[0][1] and "Not a directory" in records[0][1]
+    assert "10 bytes (5 lines)" in records[1][1]
 
 
-def test_enospc_retries_every_chunk_and_reopen_resumes(
+def test_a_symlink_in_place_of_the_file_is_refused_until_reopen(
     logdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pubmon.output")
+    caplog.set_level(logging.INFO, logger="pubmon")
     logdir.mkdir()
     (logdir / "p.log").symlink_to("/dev/full")
     log = OutputLog("p", LogSpec(), str(logdir))
     sink = log.open_stream("stdout")
     sink.feed(b"a\nb\n")
     sink.feed(b"c\n")
-    assert log.dropped == 3
+    assert log.sync()
+    assert (log.dropped, log.dropped_bytes) == (3, 6)
     (logdir / "p.log").unlink()
     log.reopen()
     sink.feed(b"d\n")
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"d\n" and log.dropped == 3
-    levels = [r.levelno for r in caplog.records if r.name == "pubmon.output"]
-    assert levels == [logging.WARNING, logging.INFO]
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pubmon")]
+    assert [level for level, _ in records] == [logging.WARNING, logging.INFO]
+    assert str(logdir / "p.log") in records[0][1] and "symbolic link" in records[0][1]
 
 
 def test_short_writes_are_completed(logdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -433,6 +458,7 @@ def test_short_writes_are_completed(logdir: Path, monkeypatch: pytest.MonkeyPatc
     sink = log.open_stream("stdout")
     sink.feed(b"hello\nwor")
     sink.feed(b"ld\n")
+    assert log.sync()
     assert (logdir / "p.log").read_bytes() == b"hello\nworld\n"
 
 
@@ -441,6 +467,7 @@ def test_close_counts_later_lines_as_dropped_and_no_file(tmp_path: Path) -> None
     sink = log.open_stream("stdout")
     log.close()
     sink.feed(b"x\ny\n")
+    assert log.sync()
     assert (log.dropped, log.last_seq, (tmp_path / "p.log").read_bytes()) == (2, 2, b"")
     assert "last_seq=2" in repr(log)
 
@@ -494,6 +521,7 @@ async def test_a_real_child_through_a_subprocess_protocol(logdir: Path) -> None:
     finally:
         transport.close()
     assert transport.get_returncode() == 0
+    assert await log.flushed()
     lines = (logdir / "child.log").read_bytes().splitlines(keepends=True)
     lines.remove(b"done\n")  # stderr's partial last line, wherever it landed
     assert b"".join(lines) == numbered(1, 200_000)

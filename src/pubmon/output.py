@@ -26,8 +26,17 @@ child's raw bytes with no prefixes. Three departures from "the bytes as written"
 - at EOF an incomplete last line is written with an added b"\\n";
 - complete lines longer than `max_line` that arrive whole are written uncut (only the ring cuts).
 
-If the file can't be written, the lines of that write are counted in `dropped`, one warning is
-logged when dropping starts and one info line when it stops; see `pubmon._logfile.LogFile`.
+The file is written by the log directory's own thread (`pubmon._logwriter`), never on the event
+loop: storage that hangs cannot stop the loop. A sink whose writer falls behind pauses its pipe
+(`attach_pipe`), so a slow disk slows the child as blocking writes did and loses nothing; storage
+that makes no progress at all for a while is declared stalled, and then the runs the writer's
+queue cannot hold are dropped from the file. Lines always reach the ring and `tail -f`.
+
+Nothing is dropped silently. `dropped` counts the lines and `dropped_bytes` the bytes that did not
+reach the file, for any reason: the queue was full while the storage stalled, the file could not
+be opened or written (ENOSPC, EIO, a symlink refused; see `pubmon._logfile.LogFile`), or the log
+was closed. Each failure episode is logged once when it starts and once, with what it lost, when
+it ends.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, final
 
+from pubmon import _logwriter
 from pubmon._logfile import Buf, LogFile
+from pubmon._logwriter import DirWriter
 from pubmon._ring import Ring, extra_pieces, split_block
 from pubmon.config import LogSpec
 
@@ -75,15 +86,23 @@ class StreamSink:
     """One pipe of one spawn. Keeps the stream's incomplete last line between chunks.
 
     `feed` and `eof` are synchronous, called from the protocol callbacks, and never raise on
-    any data (file errors are counted, not raised).
+    any data (file errors are counted, not raised). `attach_pipe` gives it the pipe it reads,
+    which it pauses while the log file's writer is behind; without one, `feed` waits instead
+    (at most `pubmon._logwriter.STALL_SECONDS`).
     """
 
-    __slots__ = ("_log", "_stream", "_tail")
+    __slots__ = ("_log", "_paused", "_pipe", "_stream", "_tail")
 
     def __init__(self, log: OutputLog, stream: Stream) -> None:
         self._log = log
         self._stream = stream
         self._tail: bytes | bytearray = b""  # a bytearray while a line grows over many chunks
+        self._pipe: asyncio.ReadTransport | None = None
+        self._paused = False
+
+    def attach_pipe(self, pipe: asyncio.ReadTransport) -> None:
+        """The transport feeding this sink: paused while the log writer is behind."""
+        self._pipe = pipe
 
     def feed(self, data: bytes) -> None:
         log = self._log
@@ -104,7 +123,7 @@ class StreamSink:
         prefix = bytes(tail)  # no copy when it already is bytes
         self._tail = data[end:]
         body: Buf = data if end == len(data) else memoryview(data)[:end]
-        log._emit(
+        behind = log._emit(
             self._stream,
             data.count(b"\n") + extra,
             prefix,
@@ -112,7 +131,10 @@ class StreamSink:
             end,
             cut if extra else 0,
             (prefix, body) if prefix else (body,),
+            len(prefix) + end,
         )
+        if behind:
+            self._hold(behind)
 
     def eof(self) -> None:
         """The pipe closed: an incomplete last line becomes a partial line (file: plus b"\\n")."""
@@ -121,7 +143,8 @@ class StreamSink:
             block = bytes(tail)
             cut = self._log._max_line
             nlines = (len(block) - 1) // cut + 1  # > 1 only if max_line shrank meanwhile
-            self._log._emit(self._stream, nlines, b"", block, len(block), cut, (block, b"\n"))
+            size = len(block)
+            self._log._emit(self._stream, nlines, b"", block, size, cut, (block, b"\n"), size + 1)
 
     def _grow(self, data: bytes) -> None:
         """A chunk with no newline: extend the tail; whole max_line pieces beyond it go out now."""
@@ -137,33 +160,58 @@ class StreamSink:
             pieces = [block[i : i + cut] for i in range(0, len(block), cut)]
             pieces.append(b"")  # each piece gets its b"\n" in the file
             written = b"\n".join(pieces)
-            self._log._emit(self._stream, nlines, b"", block, len(block), cut, (written,))
+            behind = self._log._emit(
+                self._stream, nlines, b"", block, len(block), cut, (written,), len(written)
+            )
+            if behind:
+                self._hold(behind)
+
+    def _hold(self, writer: DirWriter) -> None:
+        """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless)."""
+        pipe = self._pipe
+        if pipe is None:
+            writer.wait_for_room()
+        elif not self._paused and writer.hold(self._resume):
+            self._paused = True
+            pipe.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            assert self._pipe is not None
+            self._pipe.resume_reading()  # a no-op on a pipe closed meanwhile
 
 
 @final
 class OutputLog:
     """All output of one publisher: the file sink, the ring, the counters.
 
-    Counters (plain ints): `lines` seen (fragments included), `bytes` seen, and `dropped`: lines
-    that could not be written to the file. The ring always has them all (up to its limits).
+    Counters (plain ints): `lines` seen (fragments included), `bytes` seen, and what never
+    reached the file: `dropped` lines and `dropped_bytes`. The ring always has every line (up to
+    its limits).
     """
 
     def __init__(self, name: str, spec: LogSpec, log_dir: str | None) -> None:
         self.name = name
         self.lines = 0
         self.bytes = 0
-        self.dropped = 0
         self.path = None if log_dir is None else os.path.join(log_dir, f"{name}.log")
+        self._log_dir = log_dir
+        self._spec = spec
         self._ring = Ring(spec.ring_lines)
         self._max_line = max(1, spec.max_line)
         self._echo = spec.echo
         self._echo_prefix = f"{name}| ".encode()
-        self._dropping = False  # inside a failure episode (a warning was logged)
         self._waiters: set[asyncio.Future[None]] = set()  # wait_beyond() callers, woken per block
+        self._dropped_lines = 0  # not queued for the file (full queue, closed); loop side only
+        self._dropped_bytes = 0
+        self._lost_before = (0, 0)  # (bytes, lines) lost by files replaced on reopen-after-close
+        self._overflow_from: tuple[int, int] | None = None  # set while the queue turns runs away
+        self._writer: DirWriter | None = None
+        self._last_writer: DirWriter | None = None  # for sync/flushed after close
         self._file: LogFile | None = None
-        if self.path is not None:
-            self._file = LogFile(self.path, spec.max_bytes, spec.backups)
-            self._note_file()
+        if log_dir is not None:
+            self._open_file(log_dir)
 
     def __repr__(self) -> str:
         return (
@@ -171,30 +219,83 @@ class OutputLog:
             f" dropped={self.dropped} file={self.path!r}>"
         )
 
+    @property
+    def dropped(self) -> int:
+        """Lines that did not reach the file (whatever the reason; the ring has them)."""
+        lost = self._file.lost_lines if self._file is not None else 0
+        return self._dropped_lines + self._lost_before[1] + lost
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes of lines that did not reach the file, as they would have been written."""
+        lost = self._file.lost_bytes if self._file is not None else 0
+        return self._dropped_bytes + self._lost_before[0] + lost
+
     def open_stream(self, stream: Stream) -> StreamSink:
         """A fresh splitter for one pipe of one spawn."""
         return StreamSink(self, stream)
 
     def reconfigure(self, spec: LogSpec) -> None:
         """Apply new limits now (reload). The ring trims at once; the file stays open."""
+        self._spec = spec
         self._max_line = max(1, spec.max_line)
         self._echo = spec.echo
         self._ring.keep_lines = spec.ring_lines
         self._ring.trim()
         if self._file is not None:
-            self._file.max_bytes = spec.max_bytes
+            self._file.max_bytes = spec.max_bytes  # read by the writer thread before each write
             self._file.backups = spec.backups
 
     def reopen(self) -> None:
-        """Close and reopen the file (SIGUSR1, after logrotate moved it). No-op without a file."""
-        if self._file is not None:
-            self._file.reopen()
-            self._note_file()
+        """Close and reopen the file (SIGUSR1, after logrotate moved it). No-op without a file.
+
+        Returns at once: the writer thread reopens it after the lines queued before.
+        """
+        if self._log_dir is None:
+            return
+        if self._writer is None:  # closed: start again with a fresh file object
+            if self._file is not None:
+                lost = self._lost_before
+                self._lost_before = (
+                    lost[0] + self._file.lost_bytes,
+                    lost[1] + self._file.lost_lines,
+                )
+            self._open_file(self._log_dir)
+            return
+        assert self._file is not None
+        self._writer.reopen(self._file)
 
     def close(self) -> None:
-        """Close the file. Lines fed afterwards still reach the ring and count as dropped."""
-        if self._file is not None:
-            self._file.close()
+        """Close the file. Lines fed afterwards still reach the ring and count as dropped.
+
+        Returns at once: the writer thread writes what is queued, then closes the file. Whoever
+        must know when that happened awaits `flushed` first; the process's exit waits for it
+        (at most `pubmon._logwriter.EXIT_WAIT` seconds, then gives up and says so).
+        """
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            assert self._file is not None
+            writer.close(self._file)
+            _logwriter.release(writer)
+
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Block until the file holds every line fed so far (or failed them). For tests and
+        tools, never the event loop: False if `timeout` passed first."""
+        writer = self._last_writer
+        return writer.sync(timeout) if writer is not None else True
+
+    async def flushed(self, timeout: float = 10.0) -> bool:
+        """Like `sync`, awaited on the loop."""
+        writer = self._last_writer
+        return await writer.flushed(timeout) if writer is not None else True
+
+    def _open_file(self, log_dir: str) -> None:
+        writer = self._writer = self._last_writer = _logwriter.acquire(log_dir)
+        spec = self._spec
+        self._file = LogFile(
+            self.name, writer.dir, f"{self.name}.log", spec.max_bytes, spec.backups
+        )
+        writer.reopen(self._file)
 
     @property
     def last_seq(self) -> int:
@@ -244,15 +345,30 @@ class OutputLog:
         end: int,
         cut: int,
         file_bufs: Sequence[Buf],
-    ) -> None:
-        """One block of lines, `prefix + data[:end]` framed with `cut`: to file, ring, waiters."""
+        file_bytes: int,
+    ) -> DirWriter | None:
+        """One block of lines, `prefix + data[:end]` framed with `cut`: to file, ring, waiters.
+
+        Returns the file's writer when it is behind (the caller holds its pipe back), else None.
+        """
         self.lines += nlines
-        file = self._file
-        if file is not None:
-            lost = file.write(file_bufs, nlines)
-            if lost or self._dropping:
-                self.dropped += lost
-                self._note_file()
+        writer = self._writer
+        behind = None
+        if writer is not None:
+            assert self._file is not None
+            if writer.submit(self._file, file_bufs, file_bytes, nlines):
+                if self._overflow_from is not None:
+                    self._overflow_ended()
+                if writer.congested():
+                    behind = writer
+            else:
+                self._dropped_lines += nlines
+                self._dropped_bytes += file_bytes
+                if self._overflow_from is None:
+                    self._overflow_began(writer, file_bytes, nlines)
+        elif self._file is not None:  # closed
+            self._dropped_lines += nlines
+            self._dropped_bytes += file_bytes
         self._ring.add(nlines, time.time(), stream, prefix, data, end, cut)
         if self._echo:
             self._echo_block(prefix + data[:end], cut)
@@ -260,27 +376,31 @@ class OutputLog:
             for waiter in self._waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+        return behind
 
-    def _note_file(self) -> None:
-        """Log the edges of a failure episode: one warning when it starts, one info when it ends."""
-        assert self._file is not None
-        error = self._file.error
-        if error is not None and not self._dropping:
-            self._dropping = True
-            logger.warning(
-                "%s: cannot write log file %s (%s); counting dropped lines and retrying",
-                self.name,
-                self.path,
-                error,
-            )
-        elif error is None and self._dropping:
-            self._dropping = False
-            logger.info(
-                "%s: writing log file %s again; %d lines dropped so far",
-                self.name,
-                self.path,
-                self.dropped,
-            )
+    def _overflow_began(self, writer: DirWriter, nbytes: int, nlines: int) -> None:
+        self._overflow_from = (self._dropped_bytes - nbytes, self._dropped_lines - nlines)
+        logger.warning(
+            "%s: log file %s: its writer is stalled (%s) and the queue is full; dropping lines"
+            " from the file until it catches up (they still reach the ring and tail)",
+            self.name,
+            self.path,
+            writer.busy(),
+        )
+
+    def _overflow_ended(self) -> None:
+        assert self._overflow_from is not None
+        nbytes = self._dropped_bytes - self._overflow_from[0]
+        nlines = self._dropped_lines - self._overflow_from[1]
+        self._overflow_from = None
+        logger.info(
+            "%s: log file %s: queueing lines for the file again; %d bytes (%d lines) dropped"
+            " meanwhile",
+            self.name,
+            self.path,
+            nbytes,
+            nlines,
+        )
 
     def _echo_block(self, block: bytes, cut: int) -> None:
         """Copy lines to the daemon's stderr as `name| line` (opt-in: per-line work, may block)."""

@@ -319,7 +319,8 @@ class Publisher:
             p + "uptime_s": int(self.uptime()),
             p + "log_lines": self.output.lines,
             p + "log_bytes": self.output.bytes,
-            p + "log_dropped": self.output.dropped,
+            p + "log_dropped": self.output.dropped,  # lines that never reached the file
+            p + "log_dropped_bytes": self.output.dropped_bytes,  # logio: the same in bytes
             p + "memory_restarts": self.memory_restarts,
             **self._usage_counters(p),
         }

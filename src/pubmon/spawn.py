@@ -472,6 +472,12 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.SubprocessTransport)
         self.transport = transport
+        # logio: a sink whose log file writer falls behind pauses the pipe it reads.
+        for fd, sink in self._sinks.items():
+            pipe = transport.get_pipe_transport(fd)
+            attach = getattr(sink, "attach_pipe", None)
+            if attach is not None and isinstance(pipe, asyncio.ReadTransport):
+                attach(pipe)
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         assert isinstance(data, bytes)
