@@ -21,6 +21,16 @@ instead of holding the children back. The first operation the thread finishes af
 the stall (one info line); the queued runs are written then, in order. A sink with no pipe to
 pause (a caller outside the supervisor) waits for the queue instead, at most STALL_SECONDS.
 
+Children never inherit a log fd. A FUSE file system sends a FLUSH request on every close of
+every copy of an fd, and a spawned child closes its inherited copies before exec (close_fds):
+with the log storage hung, that close hung the vfork, and with it the loop. So the thread gives
+itself a private fd table (unshare(CLONE_FILES)) before it opens anything: its log files and
+directory fd are in no table a child is forked from. The copies of the daemon's fds that the
+private table starts with are pointed at /dev/null (dup2, so their numbers stay taken: a log
+handler's or the loop's fd number can never come to mean a log file in this thread). For the
+same reason the thread never wakes the loop through its self-pipe: the loop side polls, and only
+while a pipe is paused, a stall is declared, or someone awaits `flushed`.
+
 Lifetime. `acquire(path)` returns the directory's writer, starting its thread; `release` stops
 it after everything queued so far (the supervisor closes a log when a publisher is removed and
 at shutdown). The threads are daemon threads: a thread stuck in a hung write must not keep the
@@ -38,13 +48,16 @@ __all__ = [
     "STALL_SECONDS",
     "DirWriter",
     "acquire",
+    "finish",
     "release",
     "wait_all",
 ]
 
 import asyncio
 import atexit
+import ctypes
 import logging
+import os
 import queue
 import threading
 import time
@@ -61,6 +74,9 @@ PAGE = 4096  # the least a queued run is charged
 STALL_SECONDS = 2.0  # no operation finished for this long while pipes wait: the storage is stuck
 EXIT_WAIT = 5.0  # seconds, in all, that the exit hook waits for writers to finish
 _BATCH = 4096  # operations taken from the queue per pass
+POLL = 0.02  # seconds between the loop side's looks at a writer it waits for
+_CLONE_FILES = 0x400
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # Operations: (kind, file, payload, cost). Writes carry a Run; marks a callback.
 _WRITE, _REOPEN, _CLOSE, _MARK, _STOP = range(5)
@@ -87,13 +103,13 @@ class DirWriter:
         self._progress = 0  # operations finished (writer thread only)
         self._busy: tuple[str, float] | None = None  # (what, since) while the thread is in one
         self._stall_began = 0.0
-        self._unstall_sent = False
+        self._stall_polled = False  # declared by the loop side's poll, which also ends it
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._want_drain = False  # a paused pipe or a waiting caller wants to hear of room
+        self._waiting = 0  # callers blocked in wait_for_room
         self._holders: list[Callable[[], None]] = []  # resume callbacks of paused pipes
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the loop side's poll, while it waits
+        self._seen = (0, 0.0)  # progress, and when the poll last saw it change
         self._thread = threading.Thread(target=self._run, name=f"pubmon-log:{path}", daemon=True)
 
     def __repr__(self) -> str:
@@ -125,15 +141,10 @@ class DirWriter:
     def hold(self, resume: Callable[[], None]) -> bool:
         """A sink is about to pause its pipe: call `resume` on the loop once there is room again
         (or the writer is declared stalled). False: there is room already; do not pause."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._submitted - self._consumed <= LOW:
-                return False
-            self._want_drain = True
-            self._loop = loop
+        if self._submitted - self._consumed <= LOW:
+            return False
         self._holders.append(resume)
-        if self._timer is None:
-            self._timer = loop.call_later(STALL_SECONDS, self._check_stall, self._progress)
+        self._watch()
         return True
 
     def wait_for_room(self) -> None:
@@ -141,12 +152,15 @@ class DirWriter:
         STALL_SECONDS; with no progress meanwhile, declare the storage stalled."""
         seen = self._progress
         with self._drained:
-            self._want_drain = True
-            room = self._drained.wait_for(
-                lambda: self._submitted - self._consumed <= LOW, timeout=STALL_SECONDS
-            )
+            self._waiting += 1
+            try:
+                room = self._drained.wait_for(
+                    lambda: self._submitted - self._consumed <= LOW, timeout=STALL_SECONDS
+                )
+            finally:
+                self._waiting -= 1
         if not room and self._progress == seen:
-            self._declare_stalled()
+            self._declare_stalled(polled=False)
 
     def reopen(self, file: LogFile) -> None:
         self._queue.put((_REOPEN, file, None, 0))
@@ -170,19 +184,12 @@ class DirWriter:
         """Wait (on the loop) until everything queued so far is handled. False on timeout."""
         if self._stopping:
             return await asyncio.to_thread(self.join, timeout)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(_resolve, done)
-            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
-                pass
-
-        self.mark(wake)
+        event = threading.Event()
+        self.mark(event.set)
         try:
             async with asyncio.timeout(timeout):
-                await done
+                while not event.is_set():
+                    await asyncio.sleep(POLL / 4)
         except TimeoutError:
             return False
         return True
@@ -207,21 +214,40 @@ class DirWriter:
         what, since = busy
         return f"{what} for {time.monotonic() - since:.1f} s"
 
-    def _check_stall(self, seen: int) -> None:
-        self._timer = None
-        if not self._holders:
-            return
-        if self._progress == seen:
-            self._declare_stalled()
-            self._release_holders()
-            return
-        assert self._loop is not None
-        self._timer = self._loop.call_later(STALL_SECONDS, self._check_stall, self._progress)
+    def _watch(self) -> None:
+        """Start the loop side's poll of this writer, unless it runs already."""
+        if self._timer is None:
+            self._seen = (self._progress, time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(POLL, self._poll)
 
-    def _declare_stalled(self) -> None:
+    def _poll(self) -> None:
+        """While pipes are paused or a stall is declared: resume them once there is room, end
+        the stall once the writer progresses, declare one when it has not for STALL_SECONDS."""
+        self._timer = None
+        now = time.monotonic()
+        progress = self._progress
+        moved = progress != self._seen[0]
+        if moved:
+            self._seen = (progress, now)
+        if self.stalled and moved:
+            self._unstalled()
+        if self._holders and (
+            self._submitted - self._consumed <= LOW or now - self._seen[1] >= STALL_SECONDS
+        ):
+            if now - self._seen[1] >= STALL_SECONDS:
+                self._declare_stalled(polled=True)
+            holders, self._holders = self._holders, []
+            for resume in holders:
+                resume()
+        if self._holders or self.stalled:
+            delay = POLL if self._holders else POLL * 10
+            self._timer = asyncio.get_running_loop().call_later(delay, self._poll)
+
+    def _declare_stalled(self, *, polled: bool) -> None:
         if self.stalled:
             return
         self._stall_began = time.monotonic()
+        self._stall_polled = polled
         self.stalled = True
         logger.warning(
             "log directory %s: its writer finished nothing for %.0f s (%s); children's output"
@@ -232,19 +258,8 @@ class DirWriter:
             self.busy(),
         )
 
-    def _release_holders(self) -> None:
-        with self._lock:
-            self._want_drain = False
-            holders, self._holders = self._holders, []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for resume in holders:
-            resume()
-
     def _unstalled(self) -> None:
         self.stalled = False
-        self._unstall_sent = False
         logger.info(
             "log directory %s: writing again after %.1f s stalled",
             self.path,
@@ -255,6 +270,7 @@ class DirWriter:
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
+        _private_fd_table()
         try:
             while True:
                 ops = [get()]
@@ -318,28 +334,32 @@ class DirWriter:
         with self._lock:
             self._consumed += cost
             self._progress += ops
-            fire = self._want_drain and self._submitted - self._consumed <= LOW
-            if fire:
-                self._want_drain = False
+            if self._waiting and self._submitted - self._consumed <= LOW:
                 self._drained.notify_all()
-        loop = self._loop
-        if loop is None:
-            if self.stalled:  # no loop to tell: a caller thread reads the flag
-                self._unstalled()
-            return
-        try:
-            if fire:
-                loop.call_soon_threadsafe(self._release_holders)
-            if self.stalled and not self._unstall_sent:
-                self._unstall_sent = True
-                loop.call_soon_threadsafe(self._unstalled)
-        except RuntimeError:  # the loop is closed: nobody is paused on it any more
-            self._loop = None
+        if self.stalled and not self._stall_polled:
+            self._unstalled()  # declared by a pipeless caller: no loop polls for its end
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _private_fd_table() -> None:
+    """Give the calling thread its own fd table, its copies of the process's fds -> /dev/null."""
+    if _libc.unshare(_CLONE_FILES) != 0:
+        err = ctypes.get_errno()
+        logger.warning("log writer: cannot unshare its fd table (%s)", os.strerror(err))
+        return
+    try:
+        names = os.listdir("/proc/thread-self/fd")
+    except OSError as exc:
+        logger.warning("log writer: cannot list its fds (%s)", exc)
+        return
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    for name in names:
+        fd = int(name)
+        if fd > 2 and fd != null:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass
+    os.close(null)
 
 
 _registry: dict[str, DirWriter] = {}
@@ -389,14 +409,25 @@ def wait_all(timeout: float) -> list[DirWriter]:
     return left
 
 
-@atexit.register
-def _at_exit() -> None:
-    for writer in wait_all(EXIT_WAIT):
+def finish(timeout: float = EXIT_WAIT) -> int:
+    """At exit: let the writers finish their queued work, `timeout` seconds in all; abandon
+    those that do not, with one warning each. Returns how many were abandoned.
+
+    An abandoned thread stuck in the kernel may still hold the process back after it exits:
+    a FUSE request already taken by its server waits uninterruptibly for the answer (an NFS
+    hard mount is killable). Nothing in user space can end that wait; everything else is done.
+    """
+    left = wait_all(timeout)
+    for writer in left:
         logger.warning(
             "log directory %s: its writer did not finish within %.0f s (%s); abandoning it with"
             " %d bytes of log lines unwritten",
             writer.path,
-            EXIT_WAIT,
+            timeout,
             writer.busy(),
             writer.pending,
         )
+    return len(left)
+
+
+atexit.register(finish)  # for programs that end normally (the daemon calls it itself)

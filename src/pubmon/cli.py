@@ -156,6 +156,9 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     # Every publisher is stopped and every file closed: skip the interpreter's teardown (module
     # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
     # scripts wait for.
+    from .output import finish_writing  # logio: queued log lines, a bounded wait for them
+
+    finish_writing()
     logging.shutdown()
     if cleanup is not None:
         cleanup()  # what a `with` around us would have done: os._exit skips it

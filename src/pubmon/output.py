@@ -41,7 +41,7 @@ it ends.
 
 from __future__ import annotations
 
-__all__ = ["MAX_TAIL_LINES", "LogChunk", "LogLine", "OutputLog", "StreamSink"]
+__all__ = ["MAX_TAIL_LINES", "LogChunk", "LogLine", "OutputLog", "StreamSink", "finish_writing"]
 
 import asyncio
 import logging
@@ -63,6 +63,14 @@ logger = logging.getLogger(__name__)
 MAX_TAIL_LINES = 10_000  # cap on the lines one tail()/last() call returns
 
 Stream = Literal["stdout", "stderr"]
+
+
+def finish_writing(timeout: float = _logwriter.EXIT_WAIT) -> int:
+    """Before the process exits: give the log writers `timeout` seconds in all to write what is
+    queued; abandon (and name, in one warning each) those stuck on hung storage. Returns how
+    many were abandoned. Called by the daemon, whose `os._exit` skips the atexit hook that
+    does the same for other programs."""
+    return _logwriter.finish(timeout)
 
 
 @dataclass(frozen=True, slots=True)
