@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench bench-quick soak clean apt-http
+.PHONY: demo test lint pytest bench bench-quick soak clean apt-http fuse
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy --strict src
 
-pytest: $(STAMP) apt-http
+# The log storage tests mount a FUSE file system of their own (mfusepy, from the test extras,
+# loads libfuse3): install Debian's fuse3 once, when libfuse3 or fusermount3 is missing.
+fuse:
+	@if ! ldconfig -p | grep -q 'libfuse3\.so\.3' || ! command -v fusermount3 >/dev/null; then \
+		echo "installing fuse3 (libfuse3, fusermount3) for the FUSE tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3; \
+	fi
+
+pytest: $(STAMP) apt-http fuse
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest

@@ -249,3 +249,76 @@ async def test_hung_log_storage_stalls_nothing_and_writing_resumes(
     # Each episode is logged once when it begins and once when it ends, not per lost line.
     assert _count(d, "queueing lines for the file again") == 1
     assert 2 <= _count(d, "flood: log file") <= 3
+
+
+# -- files swapped for links ---------------------------------------------------------------------
+
+VICTIM = b"root's precious file\n"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+async def test_log_files_swapped_for_links_to_a_root_file_are_refused(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    victims = {name: tmp_path / f"victim-{name}" for name in ("sym", "hard", "zero", "rot")}
+    for victim in victims.values():
+        victim.write_bytes(VICTIM)
+    body = "".join(
+        toml_publisher(name, TALKER, log={"max_bytes": 4000, "backups": 0 if name == "zero" else 2})
+        for name in victims
+    )
+    async with (
+        run_daemon(config(tmp_path, logs, body)) as d,
+        control(tmp_path / "pubmon.sock", timeout=CALL_BOUND) as c,
+    ):
+        for name in victims:
+            await poll(lambda n=name: _true(_size(logs / f"{n}.log") > 0), f"{name}'s first lines")
+        # Deleted and replaced by a symlink / a hard link: the file is recreated through the
+        # directory fd with O_NOFOLLOW and checked, so both are refused, also on SIGUSR1.
+        (logs / "sym.log").unlink()
+        (logs / "sym.log").symlink_to(victims["sym"])
+        (logs / "hard.log").unlink()
+        os.link(victims["hard"], logs / "hard.log")
+        # Moved away and replaced while the daemon still writes the old file: the next rotation
+        # renames the link itself (rot), or truncates the daemon's own file, never by path (zero).
+        (logs / "rot.log").rename(logs / "rot.log.away")
+        (logs / "rot.log").symlink_to(victims["rot"])
+        (logs / "zero.log").rename(logs / "zero.log.away")
+        (logs / "zero.log").symlink_to(victims["zero"])
+
+        line = await d.wait_log(f"{logs / 'sym.log'} (refused: it is a symbolic link)")
+        assert "cannot write log file" in line
+        await d.wait_log(f"{logs / 'hard.log'} (refused: it has 2 hard links)")
+        for name in ("sym", "hard"):
+            key = f"publisher.{name}.log_dropped_bytes"
+            await poll(lambda k=key: _gt(counter(c, k), 0), f"{name}'s bytes counted as dropped")
+        moved = (logs / "rot.log.1", logs / "rot.log.2")
+        await poll(lambda: _true(any(p.is_symlink() for p in moved)), "rot rotated, link renamed")
+        await poll(lambda: _true(not (logs / "rot.log").is_symlink()), "a fresh rot.log")
+        sizes = [_size(logs / "zero.log.away")]
+
+        async def shrank() -> bool:
+            sizes.append(_size(logs / "zero.log.away"))
+            return 0 <= sizes[-1] < max(sizes)
+
+        await poll(shrank, "zero truncated (its own file)", 15)
+        d.signal(signal.SIGUSR1)
+        await d.wait_log("log files reopened")
+        dropped = await counter(c, "publisher.sym.log_dropped")
+        await poll(lambda: _gt(counter(c, "publisher.sym.log_dropped"), dropped), "still refused")
+
+        # The link removed: the log file is made again and written.
+        (logs / "sym.log").unlink()
+        await poll(lambda: _true(_size(logs / "sym.log") > 0), "sym.log written again", 15)
+        await d.wait_log(f"{logs / 'sym.log'} again")
+    for name, victim in victims.items():
+        assert victim.read_bytes() == VICTIM, name
+        assert victim.stat().st_nlink == (2 if name == "hard" else 1)
+    # One line when the refusals began: neither SIGUSR1 nor every write repeats it.
+    assert _count(d, f"{logs / 'sym.log'} (refused") == 1
+    assert _count(d, f"{logs / 'hard.log'} (refused") == 1
