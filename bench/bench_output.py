@@ -4,14 +4,17 @@
 
 Prints one JSON object per measurement (MB = 10**6 bytes, best and median of --repeat runs):
 - baseline_write_count_100B_lines: os.write + bytes.count per chunk, no OutputLog: the floor;
-- feed_100B_lines: 100-byte lines in 256 KiB chunks fed straight into OutputLog (the fast path);
+- feed_100B_lines: 100-byte lines in 256 KiB chunks fed straight into OutputLog (the fast path),
+  timed until the log writer thread has written them all (no pipe to pause: the feeding waits
+  whenever the writer is 16 MiB behind);
 - feed_100B_lines_ring_only: the same with log_dir None (no file);
 - feed_long_lines_mixed: every chunk also holds a 100 KiB line, more than max_line (the slow path);
 - feed_1MiB_lines: lines of 1 MiB, so most chunks carry no newline and are cut into fragments;
 - e2e_*: a real child writing 200 MB of 100-byte lines (os.write of 1 MiB blocks) through a pipe
   enlarged to 1 MiB, read by asyncio (256 KiB per read) through a SubprocessProtocol into
-  (pubmon) OutputLog, (file_count) only a file write plus bytes.count, as in DESIGN.md "Output",
-  or (discard) nothing, the ceiling of the pipe itself.
+  (pubmon) OutputLog, its sinks pausing the pipes while the writer thread is behind, timed
+  until the file holds everything, (file_count) only a file write plus bytes.count, as in
+  DESIGN.md "Output", or (discard) nothing, the ceiling of the pipe itself.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def bench_feed(
             for piece in prepared:
                 sink.feed(piece)
             sink.eof()
+            assert log.sync(60)  # the writer thread has written it all
             times.append(time.perf_counter() - start)
             log.close()
     report(name, log.bytes, times, lines=log.lines, chunk=CHUNK)
@@ -119,12 +123,25 @@ def bench_baseline(total: int, repeat: int, root: str) -> None:
 
 
 class _Forward(asyncio.SubprocessProtocol):
-    def __init__(self, feed: Callable[[int, bytes], None], eof: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        feed: Callable[[int, bytes], None],
+        eof: Callable[[int], None],
+        attach: Callable[[int, asyncio.ReadTransport], None],
+    ) -> None:
         self.feed = feed
+        self.attach = attach
         self.eof = eof
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pipes = 2
         self.exited = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        for fd in (1, 2):
+            pipe = transport.get_pipe_transport(fd)
+            assert isinstance(pipe, asyncio.ReadTransport)
+            self.attach(fd, pipe)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.feed(fd, data)
@@ -143,13 +160,11 @@ class _Forward(asyncio.SubprocessProtocol):
             self.done.set_result(None)
 
 
-async def run_child(
-    total: int, feed: Callable[[int, bytes], None], eof: Callable[[int], None]
-) -> float:
+async def run_child(total: int, handlers: Handlers) -> None:
+    feed, eof, attach, _ = handlers
     loop = asyncio.get_running_loop()
-    start = time.perf_counter()
     transport, proto = await loop.subprocess_exec(
-        lambda: _Forward(feed, eof),
+        lambda: _Forward(feed, eof, attach),
         sys.executable,
         "-c",
         CHILD,
@@ -165,23 +180,33 @@ async def run_child(
     finally:
         transport.close()
     assert transport.get_returncode() == 0
-    return time.perf_counter() - start
 
 
-Handlers = tuple[Callable[[int, bytes], None], Callable[[int], None], Callable[[], None]]
+Handlers = tuple[
+    Callable[[int, bytes], None],
+    Callable[[int], None],
+    Callable[[int, asyncio.ReadTransport], None],
+    Callable[[], None],
+]
 
 
 def e2e_handlers(kind: str, tmp: str, total: int) -> Handlers:
-    """(feed, eof, finish) for one end-to-end variant."""
+    """(feed, eof, attach, finish) for one end-to-end variant."""
     if kind == "pubmon":
         log = OutputLog("e2e", LogSpec(), tmp)
         sinks = {1: log.open_stream("stdout"), 2: log.open_stream("stderr")}
 
         def finish() -> None:
+            assert log.sync(60)
             assert log.bytes == total and log.dropped == 0, log
             log.close()
 
-        return (lambda fd, data: sinks[fd].feed(data)), (lambda fd: sinks[fd].eof()), finish
+        return (
+            lambda fd, data: sinks[fd].feed(data),
+            lambda fd: sinks[fd].eof(),
+            lambda fd, pipe: sinks[fd].attach_pipe(pipe),
+            finish,
+        )
     if kind == "file_count":
         out = os.open(os.path.join(tmp, "raw.log"), _FLAGS, 0o640)
         newlines = [0]
@@ -190,8 +215,8 @@ def e2e_handlers(kind: str, tmp: str, total: int) -> Handlers:
             os.write(out, data)
             newlines[0] += data.count(b"\n")
 
-        return feed, (lambda fd: None), (lambda: os.close(out))
-    return (lambda fd, data: None), (lambda fd: None), (lambda: None)
+        return feed, (lambda fd: None), (lambda fd, pipe: None), (lambda: os.close(out))
+    return (lambda fd, data: None), (lambda fd: None), (lambda fd, pipe: None), (lambda: None)
 
 
 def bench_e2e(total: int, repeat: int, root: str) -> None:
@@ -199,9 +224,11 @@ def bench_e2e(total: int, repeat: int, root: str) -> None:
         times = []
         for _ in range(repeat):
             with tempfile.TemporaryDirectory(dir=root) as tmp:
-                feed, eof, finish = e2e_handlers(kind, tmp, total)
-                times.append(asyncio.run(run_child(total, feed, eof)))
-                finish()
+                handlers = e2e_handlers(kind, tmp, total)
+                start = time.perf_counter()
+                asyncio.run(run_child(total, handlers))
+                handlers[-1]()  # finish: for pubmon, until the file holds everything
+                times.append(time.perf_counter() - start)
         report(f"e2e_{kind}", total, times, read_max=CHUNK, pipe=1 << 20)
 
 

@@ -19,7 +19,8 @@ storage counts as stalled: one warning names the directory and the operation stu
 resume, and runs that do not fit in the queue are dropped (counted per publisher by the caller)
 instead of holding the children back. The first operation the thread finishes afterwards ends
 the stall (one info line); the queued runs are written then, in order. A sink with no pipe to
-pause (a caller outside the supervisor) waits for the queue instead, at most STALL_SECONDS.
+pause, fed outside any event loop (tools, tests), waits for the queue instead, at most
+STALL_SECONDS; on a loop it never waits. Whatever happens, the queue never holds more than HARD.
 
 Children never inherit a log fd. A FUSE file system sends a FLUSH request on every close of
 every copy of an fd, and a spawned child closes its inherited copies before exec (close_fds):
@@ -27,9 +28,11 @@ with the log storage hung, that close hung the vfork, and with it the loop. So t
 itself a private fd table (unshare(CLONE_FILES)) before it opens anything: its log files and
 directory fd are in no table a child is forked from. The copies of the daemon's fds that the
 private table starts with are pointed at /dev/null (dup2, so their numbers stay taken: a log
-handler's or the loop's fd number can never come to mean a log file in this thread). For the
-same reason the thread never wakes the loop through its self-pipe: the loop side polls, and only
-while a pipe is paused, a stall is declared, or someone awaits `flushed`.
+handler's or the loop's fd number can never come to mean a log file in this thread). So the
+thread cannot wake the loop through the loop's self-pipe (`call_soon_threadsafe`): each writer
+has a wake-up pipe of its own, made before the thread starts and kept in its table, which the
+loop reads only while a pipe is paused or a stall is declared (plus a slow tick that declares
+stalls).
 
 Lifetime. `acquire(path)` returns the directory's writer, starting its thread; `release` stops
 it after everything queued so far (the supervisor closes a log when a publisher is removed and
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_WAIT",
+    "HARD",
     "HIGH",
     "LOW",
     "STALL_SECONDS",
@@ -70,11 +74,13 @@ logger = logging.getLogger(__name__)
 
 HIGH = 16 << 20  # queued bytes above which sinks pause their pipes (or, stalled, drop)
 LOW = 4 << 20  # paused pipes resume once the queue is below this
+HARD = 4 * HIGH  # never more, stalled or not (many sinks' last runs before they all paused)
 PAGE = 4096  # the least a queued run is charged
 STALL_SECONDS = 2.0  # no operation finished for this long while pipes wait: the storage is stuck
 EXIT_WAIT = 5.0  # seconds, in all, that the exit hook waits for writers to finish
 _BATCH = 4096  # operations taken from the queue per pass
-POLL = 0.02  # seconds between the loop side's looks at a writer it waits for
+POLL = 0.01  # seconds between looks at a writer that a `flushed` caller waits for
+TICK = 0.1  # seconds between the loop side's looks at a writer while pipes wait or it stalls
 _CLONE_FILES = 0x400
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -108,8 +114,12 @@ class DirWriter:
         self._drained = threading.Condition(self._lock)
         self._waiting = 0  # callers blocked in wait_for_room
         self._holders: list[Callable[[], None]] = []  # resume callbacks of paused pipes
-        self._timer: asyncio.TimerHandle | None = None  # the loop side's poll, while it waits
-        self._seen = (0, 0.0)  # progress, and when the poll last saw it change
+        self._timer: asyncio.TimerHandle | None = None  # the loop side's tick, while it waits
+        self._seen = (0, 0.0)  # progress, and when the loop side last saw it change
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._want_wake = False  # the loop side waits: write a byte to _wake_w on news
+        self._reader: asyncio.AbstractEventLoop | None = None  # the loop reading _wake_r
+        self._private = False  # the thread has its own fd table (else: no wake-ups, ticks only)
         self._thread = threading.Thread(target=self._run, name=f"pubmon-log:{path}", daemon=True)
 
     def __repr__(self) -> str:
@@ -128,7 +138,7 @@ class DirWriter:
     def submit(self, file: LogFile, bufs: Sequence[Buf], nbytes: int, nlines: int) -> bool:
         """Queue one run of whole lines for `file`. False: dropped (stalled and full)."""
         cost = nbytes if nbytes > PAGE else PAGE
-        if self.stalled and self._submitted - self._consumed + cost > HIGH:
+        if self._submitted - self._consumed + cost > (HIGH if self.stalled else HARD):
             return False
         self._submitted += cost
         self._queue.put((_WRITE, file, (bufs, nbytes, nlines), cost))
@@ -189,7 +199,7 @@ class DirWriter:
         try:
             async with asyncio.timeout(timeout):
                 while not event.is_set():
-                    await asyncio.sleep(POLL / 4)
+                    await asyncio.sleep(POLL)
         except TimeoutError:
             return False
         return True
@@ -215,15 +225,33 @@ class DirWriter:
         return f"{what} for {time.monotonic() - since:.1f} s"
 
     def _watch(self) -> None:
-        """Start the loop side's poll of this writer, unless it runs already."""
-        if self._timer is None:
-            self._seen = (self._progress, time.monotonic())
-            self._timer = asyncio.get_running_loop().call_later(POLL, self._poll)
+        """Start watching the writer from the loop, unless it is watched already."""
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._seen = (self._progress, time.monotonic())
+        self._timer = loop.call_later(TICK, self._tick)
+        if self._reader is None:
+            loop.add_reader(self._wake_r, self._woken)
+            self._reader = loop
+        self._check()
 
-    def _poll(self) -> None:
-        """While pipes are paused or a stall is declared: resume them once there is room, end
-        the stall once the writer progresses, declare one when it has not for STALL_SECONDS."""
+    def _tick(self) -> None:
         self._timer = None
+        if self._check():
+            self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def _woken(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._check()
+
+    def _check(self) -> bool:
+        """Resume paused pipes once there is room, end a stall once the writer progresses,
+        declare one when it has not for STALL_SECONDS. True while there is more to wait for."""
+        self._want_wake = True  # first: news from now on wakes us, news before is seen below
         now = time.monotonic()
         progress = self._progress
         moved = progress != self._seen[0]
@@ -231,17 +259,38 @@ class DirWriter:
             self._seen = (progress, now)
         if self.stalled and moved:
             self._unstalled()
-        if self._holders and (
-            self._submitted - self._consumed <= LOW or now - self._seen[1] >= STALL_SECONDS
-        ):
-            if now - self._seen[1] >= STALL_SECONDS:
+        stuck = now - self._seen[1] >= STALL_SECONDS
+        if self._holders and (self._submitted - self._consumed <= LOW or stuck):
+            if stuck:
                 self._declare_stalled(polled=True)
             holders, self._holders = self._holders, []
             for resume in holders:
                 resume()
         if self._holders or self.stalled:
-            delay = POLL if self._holders else POLL * 10
-            self._timer = asyncio.get_running_loop().call_later(delay, self._poll)
+            return True
+        self._unwatch()
+        return False
+
+    def _unwatch(self) -> None:
+        self._want_wake = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reader is not None:
+            try:
+                self._reader.remove_reader(self._wake_r)
+            except RuntimeError:  # that loop is closed
+                pass
+            self._reader = None
+
+    def _close_wake(self) -> None:
+        """No user left: stop watching and close the loop side's copies of the wake-up pipe."""
+        self._unwatch()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _declare_stalled(self, *, polled: bool) -> None:
         if self.stalled:
@@ -270,7 +319,7 @@ class DirWriter:
 
     def _run(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
-        _private_fd_table()
+        self._private = _private_fd_table(keep=self._wake_w)
         try:
             while True:
                 ops = [get()]
@@ -283,6 +332,8 @@ class DirWriter:
                     return
         finally:
             self.dir.close()
+            if self._private:
+                os.close(self._wake_w)  # the copy in this thread's own table
             _live.discard(self)
 
     def _handle(self, ops: list[_Op]) -> bool:
@@ -338,28 +389,36 @@ class DirWriter:
                 self._drained.notify_all()
         if self.stalled and not self._stall_polled:
             self._unstalled()  # declared by a pipeless caller: no loop polls for its end
+        if self._private and self._want_wake and (self.stalled or self.pending <= LOW):
+            self._want_wake = False
+            try:
+                os.write(self._wake_w, b"\0")  # this thread's own copy, kept by _private_fd_table
+            except OSError:
+                pass
 
 
-def _private_fd_table() -> None:
-    """Give the calling thread its own fd table, its copies of the process's fds -> /dev/null."""
+def _private_fd_table(keep: int) -> bool:
+    """Give the calling thread its own fd table, its copies of the process's fds but `keep`
+    pointed at /dev/null. False if it could not: the thread then shares the process's table."""
     if _libc.unshare(_CLONE_FILES) != 0:
         err = ctypes.get_errno()
         logger.warning("log writer: cannot unshare its fd table (%s)", os.strerror(err))
-        return
+        return False
     try:
         names = os.listdir("/proc/thread-self/fd")
     except OSError as exc:
         logger.warning("log writer: cannot list its fds (%s)", exc)
-        return
+        return True
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     for name in names:
         fd = int(name)
-        if fd > 2 and fd != null:
+        if fd > 2 and fd not in (null, keep):
             try:
                 os.dup2(null, fd, inheritable=False)
             except OSError:
                 pass
     os.close(null)
+    return True
 
 
 _registry: dict[str, DirWriter] = {}
@@ -388,6 +447,7 @@ def release(writer: DirWriter) -> None:
         if _registry.get(writer.path) is writer:
             del _registry[writer.path]
     writer.stop()
+    writer._close_wake()
 
 
 def wait_all(timeout: float) -> list[DirWriter]:

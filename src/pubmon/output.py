@@ -95,8 +95,8 @@ class StreamSink:
 
     `feed` and `eof` are synchronous, called from the protocol callbacks, and never raise on
     any data (file errors are counted, not raised). `attach_pipe` gives it the pipe it reads,
-    which it pauses while the log file's writer is behind; without one, `feed` waits instead
-    (at most `pubmon._logwriter.STALL_SECONDS`).
+    which it pauses while the log file's writer is behind; without one, `feed` called outside an
+    event loop waits instead (at most `pubmon._logwriter.STALL_SECONDS`).
     """
 
     __slots__ = ("_log", "_paused", "_pipe", "_stream", "_tail")
@@ -178,7 +178,8 @@ class StreamSink:
         """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless)."""
         pipe = self._pipe
         if pipe is None:
-            writer.wait_for_room()
+            if asyncio._get_running_loop() is None:  # a caller thread may wait; the loop never
+                writer.wait_for_room()
         elif not self._paused and writer.hold(self._resume):
             self._paused = True
             pipe.pause_reading()
