@@ -226,9 +226,11 @@ class DirWriter:
 
     def _watch(self) -> None:
         """Start watching the writer from the loop, unless it is watched already."""
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader is not loop:
+            self._unwatch()  # left over from a loop that has ended (tests run one per test)
         if self._timer is not None:
             return
-        loop = asyncio.get_running_loop()
         self._seen = (self._progress, time.monotonic())
         self._timer = loop.call_later(TICK, self._tick)
         if self._reader is None:
