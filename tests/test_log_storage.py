@@ -215,6 +215,23 @@ async def test_hung_log_storage_stalls_nothing_and_writing_resumes(
     ):
         await poll(lambda: _true(last_number(on_file) > 1000), "the first lines on file")
 
+        # Storage that is slow but moves: the child is held back (its pipe paused once the
+        # writer is HIGH behind) and loses nothing, if it moves again before STALL_SECONDS.
+        hangfs.hang()
+
+        async def paused() -> bool:
+            before = await counter(c, "publisher.flood.log_bytes")
+            await asyncio.sleep(0.2)  # part of the condition: nothing read for 0.2 s
+            return await counter(c, "publisher.flood.log_bytes") == before
+
+        await poll(paused, "the flood's pipe paused", 30)
+        hangfs.recover()
+        caught_up = await last_seq(c, "flood")
+        await poll(lambda: _true(last_number(on_file) >= caught_up), "the file caught up", 30)
+        numbers = [int(x.split()[1]) for x in on_file.read_bytes().split(b"\n")[:-1]]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert await counter(c, "publisher.flood.log_dropped") == 0
+
         hangfs.hang()
         hung_at = await last_seq(c, "flood")
         # The ring and tail go on, RPC answers, and what the file cannot take is counted.
