@@ -24,7 +24,8 @@ Per publisher:
   unhealthy, operator), pubmon_publisher_probe_failures_total
 - pubmon_publisher_probe_duration_seconds  histogram of probe round trips
 - pubmon_publisher_start_time_seconds  unix time the current process started (absent if none)
-- pubmon_publisher_log_lines_total, _log_bytes_total, _log_dropped_lines_total
+- pubmon_publisher_log_lines_total, _log_bytes_total, _log_dropped_lines_total,
+  _log_dropped_bytes_total
 - pubmon_publisher_cpu_seconds_total, _resident_memory_bytes, _open_fds, _processes: its whole
   process tree (see _procstats), while it runs
 - pubmon_child_counter{publisher,counter}  its own fb303 getCounters() (probe.export_counters)
@@ -133,6 +134,7 @@ _GROUP_LOG = (
     ("pubmon_publisher_log_lines", "counter", "Output lines read"),
     ("pubmon_publisher_log_bytes", "counter", "Output bytes read"),
     ("pubmon_publisher_log_dropped_lines", "counter", "Output lines the log file could not take"),
+    ("pubmon_publisher_log_dropped_bytes", "counter", "Output bytes the log file could not take"),
 )
 _GROUP_PROC = (
     ("pubmon_publisher_cpu_seconds", "counter", "CPU time of its process tree (resets on restart)"),
@@ -253,7 +255,7 @@ class MetricsWriter:
                 f'{m}_sum{{publisher="{name}"}} {_num(hist.sum)}\n',
             )
         out = pub.output
-        key2 = (out.lines, out.bytes, out.dropped)
+        key2 = (out.lines, out.bytes, out.dropped, out.dropped_bytes)
         if c.keys[2] != key2:
             redone += 1
             c.keys[2] = key2
@@ -262,6 +264,7 @@ class MetricsWriter:
                 f"pubmon_publisher_log_lines_total{lab} {out.lines}\n",
                 f"pubmon_publisher_log_bytes_total{lab} {out.bytes}\n",
                 f"pubmon_publisher_log_dropped_lines_total{lab} {out.dropped}\n",
+                f"pubmon_publisher_log_dropped_bytes_total{lab} {out.dropped_bytes}\n",
             )
         key3 = fig if pid is not None else None
         if c.keys[3] != key3 or not c.chunks[3]:
