@@ -573,3 +573,26 @@ async def test_details_say_what_the_probe_saw_for_every_kind(tmp_path: Path) -> 
             while (await _status(sock, "web"))[0]["uptime"] < 0.5:  # type: ignore[operator]
                 await asyncio.sleep(0.05)
         assert (await _status(sock, "web"))[0]["details"] == want
+
+
+def test_daemon_log_ring_keeps_the_last_records_with_tail_log_cursor_rules() -> None:
+    import logging
+
+    from pubmon._daemonlog import DaemonLogRing
+
+    ring = DaemonLogRing(size=3)
+    log = logging.getLogger("pubmon.test-ring")
+    log.addHandler(ring)
+    log.propagate = False
+    try:
+        for i in range(5):
+            log.warning("line %d", i)
+    finally:
+        log.removeHandler(ring)
+    recs, cursor, missed = ring.tail(0, 10)  # from the oldest kept: 2 fell out
+    assert [r.text for r in recs] == [f"pubmon.test-ring: line {i}" for i in (2, 3, 4)]
+    assert (cursor, missed, recs[0].level) == (5, 2, "WARNING")
+    assert [r.seq for r in ring.tail(-2, 10)[0]] == [4, 5]  # the last two
+    assert ring.tail(5, 10) == ([], 5, 0)  # nothing new
+    assert ring.tail(99, 10) == ([], 5, 0)  # a cursor from before a restart resynchronises
+    assert [r.seq for r in ring.tail(3, 1)[0]] == [4]
