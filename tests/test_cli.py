@@ -596,3 +596,25 @@ def test_daemon_log_ring_keeps_the_last_records_with_tail_log_cursor_rules() -> 
     assert ring.tail(5, 10) == ([], 5, 0)  # nothing new
     assert ring.tail(99, 10) == ([], 5, 0)  # a cursor from before a restart resynchronises
     assert [r.seq for r in ring.tail(3, 1)[0]] == [4]
+
+
+def test_zsh_completion_loads_by_eval_and_from_fpath(tmp_path: Path) -> None:
+    if shutil.which("zsh") is None:
+        pytest.fail("zsh is missing: make apt-cli (apt-get install zsh)")
+    script = subprocess.run(
+        [sys.executable, "-m", "pubmon", "completion", "zsh"],
+        capture_output=True, text=True, check=True, env=_env(),
+    ).stdout  # fmt: skip
+    (tmp_path / "fp").mkdir()
+    (tmp_path / "fp" / "_pubmon").write_text(script)
+    subprocess.run(["zsh", "-n", str(tmp_path / "fp" / "_pubmon")], check=True)
+    init = "autoload -U compinit; compinit -u -D"
+    for setup in (
+        f'{init}; eval "$(cat {tmp_path}/fp/_pubmon)"',
+        f"fpath=({tmp_path}/fp $fpath); {init}",
+    ):
+        done = subprocess.run(
+            ["zsh", "-f", "-c", f"{setup}; print -r -- $_comps[pubmon]"],
+            capture_output=True, text=True, timeout=60, env={**_env(), "HOME": str(tmp_path)},
+        )  # fmt: skip
+        assert (done.returncode, done.stdout, done.stderr) == (0, "_pubmon\n", ""), setup
