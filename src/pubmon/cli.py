@@ -720,15 +720,19 @@ def _run_many(remote: Remote, a: Args, names: list[str]) -> int:
         todo.put(name)
     done: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
 
+    # The workers' calls wait as long as the daemon takes: --timeout is the whole command's
+    # deadline, kept below, which names what is still pending in one line.
+    patient = a._replace(timeout=None)
+
     def worker() -> None:
         try:
-            with Remote(a) as mine:
+            with Remote(patient) as mine:
                 while True:
                     try:
                         name = todo.get_nowait()
                     except queue.Empty:
                         return
-                    done.put(_one(mine, a, name))
+                    done.put(_one(mine, patient, name))
         except CliError as exc:  # could not connect: whatever is left fails with the reason
             while True:
                 try:
