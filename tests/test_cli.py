@@ -303,7 +303,7 @@ async def test_progress_line_on_a_terminal_and_plain_lines_otherwise(tmp_path: P
 
 
 async def test_no_wait_returns_at_once_and_timeout_ends_only_the_wait(tmp_path: Path) -> None:
-    body = toml_publisher("slow", SLEEP, start_timeout=3)
+    body = toml_publisher("slow", SLEEP, start_timeout=1.5)
     async with daemon(tmp_path, body, 1) as (_, sock):
         await _wait_state(sock, "slow", "RUNNING")
         rc, out, err = await cli("restart", "slow", "--no-wait", "--socket", sock)
