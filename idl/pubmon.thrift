@@ -183,8 +183,13 @@ service PubmonService extends fb303.FacebookService {
   PublisherInfo resumePublisher(1: string name)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
-  /** Re-read the config file and apply the difference. [mutating] */
-  ReloadResult reloadConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
+  /**
+   * Re-read the config file and apply the difference; answers once added and restarted
+   * publishers settled. noWait: answers once the file was accepted (a bad one is still a
+   * ConfigError), with what the reload is applying, which goes on. [mutating]
+   */
+  ReloadResult reloadConfig(1: optional bool noWait)
+      throws (1: ConfigError e1, 2: PermissionDenied e2),
 
   /**
    * Up to maxLines lines (1..10000) with seq > afterSeq, oldest first. afterSeq = 0: from the

@@ -618,3 +618,17 @@ def test_zsh_completion_loads_by_eval_and_from_fpath(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, env={**_env(), "HOME": str(tmp_path)},
         )  # fmt: skip
         assert (done.returncode, done.stdout, done.stderr) == (0, "_pubmon\n", ""), setup
+
+
+async def test_reload_no_wait_answers_before_added_publishers_settle(tmp_path: Path) -> None:
+    async with daemon(tmp_path, toml_publisher("feed", SLEEP), 1) as (_, sock):
+        config = tmp_path / "pubmon.toml"
+        good = config.read_text()
+        config.write_text(good + "[publisher.broken\n")
+        rc, _, err = await cli("reload", "--no-wait", "--socket", sock)
+        assert rc == 2 and "pubmon.toml" in err  # a bad file is still refused at once
+        config.write_text(good + toml_publisher("slow", SLEEP, start_timeout=30))
+        rc, out, err = await cli("reload", "--no-wait", "--socket", sock)
+        assert rc == 0 and "slow: added" in out and "still applying" in out, err
+        (info,) = await _status(sock, "slow")
+        assert info["state"] == "STARTING"  # the reload answered before it settled

@@ -113,7 +113,7 @@ METHODS: dict[str, MethodDef] = {
         False,
     ),
     "reloadConfig": (
-        (),
+        ((1, "noWait", BOOL, None),),
         (
             (1, "e1", STRUCT, "ConfigError"),
             (2, "e2", STRUCT, "PermissionDenied"),

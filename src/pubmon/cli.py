@@ -33,7 +33,7 @@ Options:
   --tls-cert FILE  With --host: speak TLS and present this client certificate (mutual TLS).
   --tls-key FILE   The client certificate's private key (default: in the --tls-cert file).
   --timeout S      Stop waiting after S seconds (the daemon goes on with the request).
-  --no-wait        start/stop/restart: return once the daemon accepted the request.
+  --no-wait        start/stop/restart/reload: return once the daemon accepted the request.
   --json           Machine-readable output (status, pid, counters, reload).
   --group          status: one line per program.
   --state STATES   status: only these states (comma-separated: running,fatal).
@@ -819,7 +819,8 @@ def cmd_action(remote: Remote, a: Args) -> int:
 
 
 def cmd_reload(remote: Remote, a: Args) -> int:
-    r = remote.call("diffConfig" if a.dry_run else "reloadConfig")
+    call = ("diffConfig",) if a.dry_run else ("reloadConfig", a.no_wait or None)
+    r = remote.call(*call)
     if a.json:
         import json
 

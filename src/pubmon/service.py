@@ -306,10 +306,19 @@ class PubmonHandler:
         ]
         return m.LogChunk(lines=lines, nextSeq=next_seq, missed=missed)
 
-    async def reloadConfig(self) -> Any:
+    async def reloadConfig(self, noWait: bool | None = None) -> Any:
         self._mutable()
+        preview = await self.diffConfig() if noWait else None  # a bad file: ConfigError now
         try:
-            report = await self._daemon.reload()
+            if preview is None:
+                report = await self._daemon.reload()
+            else:
+                try:  # the reload is shielded in the daemon: giving up the wait leaves it on
+                    async with asyncio.timeout(NO_WAIT):
+                        report = await self._daemon.reload()
+                except TimeoutError:
+                    preview.daemon = [*preview.daemon, "still applying: not waiting for it"]
+                    return preview
         except (ConfigError, InvalidState) as exc:
             raise self._translate(exc) from None
         except StartupError as exc:  # a listener could not be rebound: nothing changed
