@@ -430,12 +430,8 @@ def _resolve(remote: Remote, names: tuple[str, ...]) -> tuple[list[Any], int]:
     infos = remote.call("listPublishers")
     hits, unknown = _match(infos, names)
     code = _report_unknown(infos, unknown)
-    if not hits:
-        raise (
-            CliError(EXIT_UNKNOWN, "nothing to do")
-            if unknown
-            else CliError(EXIT_UNKNOWN, "no publishers")
-        )
+    if not hits:  # each unknown name was reported already
+        raise CliError(EXIT_UNKNOWN, "" if unknown else "the daemon has no publishers")
     return hits, code
 
 
@@ -1221,7 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
         assert args is not None
         return _remote_main(args)
     except CliError as exc:
-        print(f"pubmon: {exc}", file=sys.stderr)
+        if str(exc):
+            print(f"pubmon: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
