@@ -294,6 +294,11 @@ class Remote:
         if self._client is not None:
             self._client.close()
 
+    def set_timeout(self, seconds: float) -> None:
+        """How long each later call may wait for its answer."""
+        assert self._client is not None
+        self._client.timeout = seconds
+
     def call(self, method: str, *args: object) -> Any:
         assert self._client is not None, "call() outside `with Remote(...)`"
         try:
@@ -720,24 +725,26 @@ def _run_many(remote: Remote, a: Args, names: list[str]) -> int:
     # deadline, kept below, which names what is still pending in one line.
     patient = a._replace(timeout=None)
 
+    def work(conn: Remote) -> None:
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            done.put(_one(conn, patient, name))
+
     def worker() -> None:
         try:
             with Remote(patient) as mine:
-                while True:
-                    try:
-                        name = todo.get_nowait()
-                    except queue.Empty:
-                        return
-                    done.put(_one(mine, patient, name))
-        except CliError as exc:  # could not connect: whatever is left fails with the reason
-            while True:
-                try:
-                    name = todo.get_nowait()
-                except queue.Empty:
-                    return
-                done.put(_Outcome(name, False, f"{name}: {exc}", exc.code))
+                work(mine)
+        except CliError:
+            # Refused (the daemon's per-uid connection limit, say): the connection we already
+            # have, and any others, carry on with the rest.
+            pass
 
-    for _ in range(min(CONCURRENCY, len(names))):
+    remote.set_timeout(patient.call_timeout)
+    threading.Thread(target=work, args=(remote,), daemon=True).start()
+    for _ in range(min(CONCURRENCY, len(names)) - 1):
         threading.Thread(target=worker, daemon=True).start()
     tty = sys.stdout.isatty()
     progress = _Progress(a, len(names)) if tty else None
