@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench bench-quick soak clean apt-http fuse
+.PHONY: demo test lint pytest bench bench-quick soak clean apt-http apt-cli fuse
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ install: $(STAMP)
 # Debian packages the tests use when present (Prometheus scrape test, headless-browser test):
 # installed once, only where missing; without root or apt those tests skip and say why.
 HTTP_TEST_APT := prometheus chromium chromium-driver
+# The CLI's tests: man renders pubmon(1), zsh and bash load the completion scripts.
+CLI_TEST_APT := man-db groff-base zsh bash
+apt-cli:
+	@if ! command -v man >/dev/null || ! command -v zsh >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends $(CLI_TEST_APT); \
+	  else \
+	    echo "make: apt-get install $(CLI_TEST_APT) to run the man page and completion tests"; \
+	  fi; \
+	fi
+
 apt-http:
 	@if ! command -v prometheus >/dev/null || ! command -v chromium >/dev/null \
 	    || ! command -v chromedriver >/dev/null; then \
@@ -46,7 +58,7 @@ fuse:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3; \
 	fi
 
-pytest: $(STAMP) apt-http fuse
+pytest: $(STAMP) apt-http apt-cli fuse
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest

@@ -60,6 +60,26 @@ struct PublisherInfo {
   13: optional i64 memoryBytes,
   /** Open file descriptors of its process tree. Unset when not running. */
   14: optional i32 openFds,
+  /** (Ids 20..29 are the CLI's.) BACKOFF: unix time of the next automatic start. */
+  20: optional double backoffUntil,
+  /** Unix time at which the current run started; unset when not running. */
+  21: optional double startedAt,
+  /** Unix time of the last state change (for "STOPPED since ..."). */
+  22: optional double stateSince,
+  /** The probe kind: none, tcp, fb303 or exec (health is NONE in `--json` for none). */
+  23: optional string probe,
+}
+
+/** The daemon itself (pubmon status --json). */
+struct DaemonInfo {
+  1: i32 pid,
+  2: string version,
+  /** Unix time at which the daemon started. */
+  3: double startedAt,
+  4: string configPath,
+  /** Why the last reload failed; "" when it did not. */
+  5: string lastReloadError,
+  6: i32 reloads,
 }
 
 /** What a reload did to one publisher instance. */
@@ -135,16 +155,20 @@ service PubmonService extends fb303.FacebookService {
 
   PublisherInfo getPublisher(1: string name) throws (1: UnknownPublisher e),
 
-  /** Start a stopped, exited or FATAL instance; returns once it is STARTING. [mutating] */
-  PublisherInfo startPublisher(1: string name)
+  /**
+   * Start a stopped, exited or FATAL instance; returns once it left STARTING (RUNNING, or
+   * failed), or within NO_WAIT (0.1 s) when noWait: the request stays in force either way.
+   * The same goes for stop and restart. [mutating]
+   */
+  PublisherInfo startPublisher(1: string name, 2: optional bool noWait)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
   /** Stop an instance; the restart loop will not undo it. [mutating] */
-  PublisherInfo stopPublisher(1: string name)
+  PublisherInfo stopPublisher(1: string name, 2: optional bool noWait)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
   /** Stop then start an instance. [mutating] */
-  PublisherInfo restartPublisher(1: string name)
+  PublisherInfo restartPublisher(1: string name, 2: optional bool noWait)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
   /**
@@ -159,8 +183,13 @@ service PubmonService extends fb303.FacebookService {
   PublisherInfo resumePublisher(1: string name)
       throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
-  /** Re-read the config file and apply the difference. [mutating] */
-  ReloadResult reloadConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
+  /**
+   * Re-read the config file and apply the difference; answers once added and restarted
+   * publishers settled. noWait: answers once the file was accepted (a bad one is still a
+   * ConfigError), with what the reload is applying, which goes on. [mutating]
+   */
+  ReloadResult reloadConfig(1: optional bool noWait)
+      throws (1: ConfigError e1, 2: PermissionDenied e2),
 
   /**
    * Up to maxLines lines (1..10000) with seq > afterSeq, oldest first. afterSeq = 0: from the
@@ -171,6 +200,30 @@ service PubmonService extends fb303.FacebookService {
    */
   LogChunk tailLog(1: string name, 2: i64 afterSeq, 3: i32 maxLines)
       throws (1: UnknownPublisher e, 2: PermissionDenied e2),
+
+  /**
+   * What reloadConfig would do now, with nothing applied: the file is loaded and checked,
+   * the publishers' changes and the daemon-level lines are those a reload would report.
+   * Needs the control level: the daemon-level lines show pending allow-list changes.
+   */
+  /** The daemon's pid, version, start time, config file and last reload error. */
+  DaemonInfo getDaemonInfo(),
+
+  ReloadResult diffConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
+
+  /**
+   * Send a signal (a name like "HUP" or "SIGUSR1", or a number) to a running instance's process
+   * group; InvalidState when it has no process. [mutating]
+   */
+  PublisherInfo signalPublisher(1: string name, 2: string signal)
+      throws (1: UnknownPublisher e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /**
+   * The daemon's own recent log records (a ring of the last 1000), as tailLog: name "pubmon",
+   * stream the level name, same cursor rules (no long poll wait when nothing is new beyond
+   * 0.5 s). Needs the logs access level. [logs]
+   */
+  LogChunk tailDaemonLog(1: i64 afterSeq, 2: i32 maxLines) throws (1: PermissionDenied e),
 
   /** Reopen every publisher's log file (after rotation by an outside tool). [mutating] */
   void reopenLogs() throws (1: PermissionDenied e),

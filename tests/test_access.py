@@ -407,7 +407,7 @@ async def test_cli_checks_the_daemons_name_over_tls(tmp_path: Path, certs: Path)
         )  # fmt: skip
         assert rc == 4 and "certificate verify failed" in err, err
         rc, _, err = await pubmon("status", "--tls-ca", str(certs / "ca.pem"))
-        assert rc == 1 and "go with --host" in err
+        assert rc == 64 and "go with --host" in err  # a usage error
 
 
 # --- reload -------------------------------------------------------------------------------------

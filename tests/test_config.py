@@ -269,7 +269,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     assert config == Config(path=str(path))
     assert config.publishers == ()
     assert config.control.socket == "/run/pubmon/pubmon.sock"
-    assert config.monitor.address() == ("127.0.0.1", 9090)
+    assert config.monitor.address() is None  # no TCP listener unless [monitor] asks for one
 
 
 def test_relative_config_path_becomes_absolute(
@@ -511,8 +511,10 @@ def test_monitor_listen_empty_means_no_listener() -> None:
     assert config.monitor.address() is None
 
 
-def test_default_monitor_port_conflicts_with_a_publisher() -> None:
-    why = one_problem('[publisher.feed]\ncommand = "sleep 1"\nport = 9090\n')
+def test_monitor_port_conflicts_with_a_publisher() -> None:
+    why = one_problem(
+        '[monitor]\nlisten = "127.0.0.1:9090"\n[publisher.feed]\ncommand = "sleep 1"\nport = 9090\n'
+    )
     assert why == "publisher.feed.port: port 9090 of feed is also the monitor.listen port"
 
 

@@ -82,10 +82,10 @@ class Handler:
             return INFO_A
         raise pm.UnknownPublisher(message=f"no publisher named {name!r}")
 
-    async def startPublisher(self, name: str) -> Any:
+    async def startPublisher(self, name: str, noWait: bool | None = None) -> Any:
         return INFO_A
 
-    async def reloadConfig(self) -> Any:
+    async def reloadConfig(self, noWait: bool | None = None) -> Any:
         return pm.ReloadResult(added=["new"], removed=[], changed=["feed:0"], unchanged=["idle"])
 
     def tailLog(self, name: str, after: int, max_lines: int) -> Any:

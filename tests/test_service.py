@@ -97,10 +97,11 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
     async with daemon_with_listeners(tmp_path, body) as (d, sock, port):
         rc, out, err = await cli("status", "--socket", sock)
         assert rc == 0, err
-        header, *rows = out.splitlines()
+        header, *rows, summary = out.splitlines()
         assert header.split()[:9] == [
             "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "TASKS", "HEALTH"
         ]  # fmt: skip
+        assert summary == "3 publishers: 3 RUNNING"
         # CPU and MEM of each process tree, in human units ("0.00s", "1.6M"); TASKS: processes.
         assert all(r.split()[7] == "1" for r in rows)
         assert all(r.split()[5].endswith("s") and r.split()[6][-1] in "BKMG" for r in rows)
@@ -110,7 +111,7 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
             ["other", "RUNNING"],
         ]
         rc, out, _ = await cli("status", "feed", "--json", "--socket", sock)
-        data = json.loads(out)
+        data = json.loads(out)["publishers"]
         assert [x["name"] for x in data] == ["feed:0", "feed:1"]
         assert all(x["pid"] == d.publisher_pids()[x["name"]] for x in data)
         # The same /proc figures the HTTP dashboard shows: sleep's resident memory and its fds.
@@ -124,12 +125,12 @@ async def test_status_table_json_and_exit_codes(tmp_path: Path) -> None:
 
         rc, out, err = await cli("stop", "feed:1", "--socket", sock)
         assert (rc, out.strip()) == (0, "feed:1: STOPPED")
-        rc, _, err = await cli("stop", "feed:1", "--socket", sock)
-        assert rc == 7 and err.strip() == "pubmon: feed:1 is already STOPPED"
+        rc, out, err = await cli("stop", "feed:1", "--socket", sock)  # idempotent, as systemctl
+        assert (rc, out.strip()) == (0, "feed:1: already STOPPED"), err
         rc, _, err = await cli("start", "nope", "--socket", sock)
-        assert rc == 6 and err.strip() == "pubmon: no publisher named 'nope'"
+        assert rc == 6 and err.splitlines()[0] == "pubmon: no publisher named 'nope'"
         rc, out, _ = await cli("start", "feed", "--socket", sock)  # feed:0 runs already
-        assert rc == 7 and "feed:1: RUNNING" in out
+        assert rc == 0 and "feed:1: RUNNING" in out and "feed:0: already RUNNING" in out
         rc, _, err = await cli("status", "--socket", str(tmp_path / "absent.sock"))
         assert rc == 4 and "cannot reach the daemon" in err and "absent.sock" in err
         assert err.count("\n") == 1
@@ -173,6 +174,7 @@ async def test_a_uid_that_is_not_allowed_is_refused() -> None:
             assert os.stat(sock).st_mode & 0o777 == 0o600
             rc, _, err = await cli("status", "--socket", sock, user=65534, python=py)
             assert rc == 5 and "permission denied" in err
+            assert "mode 0600, owner uid 0; you are uid 65534" in err and "[control] allow" in err
         # Once another uid is allowed the socket opens; SO_PEERCRED still refuses the rest.
         async with daemon_with_listeners(
             base, toml_publisher("a", SLEEP), allow_uids=[0, 65534]

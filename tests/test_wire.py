@@ -524,10 +524,10 @@ class Handler:
             return INFO
         raise pm.UnknownPublisher(message=f"no publisher named {name!r}")
 
-    def startPublisher(self, name: str) -> Any:
+    def startPublisher(self, name: str, noWait: bool | None = None) -> Any:
         return INFO
 
-    def reloadConfig(self) -> Any:
+    def reloadConfig(self, noWait: bool | None = None) -> Any:
         raise pm.ConfigError(message="pubmon.toml: 1 error(s)", problems=["daemon.x: unknown key"])
 
     def tailLog(self, name: str, after: int, max_lines: int) -> Any:

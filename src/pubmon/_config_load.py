@@ -104,6 +104,9 @@ class Loader:
         # one up once (a PATH search per instance was half a second of loading).
         self._found: dict[tuple[str, str | None, str | None], str] = {}
         self._inherit_default: bool | tuple[str, ...] = False  # [daemon] inherit_environment
+        # program key -> names set by its environment table: their values take {port}, {name},
+        # {index} like the command (inherited values are passed on as they are).
+        self._env_table: dict[Key, frozenset[str]] = {}
 
     def load(self) -> Config:
         self.chk.known_keys(self.doc, (), _SECTIONS)
@@ -492,6 +495,7 @@ class Loader:
             text = self.chk.str_value(value, (*key, name))
             if text is not None:
                 env[name] = text
+        self._env_table[key[:-1]] = frozenset(self.chk.table(t, "environment", key) or {})
         return tuple(sorted(env.items()))
 
     def _backoff(self, t: Table, key: Key) -> Backoff:
@@ -645,17 +649,34 @@ class Loader:
                 probe.command, values, cwd, env_path, (*key, "probe", "command")
             )
             probe_port = port if probe.port is None else probe.port + i
+            environment = self._instance_env(program.environment, values, key)
             out.append(
                 replace(
                     program,
                     name=name,
                     index=i,
+                    environment=environment,
                     command=argv,
                     port=port,
                     probe=replace(probe, port=probe_port, command=probe_argv),
                 )
             )
         return out
+
+    def _instance_env(
+        self, env: tuple[tuple[str, str], ...], values: dict[str, object], key: Key
+    ) -> tuple[tuple[str, str], ...]:
+        """The environment table's values with {port}, {name}, {index} expanded."""
+        table = self._env_table.get(key, frozenset())
+        if not table:
+            return env
+        out = []
+        for name, value in env:
+            if name in table and ("{" in value or "}" in value):
+                got = self.chk.expand((value,), values, (*key, "environment", name))
+                value = got[0] if got else value
+            out.append((name, value))
+        return tuple(out)
 
     def _argv(
         self,

@@ -63,7 +63,7 @@ METHODS: dict[str, MethodDef] = {
         False,
     ),
     "startPublisher": (
-        ((1, "name", STRING, None),),
+        ((1, "name", STRING, None), (2, "noWait", BOOL, None)),
         (
             (1, "e1", STRUCT, "UnknownPublisher"),
             (2, "e2", STRUCT, "InvalidState"),
@@ -73,7 +73,7 @@ METHODS: dict[str, MethodDef] = {
         False,
     ),
     "stopPublisher": (
-        ((1, "name", STRING, None),),
+        ((1, "name", STRING, None), (2, "noWait", BOOL, None)),
         (
             (1, "e1", STRUCT, "UnknownPublisher"),
             (2, "e2", STRUCT, "InvalidState"),
@@ -83,7 +83,7 @@ METHODS: dict[str, MethodDef] = {
         False,
     ),
     "restartPublisher": (
-        ((1, "name", STRING, None),),
+        ((1, "name", STRING, None), (2, "noWait", BOOL, None)),
         (
             (1, "e1", STRUCT, "UnknownPublisher"),
             (2, "e2", STRUCT, "InvalidState"),
@@ -113,7 +113,7 @@ METHODS: dict[str, MethodDef] = {
         False,
     ),
     "reloadConfig": (
-        (),
+        ((1, "noWait", BOOL, None),),
         (
             (1, "e1", STRUCT, "ConfigError"),
             (2, "e2", STRUCT, "PermissionDenied"),
@@ -128,6 +128,31 @@ METHODS: dict[str, MethodDef] = {
             (2, "e2", STRUCT, "PermissionDenied"),
             (0, "success", STRUCT, "LogChunk"),
         ),
+        False,
+    ),
+    "getDaemonInfo": ((), ((0, "success", STRUCT, "DaemonInfo"),), False),
+    "diffConfig": (
+        (),
+        (
+            (1, "e1", STRUCT, "ConfigError"),
+            (2, "e2", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "ReloadResult"),
+        ),
+        False,
+    ),
+    "signalPublisher": (
+        ((1, "name", STRING, None), (2, "signal", STRING, None)),
+        (
+            (1, "e1", STRUCT, "UnknownPublisher"),
+            (2, "e2", STRUCT, "InvalidState"),
+            (3, "e3", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "PublisherInfo"),
+        ),
+        False,
+    ),
+    "tailDaemonLog": (
+        ((1, "afterSeq", I64, None), (2, "maxLines", I32, None)),
+        ((1, "e", STRUCT, "PermissionDenied"), (0, "success", STRUCT, "LogChunk")),
         False,
     ),
     "reopenLogs": ((), ((1, "e", STRUCT, "PermissionDenied"),), False),
@@ -152,6 +177,14 @@ METHODS: dict[str, MethodDef] = {
 
 STRUCTS: dict[str, Fields] = {
     "ConfigError": ((1, "message", STRING, None), (2, "problems", LIST, (STRING, None))),
+    "DaemonInfo": (
+        (1, "pid", I32, None),
+        (2, "version", STRING, None),
+        (3, "startedAt", DOUBLE, None),
+        (4, "configPath", STRING, None),
+        (5, "lastReloadError", STRING, None),
+        (6, "reloads", I32, None),
+    ),
     "InvalidState": ((1, "message", STRING, None),),
     "LogChunk": (
         (1, "lines", LIST, (STRUCT, "LogLine")),
@@ -186,6 +219,10 @@ STRUCTS: dict[str, Fields] = {
         (12, "cpuSeconds", DOUBLE, None),
         (13, "memoryBytes", I64, None),
         (14, "openFds", I32, None),
+        (20, "backoffUntil", DOUBLE, None),
+        (21, "startedAt", DOUBLE, None),
+        (22, "stateSince", DOUBLE, None),
+        (23, "probe", STRING, None),
     ),
     "ReloadResult": (
         (1, "added", LIST, (STRING, None)),

@@ -3,7 +3,7 @@
 Three levels, each including the ones before it:
 
 - ``status``: names, states, health, pids, counters, metrics (fb303 getters, listPublishers);
-- ``logs``: the content of the ring buffer and the log files (``tailLog``);
+- ``logs``: the content of the ring buffers and the log files (``tailLog``, ``tailDaemonLog``);
 - ``control``: anything that changes state (start, stop, restart, reload, reopenLogs,
   setOption, shutdown, reinitialize) and getCpuProfile (it costs CPU for as long as it asks).
 
@@ -91,13 +91,13 @@ _STATUS = (
     "getName", "getVersion", "getStatus", "getStatusDetails", "getCounters", "getCounter",
     "getOption", "getOptions", "aliveSince",
     # PubmonService
-    "listPublishers", "getPublisher",
+    "listPublishers", "getPublisher", "getDaemonInfo",
 )  # fmt: skip
-_LOGS = ("tailLog",)
+_LOGS = ("tailLog", "tailDaemonLog")
 _CONTROL = (
-    "startPublisher", "stopPublisher", "restartPublisher", "reloadConfig", "reopenLogs",
-    "setOption", "shutdown", "reinitialize", "getCpuProfile", "pausePublisher",
-    "resumePublisher",
+    "startPublisher", "stopPublisher", "restartPublisher", "signalPublisher", "reloadConfig",
+    "diffConfig", "reopenLogs", "setOption", "shutdown", "reinitialize", "getCpuProfile",
+    "pausePublisher", "resumePublisher",
 )  # fmt: skip
 _METHOD_LEVELS = {
     **dict.fromkeys(_STATUS, Level.STATUS),

@@ -172,7 +172,7 @@ class ControlConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MonitorConfig:
-    listen: str = "127.0.0.1:9090"  # "" = no TCP listener; "host:port", port 0 = any free port
+    listen: str = ""  # "" = no TCP listener (the default); "host:port", port 0 = any free port
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None

@@ -274,6 +274,7 @@ class TcpProbe:
         except OSError:
             pass
         self.last_error = ""
+        self.details = f"accepts connections on {self.host}:{self.port}"
         return Health.HEALTHY
 
     async def close(self) -> None:

@@ -231,6 +231,7 @@ class Publisher:
         self.probe_seconds = Histogram()
         self.started_wall: float | None = None  # time.time() when the current process started
         self.backoff_until: float | None = None  # time.time() of the next automatic start
+        self.state_since = time.time()  # of the last state change (the CLI's "since")
         self.start_times: deque[float] = deque(maxlen=256)  # clock() of each spawn
         self.child: Child | None = None
         self.stuck = False  # STOPPING, and the child outlived SIGKILL by KILL_BOUND
@@ -1015,7 +1016,7 @@ class Publisher:
             self.probe_seconds.observe(self._clock() - began)
             if starting:
                 if health in (Health.HEALTHY, Health.DEGRADED):
-                    post(_Verdict(watch, "up", health, f"probe says {health}"))
+                    post(_Verdict(watch, "up", health, probe.details or f"probe says {health}"))
                     starting = announce = False
                     await self._handoff(probe)
                 elif self._clock() >= deadline:
@@ -1058,6 +1059,7 @@ class Publisher:
         old = self.state
         check_transition(self.name, old, new)
         self.state = new
+        self.state_since = time.time()
         self.details = why
         logger.info("%s pid %s: %s -> %s (%s)", self.name, self.pid, old, new, why)
         self._fire()

@@ -28,11 +28,11 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, idl
+from . import __version__, _daemonlog, idl
 from ._frames import Encoded, encode_struct, field_encoder
 from ._procstats import ProcFigures
 from .access import ANONYMOUS, AccessList, Level, Policy, Refusals, cert_keys, level_of, unix_keys
-from .config import Config, ControlConfig, MonitorConfig
+from .config import Config, ConfigDiff, ControlConfig, MonitorConfig
 from .errors import (
     ConfigError,
     ConfigProblem,
@@ -41,8 +41,9 @@ from .errors import (
     StartupError,
     UnknownPublisher,
 )
+from .lifecycle import PublisherState
 from .output import LogChunk, LogLine, OutputLog
-from .publisher import PublisherSnapshot
+from .publisher import Publisher, PublisherSnapshot
 from .rpc import Peer, ThriftServer, fair_turn
 
 if TYPE_CHECKING:
@@ -52,12 +53,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TAIL_WAIT = 0.5  # tailLog with nothing new waits this long for a line (long poll for tail -f)
+_SIGNALLABLE = (PublisherState.STARTING, PublisherState.RUNNING, PublisherState.STOPPING)
+NO_WAIT = 0.1  # start/stop/restart with noWait: how long to wait for a refusal before answering
 
 
-def _publisher_info(snap: PublisherSnapshot, fig: ProcFigures | None = None) -> Any:
+def _publisher_info(
+    snap: PublisherSnapshot, fig: ProcFigures | None = None, pub: Publisher | None = None
+) -> Any:
     m = idl.pubmon()
     if snap.pid is None:
         fig = None  # figures of a run that has ended
+    times = _times(pub)
     return m.PublisherInfo(
         name=snap.name,
         program=snap.program,
@@ -73,7 +79,19 @@ def _publisher_info(snap: PublisherSnapshot, fig: ProcFigures | None = None) -> 
         cpuSeconds=None if fig is None else round(fig.cpu_seconds, 2),
         memoryBytes=None if fig is None else fig.rss_bytes,
         openFds=None if fig is None else fig.open_fds,
+        backoffUntil=times[0],
+        startedAt=times[1],
+        stateSince=times[2],
+        probe=pub.spec.probe.kind if pub is not None else None,
     )
+
+
+def _times(pub: Publisher | None) -> tuple[float | None, float | None, float | None]:
+    """The wall-clock times of PublisherInfo: backoff deadline, start of the run, state since."""
+    if pub is None:
+        return None, None, None
+    backoff = pub.backoff_until if pub.state == PublisherState.BACKOFF else None
+    return backoff, pub.started_wall, pub.state_since
 
 
 def _log_chunk(chunk: LogChunk) -> Any:
@@ -94,6 +112,7 @@ class PubmonHandler:
         self._infos: dict[str, tuple[tuple[object, ...], Encoded]] = {}  # see listPublishers
         self._uptime: Callable[[Any], bytes] | None = None
         self._options: dict[str, str] = {}
+        self._log = _daemonlog.install()
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -180,12 +199,13 @@ class PubmonHandler:
         procstats.refresh_now({n: p.pid for n, p in sup.publishers.items()})
         figures = procstats.figures
         out: list[Any] = []
-        for snap in sup.snapshots():
+        for pub in sup.publishers.values():
+            snap = pub.snapshot()
             fig = figures.get(snap.name)
-            key = (*snap[:-1], fig)  # everything but the uptime
+            key = (*snap[:-1], fig, *_times(pub), pub.spec.probe.kind)  # all but the uptime
             hit = old.get(snap.name)
             if hit is None or hit[0] != key:
-                hit = (key, encode_struct(_publisher_info(snap, fig), skip="uptime"))
+                hit = (key, encode_struct(_publisher_info(snap, fig, pub), skip="uptime"))
             new[snap.name] = hit
             out.append(Encoded(uptime(round(snap.uptime, 3)) + hit[1]))
         self._infos = new
@@ -194,42 +214,120 @@ class PubmonHandler:
     def getPublisher(self, name: str) -> Any:
         try:
             pub = self._sup().get(name)
-            return _publisher_info(pub.snapshot(), self._daemon.procstats.one(pub.name, pub.pid))
+            fig = self._daemon.procstats.one(pub.name, pub.pid)
+            return _publisher_info(pub.snapshot(), fig, pub)
         except UnknownPublisher as exc:
             raise self._translate(exc) from None
 
-    async def startPublisher(self, name: str) -> Any:
-        return await self._request("start", name)
+    async def startPublisher(self, name: str, noWait: bool | None = None) -> Any:
+        return await self._request("start", name, bool(noWait))
 
-    async def stopPublisher(self, name: str) -> Any:
-        return await self._request("stop", name)
+    async def stopPublisher(self, name: str, noWait: bool | None = None) -> Any:
+        return await self._request("stop", name, bool(noWait))
 
-    async def restartPublisher(self, name: str) -> Any:
-        return await self._request("restart", name)
+    async def restartPublisher(self, name: str, noWait: bool | None = None) -> Any:
+        return await self._request("restart", name, bool(noWait))
 
     async def pausePublisher(self, name: str) -> Any:
-        return await self._request("pause", name)
+        return await self._request("pause", name, False)
 
     async def resumePublisher(self, name: str) -> Any:
-        return await self._request("resume", name)
+        return await self._request("resume", name, False)
 
-    async def _request(self, what: str, name: str) -> Any:
+    async def _request(self, what: str, name: str, no_wait: bool) -> Any:
         sup = self._mutable()
         try:
-            snap = await getattr(sup, what)(name)
+            pub = sup.get(name)
+            if no_wait:
+                # The request is shielded in the publisher: giving up the wait leaves it in
+                # force. NO_WAIT is for a refusal (already RUNNING) to come back as one.
+                try:
+                    async with asyncio.timeout(NO_WAIT):
+                        await getattr(sup, what)(name)
+                except TimeoutError:
+                    pass
+            else:
+                await getattr(sup, what)(name)
         except (UnknownPublisher, InvalidState) as exc:
             raise self._translate(exc) from None
-        return _publisher_info(snap)
+        return _publisher_info(pub.snapshot(), pub=pub)
 
-    async def reloadConfig(self) -> Any:
+    async def signalPublisher(self, name: str, signal: str) -> Any:
+        import signal as signals
+
         self._mutable()
+        m = idl.pubmon()
         try:
-            report = await self._daemon.reload()
+            pub = self._sup().get(name)
+        except UnknownPublisher as exc:
+            raise self._translate(exc) from None
+        text = signal.strip().upper()
+        try:
+            sig = signals.Signals(int(text)) if text.isdigit() else None
+            sig = sig or signals.Signals[text if text.startswith("SIG") else "SIG" + text]
+        except (KeyError, ValueError):
+            raise m.InvalidState(message=f"no signal named {signal!r}") from None
+        child = pub.child
+        if child is None or child.returncode is not None or pub.state not in _SIGNALLABLE:
+            raise m.InvalidState(message=f"{name} has no process to signal ({pub.state})")
+        logger.info("%s pid %s: %s sent by an operator", name, child.pid, sig.name)
+        child.signal(sig)
+        return _publisher_info(pub.snapshot(), pub=pub)
+
+    def getDaemonInfo(self) -> Any:
+        d = self._daemon
+        return idl.pubmon().DaemonInfo(
+            pid=os.getpid(),
+            version=__version__,
+            startedAt=d.started_at,
+            configPath=d.config.path,
+            lastReloadError=d.last_reload_error,
+            reloads=d.reloads,
+        )
+
+    async def diffConfig(self) -> Any:
+        from .config import diff_configs, load_config
+        from .daemon import _daemon_changes
+
+        current = self._daemon.config
+        try:
+            new = load_config(current.path)
+        except ConfigError as exc:
+            raise self._translate(exc) from None
+        diff = diff_configs(current, new)
+        return self._reload_result(diff, _daemon_changes(current, new))
+
+    def tailDaemonLog(self, afterSeq: int, maxLines: int) -> Any:
+        m = idl.pubmon()
+        recs, next_seq, missed = self._log.tail(afterSeq, max(1, min(maxLines, 10000)))
+        lines = [
+            m.LogLine(seq=r.seq, time=r.time, stream=r.level, text=r.text, partial=False)
+            for r in recs
+        ]
+        return m.LogChunk(lines=lines, nextSeq=next_seq, missed=missed)
+
+    async def reloadConfig(self, noWait: bool | None = None) -> Any:
+        self._mutable()
+        preview = await self.diffConfig() if noWait else None  # a bad file: ConfigError now
+        try:
+            if preview is None:
+                report = await self._daemon.reload()
+            else:
+                try:  # the reload is shielded in the daemon: giving up the wait leaves it on
+                    async with asyncio.timeout(NO_WAIT):
+                        report = await self._daemon.reload()
+                except TimeoutError:
+                    preview.daemon = [*preview.daemon, "still applying: not waiting for it"]
+                    return preview
         except (ConfigError, InvalidState) as exc:
             raise self._translate(exc) from None
         except StartupError as exc:  # a listener could not be rebound: nothing changed
             raise idl.pubmon().ConfigError(message=str(exc), problems=[str(exc)]) from None
-        m, diff = idl.pubmon(), report.diff
+        return self._reload_result(report.diff, report.daemon)
+
+    @staticmethod
+    def _reload_result(diff: ConfigDiff, daemon: list[str]) -> Any:
+        m = idl.pubmon()
         return m.ReloadResult(
             added=list(diff.added),
             removed=list(diff.removed),
@@ -239,7 +337,7 @@ class PubmonHandler:
                 m.PublisherChange(name=c.name, change=c.change, fields=list(c.fields))
                 for c in diff.changes
             ],
-            daemon=report.daemon,
+            daemon=daemon,
         )
 
     async def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
