@@ -18,6 +18,7 @@ __all__ = [
     "Table",
     "check_depends",
     "dotted",
+    "expand_environment",
     "expand_placeholders",
     "find_cycles",
     "find_program",
@@ -331,6 +332,49 @@ class Checker:
             self.problem(key, "expected a non-empty command (the program first)")
             return None
         return argv
+
+
+# ${NAME} or ${NAME:-default}; $${...} is a literal "${...}". Anything else with a "$" is left
+# alone: "$HOME" for a shell, "${{x}}" (a literal "${x}" once {placeholders} are expanded).
+_ENV_REF = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(doc: Table, chk: Checker, environ: Mapping[str, str]) -> dict[str, object]:
+    """A copy of a parsed document with `${VAR}` / `${VAR:-default}` expanded in every string
+    value (arrays included; keys and table names are not). An unset variable with no default
+    is a problem at the key of the value; the reference is then left as written."""
+
+    def one(text: str, key: Key) -> str:
+        if "${" not in text:
+            return text
+
+        def sub(m: re.Match[str]) -> str:
+            escaped, name, default = m.groups()
+            if escaped:
+                return m.group(0)[1:]
+            value = environ.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    chk.problem(key, f"${{{name}}}: environment variable {name} is not set "
+                                "(write ${" + name + ":-default} for a default)")  # fmt: skip
+                    return m.group(0)
+                return default
+            return value
+
+        return _ENV_REF.sub(sub, text)
+
+    def walk(value: object, key: Key) -> object:
+        if isinstance(value, str):
+            return one(value, key)
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v, (*key, k)) for k, v in value.items()}
+        return value
+
+    out = walk(doc, ())
+    assert isinstance(out, dict)
+    return out
 
 
 def expand_placeholders(arg: str, values: Mapping[str, object]) -> str:

@@ -21,6 +21,7 @@ from ._config_checks import (
     check_depends,
     describe,
     dotted,
+    expand_environment,
     find_program,
     is_local,
     parse_listen,
@@ -56,7 +57,8 @@ _PORT_PROBES = ("fb303", "tcp")
 # The keys each table accepts. Listed rather than derived from the dataclass fields, so a field
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "http", "publisher")
-_DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment", "cgroup")
+_DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment", "cgroup",
+                "log_stdout")  # fmt: skip
 _CONTROL_KEYS = ("socket", "allow_uids", "allow", "max_connections", "max_connections_per_uid")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
                  "max_frame", "idle_timeout", "max_connections",
@@ -67,7 +69,7 @@ _PUBLISHER_KEYS = ("command", "port", "numprocs", "directory", "environment", "u
                    "inherit_environment", "autostart", "depends_on", "restart",
                    "success_exit_codes", "start_timeout", "stop_signal", "stop_timeout",
                    "backoff", "crash_loop", "data_source", "log", "probe", "limits",
-                   "memory_restart", "memory_restart_after")  # fmt: skip
+                   "memory_restart", "memory_restart_after", "critical")  # fmt: skip
 _LIMITS_KEYS = ("memory_max", "memory_high", "cpu_max", "pids_max", "nofile", "core", "nproc",
                 "as", "require")  # fmt: skip
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)", re.I)
@@ -109,6 +111,8 @@ class Loader:
         self._env_table: dict[Key, frozenset[str]] = {}
 
     def load(self) -> Config:
+        # ${VAR} and ${VAR:-default} in string values, from the daemon's environment at load.
+        self.doc = expand_environment(self.doc, self.chk, os.environ)
         self.chk.known_keys(self.doc, (), _SECTIONS)
         daemon, control, monitor = self._daemon(), self._control(), self._monitor()
         http = self._http()
@@ -164,6 +168,7 @@ class Loader:
             log_dir=self._path(log_dir) if log_dir else None,
             inherit_environment=self._inherit_default,
             shutdown_timeout=chk.number(t, "shutdown_timeout", key, d.shutdown_timeout, gt=0),
+            log_stdout=chk.boolean(t, "log_stdout", key, False) if "log_stdout" in t else None,
         )
 
     def _cgroup(self, t: Table, key: Key, default: str) -> str:
@@ -455,6 +460,7 @@ class Loader:
             memory_restart_after=chk.number(
                 t, "memory_restart_after", key, d.memory_restart_after, ge=0
             ),
+            critical=chk.boolean(t, "critical", key, d.critical),
         )
 
     def _inherit(

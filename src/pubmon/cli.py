@@ -3,7 +3,7 @@
 Usage:
   pubmon daemon [options]
   pubmon demo [options]
-  pubmon check-config FILE
+  pubmon check-config [FILE]
   pubmon status [NAME...] [options]
   pubmon start NAME... [options]
   pubmon stop NAME... [options]
@@ -22,6 +22,10 @@ Usage:
 
 Options:
   --config FILE    The daemon's TOML config; client commands read its [control] socket.
+  --init           daemon: act as an init although not PID 1: at the end, stop every
+                   remaining descendant, not only the publishers (PID 1 always does).
+  --check          status: print nothing and exit 0 only if those publishers (or all) are
+                   RUNNING and HEALTHY (or RUNNING with no probe); else name them, exit 1.
   --debug          asyncio debug mode and DEBUG logging (also PYTHONASYNCIODEBUG=1).
   --socket PATH    The daemon's control socket (else $PUBMON_SOCKET, else the [control] socket
                    of --config or $PUBMON_CONFIG, else /run/pubmon/pubmon.sock).
@@ -114,6 +118,7 @@ class Args(NamedTuple):
     dry_run: bool = False
     timestamps: bool = False
     signal: str = ""
+    check: bool = False
 
     @property
     def call_timeout(self) -> float:
@@ -152,7 +157,20 @@ def setup_logging(debug: bool) -> None:
     )
 
 
-def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | None = None) -> int:
+def _config_from_env() -> str:
+    path = os.environ.get("PUBMON_CONFIG")
+    if not path:
+        raise CliError(EXIT_USAGE, "pubmon check-config needs FILE (or $PUBMON_CONFIG)")
+    return path
+
+
+def run_daemon(
+    config_path: str,
+    debug: bool,
+    *,
+    cleanup: Callable[[], None] | None = None,
+    init: bool = False,
+) -> int:
     import asyncio
     import logging
 
@@ -169,7 +187,7 @@ def run_daemon(config_path: str, debug: bool, *, cleanup: Callable[[], None] | N
     for warning in config.warnings:  # what check-config prints: root publishers, unknown users
         logging.getLogger("pubmon").warning("%s: %s", config.path, warning)
     try:
-        code = asyncio.run(Daemon(config).run(), debug=debug)
+        code = asyncio.run(Daemon(config, init=init).run(), debug=debug)
     except StartupError as exc:
         print(f"pubmon: {exc}", file=sys.stderr)
         return EXIT_STARTUP
@@ -584,6 +602,11 @@ def cmd_status(remote: Remote, a: Args) -> int:
         infos = remote.call("listPublishers")
     if a.states:
         infos = [i for i in infos if i.state in a.states]
+    if a.check:  # an exec probe (issue 14): silent when all is well
+        bad = [i for i in infos if i.state != "RUNNING" or i.health not in ("HEALTHY", "UNKNOWN")]
+        for i in bad:
+            print(f"{i.name}: {i.state} {i.health} {i.statusDetails}".rstrip(), file=sys.stderr)
+        return code or (EXIT_ERROR if bad or not infos else EXIT_OK)
     now = time.time()
     counters = remote.call("getCounters")
     if a.json:
@@ -1201,6 +1224,7 @@ def _parse(argv: list[str] | None) -> tuple[dict[str, Any], Args | None]:
         dry_run=bool(raw["--dry-run"]),
         timestamps=bool(raw["--timestamps"]),
         signal=raw["SIG"] or "",
+        check=bool(raw["--check"]),
     )
     return raw, args
 
@@ -1212,13 +1236,13 @@ def main(argv: list[str] | None = None) -> int:
             config = raw["--config"] or os.environ.get("PUBMON_CONFIG")
             if not config:
                 raise CliError(EXIT_USAGE, "pubmon daemon needs --config FILE (or $PUBMON_CONFIG)")
-            return run_daemon(config, bool(raw["--debug"]))
+            return run_daemon(config, bool(raw["--debug"]), init=bool(raw["--init"]))
         if raw["demo"]:
             return run_demo(debug=bool(raw["--debug"]))
         if raw["check-config"]:
             from .config import check_config_main
 
-            return check_config_main(raw["FILE"])
+            return check_config_main(raw["FILE"] or _config_from_env())
         if raw["completion"]:
             return print_completion(raw["SHELL"])
         assert args is not None

@@ -144,6 +144,9 @@ class PublisherSpec:
     # processes) stays above memory_restart bytes for memory_restart_after seconds.
     memory_restart: int | None = None
     memory_restart_after: float = 5.0
+    # When it ends for good (EXITED, or FATAL), the daemon stops everything and exits with its
+    # status: its exit code, or 128 + the signal that killed it (1 if it never ran).
+    critical: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +155,9 @@ class DaemonConfig:
     # The cgroup2 directory pubmon manages (a cgroup per publisher below it): "auto" = its own
     # cgroup when delegated to it (systemd's Delegate=yes), "" = none, or an absolute path.
     cgroup: str = "auto"
+    # Every publisher line also to pubmon's stdout ("name | line", stderr "name ! line");
+    # None = on when pubmon is PID 1 (a container's entrypoint) and log_dir is not set.
+    log_stdout: bool | None = None
     inherit_environment: bool | tuple[str, ...] = False  # the publishers' default
     shutdown_timeout: float = 60.0
 
@@ -257,6 +263,7 @@ FIELD_EFFECTS: dict[str, FieldEffect] = {
     "limits": "restart",
     "memory_restart": "live",  # read by the memory sweep each second
     "memory_restart_after": "live",
+    "critical": "live",  # read when it ends for good
 }
 
 ChangeKind = Literal["added", "removed", "restarted", "updated", "unchanged"]

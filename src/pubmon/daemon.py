@@ -18,11 +18,17 @@ that outlives its SIGKILL by KILL_BOUND is given up on: the daemon still ends, w
 shutdown_timeout + KILL_BOUND, exits 1 and names it. After STOPPING=1 systemd hears only STATUS=
 and EXTEND_TIMEOUT_USEC=, the latter only while stops are making progress. A second SIGTERM
 kills every group at once.
+
+A publisher with `critical = true` that ends for good (EXITED, or FATAL) stops the daemon the
+same way, and the daemon exits with its status (code, or 128 + signal) so that Kubernetes
+restarts the pod and systemd applies Restart=; the log and getStatusDetails name it.
+As an init (PID 1, or --init) the daemon then ends every other process (`_init.end_the_rest`),
+and with `[daemon] log_stdout` publisher lines go to its stdout (`_stdout`).
 """
 
 from __future__ import annotations
 
-__all__ = ["EXIT_LEFT_BEHIND", "Daemon", "ReloadReport"]
+__all__ = ["EXIT_LEFT_BEHIND", "EXIT_OK", "Daemon", "ReloadReport", "exit_status"]
 
 import asyncio
 import logging
@@ -33,6 +39,7 @@ from collections.abc import Awaitable
 from dataclasses import fields
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import _init, _stdout
 from ._procstats import ProcStats
 from .cgroup import Cgroups, limit_problems
 from .config import Config, ConfigDiff, load_config
@@ -40,6 +47,7 @@ from .errors import ConfigError, ConfigProblem, InvalidState, StartupError
 from .lifecycle import Health, PublisherState
 from .lock import acquire_lock
 from .notify import Notifier
+from .publisher import Publisher
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
 from .supervisor import Leftover, Supervisor
@@ -51,6 +59,14 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_LEFT_BEHIND = 1  # a graceful stop had to give up on a child that would not die
+STDOUT_FLUSH = 2.0  # at exit, how long publisher lines still buffered for stdout may take
+
+
+def exit_status(returncode: int | None) -> int:
+    """A child's status as a shell reports it: its code, 128 + signal, or 1 if it never ran."""
+    if returncode is None:
+        return 1
+    return 128 - returncode if returncode < 0 else returncode & 0xFF
 
 
 class ReloadReport(NamedTuple):
@@ -69,8 +85,11 @@ class Daemon:
         *,
         signals: SignalQueue | None = None,
         notifier: Notifier | None = None,
+        init: bool = False,
     ) -> None:
         self.config = config
+        self.pid1 = _init.is_pid1()
+        self.init = init or self.pid1  # reap and end every process of the namespace / subtree
         self.signals = signals or SignalQueue()
         self.notifier = notifier or Notifier()
         self.supervisor: Supervisor | None = None
@@ -81,6 +100,9 @@ class Daemon:
         self.loop_lag_ms = 0
         self.ready = asyncio.Event()  # the first autostart round has settled
         self.forced = False
+        self.exit_code: int | None = None  # set by a critical publisher that ended for good
+        self.ended_by = ""  # which publisher ended the daemon, and how
+        self.stdout: _stdout.StdoutSink | None = None
         self.listeners: Listeners | None = None
         self.procstats = ProcStats()  # [http] hook: /proc figures shared by /metrics and status
         self.http: HttpServer | None = None  # [http] hook
@@ -93,8 +115,20 @@ class Daemon:
 
     # --- requests (signals, RPC) --------------------------------------------------------------
 
-    def request_stop(self) -> None:
+    def request_stop(self, exit_code: int | None = None) -> None:
+        if exit_code is not None and not self.stopping:
+            self.exit_code = exit_code
         self._stop.set()
+
+    def _on_ended(self, pub: Publisher) -> None:
+        """A publisher went EXITED or FATAL: a critical one ends the daemon."""
+        if not pub.spec.critical or self.stopping:
+            return
+        never_ran = pub.state == PublisherState.FATAL and pub.details.startswith("cannot start")
+        code = exit_status(None if never_ran else pub.last_exit)
+        self.ended_by = f"critical publisher {pub.name} {pub.state}: {pub.details}"
+        logger.error("%s; stopping pubmon, exit status %d", self.ended_by, code)
+        self.request_stop(code)
 
     @property
     def stopping(self) -> bool:
@@ -221,6 +255,8 @@ class Daemon:
 
     def status_details(self) -> str:
         text = self.supervisor.summary() if self.supervisor else "starting"
+        if self.ended_by:
+            text += f"; stopping: {self.ended_by}"
         if self.last_reload_error:
             text += f"; last reload failed: {self.last_reload_error}"
         return text
@@ -237,6 +273,9 @@ class Daemon:
         }
         if self.supervisor is not None:
             out.update(self.supervisor.counters())
+        if self.stdout is not None:
+            out["daemon.stdout_lines"] = self.stdout.lines
+            out["daemon.stdout_dropped"] = self.stdout.dropped
         return out
 
     # --- the run ------------------------------------------------------------------------------
@@ -248,8 +287,13 @@ class Daemon:
                 if os.environ.get("PUBMON_TEST_WEDGE") == "1":
                     # Test-only: SIGUSR2 blocks the event loop for good, as a deadlock would.
                     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, time.sleep, 1e6)
+                if self._wants_stdout():
+                    self.stdout = _stdout.StdoutSink(1)
+                    _stdout.install(self.stdout)
                 code = await self._run()
         finally:
+            if self.stdout is not None:
+                _stdout.uninstall(STDOUT_FLUSH)
             lock.close()
             self.notifier.close()
         return code
@@ -279,6 +323,7 @@ class Daemon:
                     background.append(tg.create_task(self.http.run(), name="http"))
                 async with Supervisor(self.config, cgroups=self.cgroups) as sup:
                     self.supervisor = sup
+                    sup.on_ended = self._on_ended
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)
@@ -299,6 +344,8 @@ class Daemon:
                     await asyncio.wait([reloads])
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
                     left = await sup.stop_all(self.config.daemon.shutdown_timeout)
+                    if self.init:
+                        await _init.end_the_rest(sup.reaper)
             finally:
                 if self.http is not None:  # [http] hook
                     await self.http.close()
@@ -308,9 +355,20 @@ class Daemon:
         if left:
             names = ", ".join(f"{x.name} (pid {x.pid}: {x.details})" for x in left)
             logger.error("pubmon %d stopped, leaving behind %s", os.getpid(), names)
-            return EXIT_LEFT_BEHIND
+            return self.exit_code or EXIT_LEFT_BEHIND
+        if self.exit_code is not None:
+            logger.info(
+                "pubmon %d stopped (%s): exit %d", os.getpid(), self.ended_by, self.exit_code
+            )
+            return self.exit_code
         logger.info("pubmon %d stopped", os.getpid())
         return EXIT_OK
+
+    def _wants_stdout(self) -> bool:
+        daemon = self.config.daemon
+        if daemon.log_stdout is not None:
+            return daemon.log_stdout
+        return self.pid1 and daemon.log_dir is None
 
     async def _dispatch_signals(self) -> None:
         while True:
@@ -327,6 +385,8 @@ class Daemon:
                 self.request_reload()
             elif sig == signal.SIGUSR1 and self.supervisor is not None:
                 self.reopen_logs()
+            elif sig == signal.SIGUSR2:
+                logger.warning("SIGUSR2: not supported (reserved for an upgrade in place); ignored")
 
     async def _report_status(self) -> None:
         # STATUS= follows the publishers, at most five times a second.
@@ -365,7 +425,7 @@ def _daemon_changes(old: Config, new: Config) -> list[str]:
     for f in fields(old.daemon):
         a, b = getattr(old.daemon, f.name), getattr(new.daemon, f.name)
         if a != b:
-            at_start = f.name in ("log_dir", "cgroup")
+            at_start = f.name in ("log_dir", "cgroup", "log_stdout")
             later = " (takes effect at the next daemon start)" if at_start else ""
             out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
     return out

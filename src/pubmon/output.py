@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, final
 
-from pubmon import _logwriter
+from pubmon import _logwriter, _stdout
 from pubmon._logfile import Buf, LogFile
 from pubmon._logwriter import DirWriter
 from pubmon._ring import Ring, extra_pieces, split_block
@@ -379,7 +379,10 @@ class OutputLog:
             self._dropped_lines += nlines
             self._dropped_bytes += file_bytes
         self._ring.add(nlines, time.time(), stream, prefix, data, end, cut)
-        if self._echo:
+        stdout = _stdout.sink  # [daemon] log_stdout: replaces echo, which would repeat each line
+        if stdout is not None:
+            stdout.add(self.name, stream, prefix + data[:end], cut)
+        elif self._echo:
             self._echo_block(prefix + data[:end], cut)
         if self._waiters:
             for waiter in self._waiters:

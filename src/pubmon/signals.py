@@ -1,8 +1,15 @@
 """Signals into the loop as data: handlers only queue; one dispatcher task acts on them.
 
-SIGTERM SIGINT SIGALRM SIGVTALRM SIGPROF   graceful stop; a second one kills every group now
+SIGTERM SIGINT SIGQUIT                     graceful stop; a second one kills every group now
+SIGALRM SIGVTALRM SIGPROF                  the same (their default action would end us)
 SIGHUP                                     reload the config (a storm is coalesced into one)
 SIGUSR1                                    reopen log files
+SIGUSR2                                    logged as not supported (reserved: upgrade in place)
+
+Every one has a handler, so none is lost when pubmon is a container's PID 1 (the kernel drops
+signals with the default action sent to PID 1). SIGQUIT stops gracefully like SIGTERM rather
+than dumping core: it is the stop signal of images such as nginx's (STOPSIGNAL SIGQUIT), and
+tini forwards it to a child that then exits; s6-svscan treats it as "shut down" too.
 """
 
 from __future__ import annotations
@@ -12,8 +19,15 @@ __all__ = ["GRACEFUL", "HANDLED", "SignalQueue", "reset_inherited_dispositions"]
 import asyncio
 import signal
 
-GRACEFUL = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF)
-HANDLED = (*GRACEFUL, signal.SIGHUP, signal.SIGUSR1)
+GRACEFUL = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+)
+HANDLED = (*GRACEFUL, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 # Ignored dispositions and the blocked mask survive exec: whatever started the daemon with
 # SIGINT ignored (a background job of a shell) would otherwise hand that to every publisher.

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import NamedTuple
 
@@ -79,6 +79,8 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
         self._sweep: asyncio.Task[None] | None = None
+        # Called when a publisher ends for good (EXITED or FATAL): the daemon's critical check.
+        self.on_ended: Callable[[Publisher], None] = lambda _: None
 
     def __repr__(self) -> str:
         running = sum(p.state == S.RUNNING for p in self.publishers.values())
@@ -229,7 +231,7 @@ class Supervisor:
             log_dir=self.config.daemon.log_dir,
             changed=self.changed,
             deps_ready=self._deps_ready,
-            on_transition=self._wake_dependents,
+            on_transition=self._on_transition,
             reaper=self.reaper,
             cgroup=self.cgroups.publisher(spec.name) if self.cgroups else None,
             rng=self._rng,
@@ -251,6 +253,11 @@ class Supervisor:
 
     def _deps_ready(self, spec: PublisherSpec) -> bool:
         return all(p.state == S.RUNNING for dep in spec.depends_on for p in self._instances(dep))
+
+    def _on_transition(self, pub: Publisher) -> None:
+        self._wake_dependents(pub)
+        if pub.state in (S.EXITED, S.FATAL):
+            self.on_ended(pub)
 
     def _wake_dependents(self, pub: Publisher) -> None:
         """`pub` changed state: a publisher waiting for it to be RUNNING may start now."""

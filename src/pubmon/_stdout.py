@@ -1,0 +1,156 @@
+"""Publisher lines on pubmon's own stdout (`[daemon] log_stdout`), for `docker logs` and
+`kubectl logs`: `name | line` for a publisher's stdout, `name ! line` for its stderr.
+
+Why a writer thread and a bounded buffer: whatever reads a container's stdout (a log shipper, a
+terminal scrolled back, a full pipe) may stop reading. The event loop only appends whole framed
+lines to a buffer (`add`, no system call); one thread writes them out. While the buffer is full,
+new lines are dropped and counted, never the loop blocked: one warning when dropping starts,
+one info line with the count when a block fits again (the same rules as the log files).
+
+Why writes of at most PIPE_BUF bytes cut at line boundaries when stdout is a pipe: such writes
+are atomic, so no line is split by another writer of the same pipe (pubmon's own log lines when
+stderr and stdout share it, `2>&1`). A line longer than PIPE_BUF is written alone. Lines longer
+than the publisher's `log.max_line` come out as pieces, each on its own line.
+
+One stdout per process: the active sink is a module attribute (`sink`), installed by the daemon
+and read by `OutputLog` for every block of lines.
+"""
+
+from __future__ import annotations
+
+__all__ = ["StdoutSink", "install", "sink", "uninstall"]
+
+import logging
+import os
+import select
+import stat
+import threading
+from collections import deque
+
+from ._ring import split_block
+
+logger = logging.getLogger(__name__)
+
+MAX_BUFFER = 4 << 20  # bytes of framed lines waiting for the writer
+_BATCH = 64 << 10  # bytes the writer takes per round (to a file or a terminal: per write)
+
+sink: StdoutSink | None = None
+
+
+class StdoutSink:
+    """Frames lines, buffers them (bounded) and writes them to `fd` from a thread."""
+
+    def __init__(self, fd: int = 1, *, max_buffer: int = MAX_BUFFER) -> None:
+        self.fd = fd
+        self.max_buffer = max_buffer
+        self.lines = 0  # lines accepted into the buffer
+        self.dropped = 0  # lines dropped: buffer full, or stdout failed
+        self.error: str | None = None  # why stdout cannot be written (then everything drops)
+        self._dropping = False
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        try:
+            fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            fifo = False
+        self._atomic = select.PIPE_BUF if fifo else _BATCH
+        self._thread = threading.Thread(target=self._run, name="pubmon stdout", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, name: str, stream: str, block: bytes, cut: int) -> None:
+        """The event loop's side: one block of lines of one publisher (see output.StreamSink)."""
+        pieces = split_block(block, cut)
+        if not pieces:
+            return
+        prefix = name.encode() + (b" | " if stream == "stdout" else b" ! ")
+        out = b"".join([prefix + text + b"\n" for text, _ in pieces])
+        with self._cond:
+            fits = self.error is None and self._size + len(out) <= self.max_buffer
+            if fits:
+                self._chunks.append(out)
+                self._size += len(out)
+                self.lines += len(pieces)
+                self._cond.notify()
+            else:
+                self.dropped += len(pieces)
+        if not fits and not self._dropping:
+            self._dropping = True
+            why = self.error or f"{self.max_buffer} bytes waiting: stdout is not being read"
+            logger.warning("stdout: dropping publisher lines (%s); counting them", why)
+        elif fits and self._dropping:
+            self._dropping = False
+            logger.info("stdout: writing publisher lines again; %d dropped so far", self.dropped)
+
+    def close(self, timeout: float) -> bool:
+        """Write what is buffered, waiting at most `timeout` s. False if lines were left."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left = sum(c.count(b"\n") for c in self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self.dropped += left
+        if left:
+            logger.warning("stdout: %d publisher line(s) not written at exit", left)
+        return not left
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._closing:
+                    self._cond.wait()
+                if not self._chunks:
+                    return
+                batch = [self._chunks.popleft()]
+                size = len(batch[0])
+                while self._chunks and size + len(self._chunks[0]) <= _BATCH:
+                    size += len(self._chunks[0])
+                    batch.append(self._chunks.popleft())
+            data = b"".join(batch)
+            try:
+                self._write(data)
+            except OSError as exc:
+                with self._cond:
+                    self.error = f"cannot write: {exc.strerror}"
+                    self.dropped += sum(c.count(b"\n") for c in self._chunks) + data.count(b"\n")
+                    self._chunks.clear()
+            with self._cond:
+                self._size -= size
+
+    def _write(self, data: bytes) -> None:
+        atomic, pos, end = self._atomic, 0, len(data)
+        while pos < end:
+            stop = end
+            if end - pos > atomic:
+                stop = data.rfind(b"\n", pos, pos + atomic) + 1
+                if not stop:  # one line longer than PIPE_BUF: written alone
+                    stop = data.find(b"\n", pos) + 1 or end
+            piece = memoryview(data)[pos:stop]
+            while piece:
+                try:
+                    piece = piece[os.write(self.fd, piece) :]
+                except BlockingIOError:  # someone set O_NONBLOCK on the shared description
+                    select.select([], [self.fd], [], 1.0)
+            pos = stop
+
+
+def install(new: StdoutSink) -> None:
+    global sink
+    new.start()
+    sink = new
+
+
+def uninstall(timeout: float) -> None:
+    global sink
+    old, sink = sink, None
+    if old is not None:
+        old.close(timeout)
