@@ -7,10 +7,15 @@ lines to a buffer (`add`, no system call); one thread writes them out. While the
 new lines are dropped and counted, never the loop blocked: one warning when dropping starts,
 one info line with the count when a block fits again (the same rules as the log files).
 
-Why writes of at most PIPE_BUF bytes cut at line boundaries when stdout is a pipe: such writes
-are atomic, so no line is split by another writer of the same pipe (pubmon's own log lines when
-stderr and stdout share it, `2>&1`). A line longer than PIPE_BUF is written alone. Lines longer
-than the publisher's `log.max_line` come out as pieces, each on its own line.
+One writer writes every publisher line, whole: no two lines mix. It takes everything buffered
+at once and writes it with one blocking write, which a pipe completes before returning: a
+system call releases the GIL, and getting it back from a busy loop can take the 5 ms switch
+interval, so fewer, larger writes are what keep up with a flood.
+When stdout and stderr are the same pipe (`2>&1`, a container with a tty), pubmon's own log
+lines share it: then writes are at most PIPE_BUF bytes, cut at line boundaries, which the kernel
+keeps whole, so a log line never lands inside a publisher line (a publisher line longer than
+PIPE_BUF is written alone); slower, so only then. Lines longer than the publisher's
+`log.max_line` come out as pieces, each on its own line.
 
 One stdout per process: the active sink is a module attribute (`sink`), installed by the daemon
 and read by `OutputLog` for every block of lines.
@@ -32,7 +37,6 @@ from ._ring import split_block
 logger = logging.getLogger(__name__)
 
 MAX_BUFFER = 4 << 20  # bytes of framed lines waiting for the writer
-_BATCH = 64 << 10  # bytes the writer takes per round (to a file or a terminal: per write)
 
 sink: StdoutSink | None = None
 
@@ -51,11 +55,7 @@ class StdoutSink:
         self._size = 0
         self._closing = False
         self._cond = threading.Condition()
-        try:
-            fifo = stat.S_ISFIFO(os.fstat(fd).st_mode)
-        except OSError:
-            fifo = False
-        self._atomic = select.PIPE_BUF if fifo else _BATCH
+        self._atomic = select.PIPE_BUF if _shares_pipe_with_stderr(fd) else max_buffer
         self._thread = threading.Thread(target=self._run, name="pubmon stdout", daemon=True)
 
     def start(self) -> None:
@@ -69,7 +69,10 @@ class StdoutSink:
         prefix = name.encode() + (b" | " if stream == "stdout" else b" ! ")
         out = b"".join([prefix + text + b"\n" for text, _ in pieces])
         with self._cond:
-            fits = self.error is None and self._size + len(out) <= self.max_buffer
+            # Once dropping, take lines again only when half the buffer is free: one episode
+            # per stall, not a warning and an info line per block while it drains.
+            limit = self.max_buffer // 2 if self._dropping else self.max_buffer
+            fits = self.error is None and self._size + len(out) <= limit
             if fits:
                 self._chunks.append(out)
                 self._size += len(out)
@@ -110,11 +113,8 @@ class StdoutSink:
                     self._cond.wait()
                 if not self._chunks:
                     return
-                batch = [self._chunks.popleft()]
-                size = len(batch[0])
-                while self._chunks and size + len(self._chunks[0]) <= _BATCH:
-                    size += len(self._chunks[0])
-                    batch.append(self._chunks.popleft())
+                batch, size = list(self._chunks), self._size
+                self._chunks.clear()
             data = b"".join(batch)
             try:
                 self._write(data)
@@ -141,6 +141,14 @@ class StdoutSink:
                 except BlockingIOError:  # someone set O_NONBLOCK on the shared description
                     select.select([], [self.fd], [], 1.0)
             pos = stop
+
+
+def _shares_pipe_with_stderr(fd: int) -> bool:
+    try:
+        out, err = os.fstat(fd), os.fstat(2)
+    except OSError:
+        return False
+    return stat.S_ISFIFO(out.st_mode) and (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
 def install(new: StdoutSink) -> None:
