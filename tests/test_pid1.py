@@ -98,6 +98,13 @@ class Pid1:
     _lines: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     _init: int | None = None
     _out: asyncio.Event = field(default_factory=asyncio.Event)
+    pumps: list[asyncio.Future[None]] = field(default_factory=list)
+    reading: bool = False
+
+    def read_stdout(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.pumps.append(asyncio.ensure_future(_pump_out(self)))
 
     @property
     def init(self) -> int:
@@ -138,6 +145,7 @@ class Pid1:
                     return line
 
     async def wait_exit(self, timeout: float = 30) -> int:
+        self.read_stdout()  # asyncio's wait() returns once the pipes are closed too
         async with asyncio.timeout(timeout):
             return await self.proc.wait()
 
@@ -167,7 +175,9 @@ async def _pump_out(d: Pid1) -> None:
 
 
 @asynccontextmanager
-async def pid1(config: Path, *, ready: bool = True) -> AsyncIterator[Pid1]:
+async def pid1(
+    config: Path, *, ready: bool = True, read_stdout: bool = True
+) -> AsyncIterator[Pid1]:
     proc = await asyncio.create_subprocess_exec(
         *UNSHARE,
         sys.executable,
@@ -181,7 +191,9 @@ async def pid1(config: Path, *, ready: bool = True) -> AsyncIterator[Pid1]:
         stderr=asyncio.subprocess.PIPE,
     )
     d = Pid1(proc)
-    pumps = [asyncio.ensure_future(_pump_err(d)), asyncio.ensure_future(_pump_out(d))]
+    d.pumps.append(asyncio.ensure_future(_pump_err(d)))
+    if read_stdout:
+        d.read_stdout()
     try:
         if ready:
             await d.wait_log("ready:")
@@ -190,8 +202,9 @@ async def pid1(config: Path, *, ready: bool = True) -> AsyncIterator[Pid1]:
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)  # --kill-child: the namespace goes with it
             await proc.wait()
+        d.read_stdout()
         async with asyncio.timeout(10):
-            await asyncio.gather(*pumps)
+            await asyncio.gather(*d.pumps)
         print("\n".join(d.stderr[-30:]))  # shown when the test fails
     stolen = [line for line in d.stderr if "returncode 255" in line or "status 255" in line]
     assert not stolen, stolen
@@ -217,7 +230,9 @@ async def test_orphans_are_reaped_and_the_rest_gets_sigterm_before_pid1_exits(
     ready = tmp_path / "ready"
     body = (
         # A double fork: the subshell exits, its sleep is re-parented to PID 1 and dies later.
-        toml_publisher("spawner", ["sh", "-c", f"(sh -c 'echo $$ > {orphan}; sleep 0.3' &); {' '.join(SLEEP)}"])
+        toml_publisher(
+            "spawner", ["sh", "-c", f"(sh -c 'echo $$ > {orphan}; sleep 0.3' &); sleep 3600"]
+        )
         # A publisher that exits at once, leaving an orphan in its own session.
         # (It waits until the orphan is in its own session: exiting kills its process group.)
         + toml_publisher(
@@ -234,7 +249,7 @@ async def test_orphans_are_reaped_and_the_rest_gets_sigterm_before_pid1_exits(
         async with asyncio.timeout(10):
             while not (orphan.exists() and quick.exists()):
                 await asyncio.sleep(0.02)
-        # Left: the spawner's shell and the daemonizer's loop; no zombie, no other orphan.
+        # Left: the spawner's shell and the daemonizer's helper; no zombie, no other orphan.
         await d.wait_only_publishers_left(2)
         inside = descendants(d.init)
         d.signal(signal.SIGTERM)
@@ -331,6 +346,45 @@ async def test_stdout_under_a_flood_from_20_publishers_loses_and_mixes_no_line(
     for (_, mark), numbers in seen.items():
         want = [i for i in range(n) if (i % 4 == 3) == (mark == b"!")]
         assert numbers == want
+
+
+def flood_script(n: int, width: int) -> list[str]:
+    """A publisher writing n numbered lines of 0..width-1 x's, every fourth one to stderr."""
+    return [
+        sys.executable,
+        "-c",
+        "import os, sys\n"
+        "name = os.environ['PUBMON_PUBLISHER']\n"
+        f"for i in range({n}):\n"
+        "    out = sys.stderr if i % 4 == 3 else sys.stdout\n"
+        f"    out.write('%s %d ' % (name, i) + 'x' * (i * 37 % {width}) + '\\n')\n"
+        "    if i % 50 == 0: out.flush()\n",
+    ]
+
+
+async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
+    tmp_path: Path,
+) -> None:
+    from pubmon._wire import WireClient
+
+    n, pubs = 1500, 20  # ~15 MB: more than the pipe and the 4 MiB buffer hold
+    body = "".join(
+        toml_publisher(f"p{i}", flood_script(n, 1000), restart="never") for i in range(pubs)
+    ) + toml_publisher("steady", SLEEP)
+    async with pid1(write(tmp_path, body, socket=True), read_stdout=False) as d:
+        for i in range(pubs):
+            await d.wait_ended(f"p{i}", timeout=60)  # supervision went on
+        client = WireClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
+        try:
+            counters = await asyncio.to_thread(client.call, "getCounters")
+        finally:
+            client.close()
+        assert counters["daemon.stdout_dropped"] > 0
+        assert counters["daemon.stdout_lines"] + counters["daemon.stdout_dropped"] == n * pubs
+        d.signal(signal.SIGTERM)
+        assert await d.wait_exit() == 0  # not held up by the writer stuck on a full pipe
+        warnings = [line for line in d.stderr if "stdout: dropping publisher lines" in line]
+        assert len(warnings) == 1  # once per episode
 
 
 async def test_status_details_name_the_critical_publisher(tmp_path: Path) -> None:
