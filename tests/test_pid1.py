@@ -390,7 +390,7 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
 async def test_status_details_name_the_critical_publisher(tmp_path: Path) -> None:
     from pubmon._wire import WireClient
 
-    body = toml_publisher("slow", IGNORE_TERM, stop_timeout=5) + toml_publisher(
+    body = toml_publisher("slow", IGNORE_TERM, stop_timeout=2) + toml_publisher(
         "main", ["sh", "-c", "sleep 0.5; exit 3"], critical=True, restart="never"
     )
     async with pid1(write(tmp_path, body, socket=True)) as d:

@@ -96,10 +96,11 @@ class Checker:
 
     def __init__(self) -> None:
         self.problems: list[tuple[Key, str]] = []
+        self.settled: set[Key] = set()  # keys whose value is known bad: no follow-on problems
 
     def problem(self, key: Key, why: str) -> None:
         """Record a problem; the same (key, why) twice is kept once (instances share templates)."""
-        if (key, why) not in self.problems:
+        if key not in self.settled and (key, why) not in self.problems:
             self.problems.append((key, why))
 
     def failed(self, *keys: Key) -> bool:
@@ -357,6 +358,7 @@ def expand_environment(doc: Table, chk: Checker, environ: Mapping[str, str]) -> 
                 if default is None:
                     chk.problem(key, f"${{{name}}}: environment variable {name} is not set "
                                 "(write ${" + name + ":-default} for a default)")  # fmt: skip
+                    chk.settled.add(key)  # the reference stays as written: say nothing more
                     return m.group(0)
                 return default
             return value

@@ -321,7 +321,10 @@ class Daemon:
                     self.http = HttpServer(self, self.config)
                     await self.http.start()
                     background.append(tg.create_task(self.http.run(), name="http"))
-                async with Supervisor(self.config, cgroups=self.cgroups) as sup:
+                sup = Supervisor(self.config, cgroups=self.cgroups)
+                if self.init:  # every orphan of the namespace lands here: reap within 1 s
+                    sup.reaper.QUIET_PERIOD = sup.reaper.PERIOD
+                async with sup:
                     self.supervisor = sup
                     sup.on_ended = self._on_ended
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
