@@ -188,6 +188,28 @@ async def test_status_check_is_0_only_when_all_named_run_and_are_healthy(tmp_pat
     assert (await _status_check(sock))[0] == 4  # no daemon: not ready
 
 
+# --- deploy/ --------------------------------------------------------------------------------
+
+
+def test_the_deploy_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PUBMON_MONITOR_LISTEN", raising=False)
+    monkeypatch.delenv("REGION", raising=False)
+    image = parse_config((DEPLOY / "pubmon.toml").read_text(), DEPLOY / "pubmon.toml")
+    # The ConfigMap's pubmon.toml: the indented block after "pubmon.toml: |".
+    yaml = (DEPLOY / "kubernetes" / "configmap.yaml").read_text()
+    block = yaml.split("pubmon.toml: |\n", 1)[1]
+    text = "".join(line[4:] + "\n" for line in block.splitlines())
+    mapped = parse_config(text, DEPLOY / "pubmon.toml")
+    for config in (image, mapped):
+        assert config.daemon.log_dir is None and config.daemon.log_stdout is None
+        assert config.control.socket == "/run/pubmon/pubmon.sock"
+        assert [p.critical for p in config.publishers] == [True]
+        assert dict(config.publishers[0].environment)["REGION"] == "local"
+    deployment = (DEPLOY / "kubernetes" / "deployment.yaml").read_text()
+    grace = int(deployment.split("terminationGracePeriodSeconds: ")[1].split()[0])
+    assert grace > mapped.daemon.shutdown_timeout + 5
+
+
 # --- the Containerfile ----------------------------------------------------------------------
 
 
@@ -205,18 +227,10 @@ def _runtime() -> tuple[str | None, str]:
 
 
 @pytest.mark.slow
-def test_the_containerfile_builds_and_runs_pubmon_as_pid1(tmp_path: Path) -> None:
+def test_the_containerfile_builds_and_runs_pubmon_as_pid1() -> None:
     runtime, why = _runtime()
     if runtime is None:
         pytest.skip(f"cannot build deploy/Containerfile here: {why}")
-    wheel_dir = tmp_path / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheel_dir), "."],
-        cwd=DEPLOY.parent,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
     tag = "pubmon-test:latest"
     build = subprocess.run(
         [runtime, "build", "-f", str(DEPLOY / "Containerfile"), "-t", tag, str(DEPLOY.parent)],
