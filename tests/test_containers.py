@@ -128,8 +128,8 @@ async def test_daemon_reads_pubmon_config(tmp_path: Path) -> None:
     assert proc.stderr is not None
     try:
         async with asyncio.timeout(30):
-            while b"ready: 1/1 publishers running" not in await proc.stderr.readline():
-                pass
+            while b"ready: 1/1 publishers running" not in (line := await proc.stderr.readline()):
+                assert line, "the daemon ended before it was ready"
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             await proc.stderr.read()
