@@ -47,15 +47,23 @@ def test_variables_and_defaults_are_expanded_in_string_values(
         "[publisher.feed]\n"
         'command = ["sleep", "${PUBMON_T_SECS}", "${PUBMON_T_EMPTY:-dflt}", "[${PUBMON_T_EMPTY}]",'
         ' "${{x}}", "$HOME"]\n'
-        'environment = { WHO = "${PUBMON_T_UNSET:-nobody}", RAW = "$${PUBMON_T_SECS}" }\n'
+        'environment = { WHO = "${PUBMON_T_UNSET:-nobody}", RAW = "${{PUBMON_T_SECS}}" }\n'
     )
     assert config.monitor.listen == "127.0.0.1:9191"
     (spec,) = config.publishers
-    # "${{x}}" is no variable (a literal "${x}" once {} placeholders are expanded); "$HOME" is
-    # left for a shell; outside commands, "$${...}" is a literal "${...}".
+    # "${{x}}" is no variable (a literal "${x}" once {} placeholders are expanded, in commands
+    # and environments); "$HOME" is left for a shell.
     assert spec.command[1:] == ("60", "dflt", "[]", "${x}", "$HOME")
     env = dict(spec.environment)
     assert (env["WHO"], env["RAW"]) == ("nobody", "${PUBMON_T_SECS}")
+
+
+def test_a_doubled_dollar_is_a_literal_where_no_placeholders_are_expanded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PUBMON_T_SECS", "60")
+    config = parse(f'[control]\nsocket = "{tmp_path}/$${{PUBMON_T_SECS}}.sock"\n')
+    assert config.control.socket == f"{tmp_path}/${{PUBMON_T_SECS}}.sock"
 
 
 def test_an_unset_variable_without_a_default_is_a_problem_naming_the_key(
@@ -105,8 +113,11 @@ def test_pubmon_config_is_the_default_config_path(tmp_path: Path) -> None:
     config.write_text(daemon_header(tmp_path, log_dir=False) + toml_publisher("a", ["true"]))
     env = {k: v for k, v in os.environ.items() if k != "PUBMON_CONFIG"}
     missing = _cli("daemon", env=env)
-    assert missing.returncode == 2
-    assert "give --config FILE or set PUBMON_CONFIG" in missing.stderr
+    assert missing.returncode == 64  # a usage error
+    assert "--config FILE (or $PUBMON_CONFIG)" in missing.stderr
+    missing = _cli("check-config", env=env)
+    assert missing.returncode == 64
+    assert "FILE (or $PUBMON_CONFIG)" in missing.stderr
     ok = _cli("check-config", env={**env, "PUBMON_CONFIG": str(config)})
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: 1 publisher")
