@@ -1,0 +1,61 @@
+"""The publisher the model runs: says hello, listens on a port, exits when told by a signal.
+
+    python -S model_child.py PORT TERM_DELAY STUCK_PATH
+
+Stdlib only and no `site`, so it starts in a few tens of ms. It prints three lines, then binds
+and listens on 127.0.0.1:PORT (a live target for a TCP probe), then waits for signals:
+
+    SIGUSR1   exit 0 at once        SIGUSR2   exit 3 at once
+    SIGWINCH  stat STUCK_PATH: on the model's stuck file system, stuck in the kernel for good
+    SIGTERM   TERM_DELAY = 0: the default action (dies by the signal); TERM_DELAY > 0: ignores it
+              for TERM_DELAY seconds, then exits 0 (a publisher that is slow to stop)
+
+The model sends SIGUSR1, SIGUSR2 and SIGWINCH only once SigCgt in /proc/PID/status shows all
+three are caught: a signal sent earlier (while the spawn wrapper's exec chain still runs) would
+kill it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+
+def main(argv: list[str]) -> None:
+    port, term_delay, stuck = int(argv[0]), float(argv[1]), argv[2]
+    name = os.environ.get("PUBMON_PUBLISHER", "?")
+    for i in range(3):
+        sys.stdout.write(f"{name} pid {os.getpid()} line {i}\n")
+    sys.stdout.flush()
+    listener: socket.socket | None = socket.socket()
+    assert listener is not None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+    except OSError as exc:
+        sys.stderr.write(f"cannot listen on {port}: {exc}\n")
+        listener = None
+    if term_delay > 0:
+
+        def slow_exit(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(term_delay)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, slow_exit)
+    signal.signal(signal.SIGUSR1, lambda *_: os._exit(0))
+    signal.signal(signal.SIGUSR2, lambda *_: os._exit(3))
+    signal.signal(signal.SIGWINCH, lambda *_: os.stat(stuck))
+    while True:
+        if listener is None:
+            signal.pause()
+        else:  # a TCP probe connects and closes: accept and close (handlers run on EINTR)
+            listener.accept()[0].close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
