@@ -45,12 +45,13 @@ from .model import (
     SKIP,
     Pub,
     apply_ops,
-    names,
     ops,
     pubspecs,
     restarts_after,
+    shutdown_ops,
     started,
     vias,
+    who,
 )
 from .stuckfs import StuckFS
 
@@ -438,11 +439,12 @@ class DaemonModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.alive)
     @rule(
-        name=st.sampled_from([*NAMES, BROKEN]),
+        who=who,
         action=st.sampled_from(["start", "stop", "restart"]),
         via=vias,
     )
-    def operator(self, name: str, action: str, via: str) -> None:
+    def operator(self, who: int, action: str, via: str) -> None:
+        name = self.known(who)
         self.note(f"{action} {name} via {via}")
         pub = self.pubs.get(name)
         bound = self.call_bound(name)
@@ -494,6 +496,20 @@ class DaemonModel(RuleBasedStateMachine):
         out = answer.value[1].strip()  # "name: STATE pid N (details)"
         return out.split(": ", 1)[1].split()[0] if ": " in out else out
 
+    def known(self, who: int) -> str:
+        """Mostly a publisher of the running config; now and then any name (maybe unknown)."""
+        present = sorted(self.pubs)
+        if who < 13 and present:
+            return present[who % len(present)]
+        return (*NAMES, BROKEN)[who % 5]
+
+    def running_one(self, who: int) -> tuple[str, Pub | None]:
+        """One of the RUNNING publishers (child programs), or None if there is none."""
+        up = [n for n in sorted(self.pubs) if self.running(n)]
+        if not up:
+            return "", None
+        return up[who % len(up)], self.running(up[who % len(up)])
+
     def running(self, name: str) -> Pub | None:
         pub = self.pubs.get(name)
         if pub is None or pub.spec is None or pub.state != "RUNNING" or not pub.pid:
@@ -509,10 +525,10 @@ class DaemonModel(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self.alive)
-    @rule(name=names)
-    def kill_child(self, name: str) -> None:
+    @rule(who=who)
+    def kill_child(self, who: int) -> None:
         """SIGKILL a running child: a failure, so it restarts unless restart = never."""
-        pub = self.running(name)
+        name, pub = self.running_one(who)
         if pub is None:
             return
         assert pub.spec is not None
@@ -534,10 +550,10 @@ class DaemonModel(RuleBasedStateMachine):
             pub.bump(exits=(0, LOOSE), restarts=(0, LOOSE))
 
     @precondition(lambda self: self.alive)
-    @rule(name=names, code=st.sampled_from([0, 3]))
-    def child_exits(self, name: str, code: int) -> None:
+    @rule(who=who, code=st.sampled_from([0, 3]))
+    def child_exits(self, who: int, code: int) -> None:
         """A running child exits by itself with status 0 or 3."""
-        pub = self.running(name)
+        name, pub = self.running_one(who)
         if pub is None:
             return
         assert pub.spec is not None
@@ -548,11 +564,11 @@ class DaemonModel(RuleBasedStateMachine):
         self.settle(f"{name} exiting with {code}")
 
     @precondition(lambda self: self.alive and "race" not in SKIP)
-    @rule(name=names, code=st.sampled_from([0, 3]), delay=st.sampled_from([0, 0.0005, 0.002]))
-    def stop_while_exiting(self, name: str, code: int, delay: float) -> None:
+    @rule(who=who, code=st.sampled_from([0, 3]), delay=st.sampled_from([0, 0.0005, 0.002]))
+    def stop_while_exiting(self, who: int, code: int, delay: float) -> None:
         """A child exits and the operator's stop arrives as the daemon learns of it: the stop
         must still end STOPPED, answered at once, and nothing may restart it."""
-        pub = self.running(name)
+        name, pub = self.running_one(who)
         if pub is None:
             return
         assert pub.spec is not None
@@ -667,10 +683,11 @@ class DaemonModel(RuleBasedStateMachine):
         self.write_config(self.cfg)  # the file again says what runs
 
     @precondition(lambda self: self.alive)
-    @rule(name=names)
-    def sigusr1(self, name: str) -> None:
+    @rule(who=who)
+    def sigusr1(self, who: int) -> None:
         """SIGUSR1 reopens the log files: one moved away is created again; nothing else moves."""
         assert self.proc is not None
+        name = self.known(who)
         self.note("SIGUSR1")
         log = self.work / "logs" / f"{name}.log"
         moved = False
@@ -686,9 +703,10 @@ class DaemonModel(RuleBasedStateMachine):
         self.settle("SIGUSR1")
 
     @precondition(lambda self: self.alive)
-    @rule(name=names, n=st.sampled_from([0, 1, 2, 5]))
-    def tail(self, name: str, n: int) -> None:
+    @rule(who=who, n=st.sampled_from([0, 1, 2, 5]))
+    def tail(self, who: int, n: int) -> None:
         """`pubmon tail NAME -n N` prints the last N lines: none for 0."""
+        name = self.known(who)
         if "tail0" in SKIP and n == 0:
             return
         self.note(f"tail {name} -n {n}")
@@ -719,16 +737,17 @@ class DaemonModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.alive)
     @rule(
-        inflight=st.sampled_from(["none", "reload", "stop", "restart"]),
-        todo=st.lists(ops, min_size=1, max_size=3),
-        name=names,
+        inflight=st.sampled_from(["none", "reload", "reload", "stop", "restart"]),
+        todo=st.lists(shutdown_ops, min_size=1, max_size=3),
+        who=who,
         delay=st.sampled_from([0, 0.1, 0.5]),
         via=st.sampled_from(["sighup", "rpc"]),
     )
     def sigterm(
-        self, inflight: str, todo: list[tuple[Any, ...]], name: str, delay: float, via: str
+        self, inflight: str, todo: list[tuple[Any, ...]], who: int, delay: float, via: str
     ) -> None:
         """SIGTERM, maybe while a reload, a stop or a restart is in flight."""
+        name = self.known(who)
         if "inflight" in SKIP:
             inflight = "none"
         assert self.proc is not None
@@ -758,11 +777,11 @@ class DaemonModel(RuleBasedStateMachine):
                 self.fail(f"{inflight} in flight at SIGTERM refused for another reason: {answer}")
 
     @precondition(lambda self: self.alive and self.stuck_budget() and "stuck" not in SKIP)
-    @rule(name=names, how=st.sampled_from(["stop", "sigterm"]))
-    def stuck_child(self, name: str, how: str) -> None:
+    @rule(who=who, how=st.sampled_from(["stop", "sigterm"]))
+    def stuck_child(self, who: int, how: str) -> None:
         """A child stuck in the kernel (hung storage) that SIGKILL cannot end: a stop of it,
         or the daemon's shutdown, must still end within its bound and say what is left."""
-        pub = self.running(name)
+        name, pub = self.running_one(who)
         if pub is None:
             return
         assert self.proc is not None

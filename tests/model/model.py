@@ -22,6 +22,9 @@ restarts = st.sampled_from(["always", "on-failure", "never"])
 probes = st.sampled_from(["none", "none", "live", "dead"])
 names = st.sampled_from(NAMES)
 vias = st.sampled_from(["cli", "rpc"])
+# Which publisher a step acts on: an index into those that exist (or that run), so that a step
+# rarely names no one; past 12 any name of the pool, known or not (UnknownPublisher).
+who = st.integers(0, 15)
 
 
 @st.composite
@@ -45,6 +48,15 @@ ops = st.one_of(
     st.tuples(st.just("restart"), names, restarts),
     st.tuples(st.just("ready"), names, st.booleans()),
     st.tuples(st.just("uids"), st.booleans()),
+)
+
+# A reload in flight at SIGTERM: mostly edits that stop and start publishers (what races the
+# ordered stop), and now and then any edit.
+shutdown_ops = st.one_of(
+    st.tuples(st.just("replace"), names, pubspecs()),
+    st.tuples(st.just("remove"), names),
+    st.tuples(st.just("add"), pubspecs()),
+    ops,
 )
 
 

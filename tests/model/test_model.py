@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 
 import pytest
@@ -50,34 +51,48 @@ def machine_for(seed_value: int | None = None) -> type[DaemonModel]:
     return cls
 
 
-def replay_hint(seed_value: int | None) -> str:
-    cmd = ".venv/bin/python -m pytest -q tests/model -p no:cacheprovider"
-    how = f"PUBMON_MODEL_EXPLORE=1 PUBMON_MODEL_SEED={seed_value} " if seed_value else ""
-    return (
-        f"replay: {how}{cmd}\n"
-        "or the shrunk example exactly: PUBMON_MODEL_BLOB='<version>:<blob>' "
-        f"{cmd} (from the @reproduce_failure line above)"
-    )
+CMD = ".venv/bin/python -m pytest -q -s tests/model -p no:cacheprovider"
+_BLOB = re.compile(r"@reproduce_failure\('([^']+)', b'([^']+)'\)")
+
+
+def replay_hint(exc: BaseException, seed_value: int | None) -> str:
+    """How to run the failure again: the seed (the whole round), and the shrunk example."""
+    out = []
+    if seed_value is not None:
+        out.append(f"replay the round: PUBMON_MODEL_EXPLORE=1 PUBMON_MODEL_SEED={seed_value} {CMD}")
+    else:
+        out.append(f"replay: {CMD} (the fixed seed)")
+    notes = [str(n) for e in (exc, *getattr(exc, "exceptions", ())) for n in _notes(e)]
+    for found in _BLOB.finditer("\n".join(notes)):
+        out.append(f"replay the shrunk example: PUBMON_MODEL_BLOB='{found[1]}:{found[2]}' {CMD}")
+        break
+    return "\n".join(out)
+
+
+def _notes(exc: BaseException) -> list[str]:
+    return list(getattr(exc, "__notes__", ()))
 
 
 @pytest.mark.slow
 def test_daemon_agrees_with_the_model() -> None:
     seconds = float(os.environ.get("PUBMON_MODEL_SECONDS", "0"))
-    if not seconds and not os.environ.get("PUBMON_MODEL_EXPLORE"):
-        run_state_machine_as_test(machine_for(), settings=FIXED)
-        return
+    exploring = bool(seconds or os.environ.get("PUBMON_MODEL_EXPLORE"))
     # Exploring: fresh seeds until the time is up (or the one seed asked for, once).
     explore = settings(FIXED, derandomize=False, max_examples=3)
     end = time.monotonic() + seconds
     rounds = 0
     while True:
-        seed_value = int(os.environ.get("PUBMON_MODEL_SEED") or random.randrange(1 << 32))
-        rounds += 1
-        print(f"model: seed {seed_value} (round {rounds})", flush=True)
+        seed_value = None
+        if exploring:
+            seed_value = int(os.environ.get("PUBMON_MODEL_SEED") or random.randrange(1 << 32))
+            rounds += 1
+            print(f"model: seed {seed_value} (round {rounds})", flush=True)
         try:
-            run_state_machine_as_test(machine_for(seed_value), settings=explore)
-        except BaseException:
-            print(replay_hint(seed_value), flush=True)
+            run_state_machine_as_test(
+                machine_for(seed_value), settings=explore if exploring else FIXED
+            )
+        except BaseException as exc:
+            print(replay_hint(exc, seed_value), flush=True)
             raise
-        if os.environ.get("PUBMON_MODEL_SEED") or time.monotonic() > end:
+        if not exploring or os.environ.get("PUBMON_MODEL_SEED") or time.monotonic() > end:
             break
