@@ -737,44 +737,58 @@ class DaemonModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.alive)
     @rule(
-        inflight=st.sampled_from(["none", "reload", "reload", "stop", "restart"]),
-        todo=st.lists(shutdown_ops, min_size=1, max_size=3),
+        inflight=st.sampled_from(["none", "stop", "restart"]),
         who=who,
         delay=st.sampled_from([0, 0.1, 0.5]),
-        via=st.sampled_from(["sighup", "rpc"]),
     )
-    def sigterm(
-        self, inflight: str, todo: list[tuple[Any, ...]], who: int, delay: float, via: str
-    ) -> None:
-        """SIGTERM, maybe while a reload, a stop or a restart is in flight."""
+    def sigterm(self, inflight: str, who: int, delay: float) -> None:
+        """SIGTERM, maybe while a stop or a restart is in flight."""
         name = self.known(who)
         if "inflight" in SKIP:
             inflight = "none"
-        assert self.proc is not None
-        self.note(f"SIGTERM with {inflight} in flight")
-        pending = None
+        self.note(f"SIGTERM with {inflight} {name} in flight")
         bound = self.reload_bound(self.cfg) + SHUTDOWN_TIMEOUT
-        if inflight == "reload":
-            new = apply_ops(self.cfg, todo)
-            self.write_config(new)
-            self.cfg = new  # what the next daemon starts with
-            if via == "sighup":
-                os.kill(self.proc.pid, signal.SIGHUP)
-            else:
-                pending = self.loop.submit(_rpc(self.sock, bound, "reloadConfig"))
-        elif inflight in ("stop", "restart") and name in self.pubs:
+        pending = None
+        if inflight in ("stop", "restart") and name in self.pubs:
             method = "stopPublisher" if inflight == "stop" else "restartPublisher"
             pending = self.loop.submit(_rpc(self.sock, bound, method, name))
+        self.terminate(pending, delay, bound, inflight)
+
+    @precondition(lambda self: self.alive and "inflight" not in SKIP)
+    @rule(
+        todo=st.lists(shutdown_ops, min_size=1, max_size=3),
+        delay=st.sampled_from([0, 0.1, 0.5]),
+        via=st.sampled_from(["sighup", "rpc"]),
+    )
+    def sigterm_during_reload(self, todo: list[tuple[Any, ...]], delay: float, via: str) -> None:
+        """SIGTERM while a reload (by SIGHUP or RPC) stops and starts publishers."""
+        assert self.proc is not None
+        self.note(f"SIGTERM {delay} s after a reload via {via}: {todo}")
+        bound = self.reload_bound(self.cfg) + SHUTDOWN_TIMEOUT
+        new = apply_ops(self.cfg, todo)
+        self.write_config(new)
+        self.cfg = new  # what the next daemon starts with, whether this reload ran or not
+        pending = None
+        if via == "sighup":
+            os.kill(self.proc.pid, signal.SIGHUP)
+        else:
+            pending = self.loop.submit(_rpc(self.sock, bound, "reloadConfig"))
+        self.terminate(pending, delay, bound, "reload")
+
+    def terminate(self, pending: Any, delay: float, bound: float, what: str) -> None:
+        assert self.proc is not None
         if delay:
             time.sleep(delay)
         os.kill(self.proc.pid, signal.SIGTERM)
         self.shutdown(SHUTDOWN_TIMEOUT + STOP_TIMEOUT + GRACE)
         if pending is not None:
             answer: Answer = pending.result(bound + 5)
+            # Done, refused (InvalidState: the daemon is stopping), or the connection closed
+            # as the daemon exited: all answers; a hang is not.
             if answer.kind not in ("ok", "refused", "closed"):
-                self.fail(f"{inflight} in flight at SIGTERM: {answer}")
+                self.fail(f"{what} in flight at SIGTERM: {answer}")
             if answer.kind == "refused" and "InvalidState" not in answer.reason:
-                self.fail(f"{inflight} in flight at SIGTERM refused for another reason: {answer}")
+                self.fail(f"{what} in flight at SIGTERM refused for another reason: {answer}")
 
     @precondition(lambda self: self.alive and self.stuck_budget() and "stuck" not in SKIP)
     @rule(who=who, how=st.sampled_from(["stop", "sigterm"]))
