@@ -228,7 +228,11 @@ async def _rpc(sock: Path, bound: float, method: str, *args: object) -> Answer:
     except TimeoutError:
         return Answer("hang", seconds=time.monotonic() - began, reason=f"{method} {args}")
     except RpcError as exc:
-        return Answer("closed", reason=str(exc), seconds=time.monotonic() - began)
+        # The daemon answered with an internal error (an exception the IDL does not declare):
+        # an error, not a refusal. Anything else is the connection going away.
+        gone = ("closed", "reset", "Broken pipe", "cannot connect", "EOF")
+        kind = "closed" if any(g in str(exc) for g in gone) else "error"
+        return Answer(kind, reason=str(exc), seconds=time.monotonic() - began)
     except Exception as exc:
         name = type(exc).__name__
         if name not in REFUSALS:
