@@ -7,8 +7,13 @@ and listens on 127.0.0.1:PORT (a live target for a TCP probe), then waits for si
 
     SIGUSR1   exit 0 at once        SIGUSR2   exit 3 at once
     SIGWINCH  stat STUCK_PATH: on the model's stuck file system, stuck in the kernel for good
-    SIGTERM   TERM_DELAY = 0: the default action (dies by the signal); TERM_DELAY > 0: ignores it
-              for TERM_DELAY seconds, then exits 0 (a publisher that is slow to stop)
+    SIGTERM   TERM_DELAY = 0: dies by the signal; TERM_DELAY > 0: ignores it for TERM_DELAY
+              seconds, then exits 0 (a publisher that is slow to stop)
+
+Once its handlers are in place it creates the file `PID.start` in the `marks` folder next to
+STUCK_PATH's folder, and `PID.term` when SIGTERM arrives or `PID.exit` when told to exit: the
+model checks that every publisher that ended was either told to exit, SIGKILLed by the test, or
+sent its stop signal by the daemon (an ordered stop), never just SIGKILLed by it.
 
 The model sends SIGUSR1, SIGUSR2 and SIGWINCH only once SigCgt in /proc/PID/status shows all
 three are caught: a signal sent earlier (while the spawn wrapper's exec chain still runs) would
@@ -39,17 +44,32 @@ def main(argv: list[str]) -> None:
     except OSError as exc:
         sys.stderr.write(f"cannot listen on {port}: {exc}\n")
         listener = None
-    if term_delay > 0:
+    marks = os.path.join(os.path.dirname(os.path.dirname(stuck)), "marks")
 
-        def slow_exit(signum: int, frame: object) -> None:
+    def mark(what: str) -> None:
+        try:
+            os.close(os.open(os.path.join(marks, f"{os.getpid()}.{what}"), os.O_CREAT, 0o644))
+        except OSError:
+            pass
+
+    def on_term(signum: int, frame: object) -> None:
+        mark("term")
+        if term_delay > 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             time.sleep(term_delay)
             os._exit(0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        signal.signal(signal.SIGTERM, slow_exit)
-    signal.signal(signal.SIGUSR1, lambda *_: os._exit(0))
-    signal.signal(signal.SIGUSR2, lambda *_: os._exit(3))
+    def on_exit(code: int) -> None:
+        mark("exit")
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, lambda *_: on_exit(0))
+    signal.signal(signal.SIGUSR2, lambda *_: on_exit(3))
     signal.signal(signal.SIGWINCH, lambda *_: os.stat(stuck))
+    mark("start")
     while True:
         if listener is None:
             signal.pause()
