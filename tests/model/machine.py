@@ -186,6 +186,8 @@ class DaemonModel(RuleBasedStateMachine):
     # --- the daemon ------------------------------------------------------------------------
 
     def boot(self, cfg: ModelConfig, hup_delay: float | None) -> None:
+        for path in self.marks.iterdir():  # the last daemon's children were judged at its end
+            path.unlink()
         self.cfg = cfg
         self.write_config(cfg)
         self.notes = Notifications(self.work / "notify.sock", on_ready=self._on_ready)
@@ -435,8 +437,6 @@ class DaemonModel(RuleBasedStateMachine):
                 continue
             if f"{pid}.term" not in names and f"{pid}.exit" not in names:
                 self.fail(f"pid {pid} ended without its stop signal (SIGKILLed without one)")
-        for path in self.marks.iterdir():
-            path.unlink()
 
     def close_notify(self) -> None:
         if self.notes is not None:
@@ -808,9 +808,18 @@ class DaemonModel(RuleBasedStateMachine):
             os.kill(self.proc.pid, signal.SIGHUP)
         else:
             pending = self.loop.submit(_rpc(self.sock, bound, "reloadConfig"))
-        self.terminate(pending, delay, bound, "reload")
+        began = time.time()
+        added = {p.name for p in new.publishers} - set(self.pubs)
+        answer = self.terminate(pending, delay, bound, "reload")
+        if answer is not None and answer.kind == "refused":
+            # Refused means not done: none of the publishers it would add may have started.
+            for path in self.marks.glob("*.start"):
+                if path.read_text() in added and path.stat().st_mtime >= began:
+                    self.fail(
+                        f"the reload was refused ({answer}), yet it started {path.read_text()}"
+                    )
 
-    def terminate(self, pending: Any, delay: float, bound: float, what: str) -> None:
+    def terminate(self, pending: Any, delay: float, bound: float, what: str) -> Answer | None:
         assert self.proc is not None
         if delay:
             time.sleep(delay)
@@ -827,6 +836,8 @@ class DaemonModel(RuleBasedStateMachine):
                 self.fail(f"{what} in flight at SIGTERM: {answer}")
             if answer.kind == "refused" and "InvalidState" not in answer.reason:
                 self.fail(f"{what} in flight at SIGTERM refused for another reason: {answer}")
+            return answer
+        return None
 
     @precondition(lambda self: self.alive and self.stuck_budget() and "stuck" not in SKIP)
     @rule(who=who, how=st.sampled_from(["stop", "sigterm"]))

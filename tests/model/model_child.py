@@ -10,8 +10,8 @@ and listens on 127.0.0.1:PORT (a live target for a TCP probe), then waits for si
     SIGTERM   TERM_DELAY = 0: dies by the signal; TERM_DELAY > 0: ignores it for TERM_DELAY
               seconds, then exits 0 (a publisher that is slow to stop)
 
-Once its handlers are in place it creates the file `PID.start` in the `marks` folder next to
-STUCK_PATH's folder, and `PID.term` when SIGTERM arrives or `PID.exit` when told to exit: the
+Once its handlers are in place it writes its name to `PID.start` in the `marks` folder next to
+STUCK_PATH's folder, and to `PID.term` when SIGTERM arrives or `PID.exit` when told to exit: the
 model checks that every publisher that ended was either told to exit, SIGKILLed by the test, or
 sent its stop signal by the daemon (an ordered stop), never just SIGKILLed by it.
 
@@ -48,7 +48,9 @@ def main(argv: list[str]) -> None:
 
     def mark(what: str) -> None:
         try:
-            os.close(os.open(os.path.join(marks, f"{os.getpid()}.{what}"), os.O_CREAT, 0o644))
+            fd = os.open(os.path.join(marks, f"{os.getpid()}.{what}"), os.O_CREAT | os.O_WRONLY)
+            os.write(fd, name.encode())
+            os.close(fd)
         except OSError:
             pass
 
