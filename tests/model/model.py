@@ -38,23 +38,26 @@ def pubspecs(draw: st.DrawFn, name: str | None = None) -> PubSpec:
     )
 
 
+# Reload edits. A name in an edit is an index into the publishers of the config being edited
+# (so that an edit rarely misses); a publisher added takes its drawn name, or the first name of
+# the pool not in use if that one is.
 ops = st.one_of(
     st.tuples(st.just("add"), pubspecs()),
-    st.tuples(st.just("remove"), names),
-    st.tuples(st.just("replace"), names, pubspecs()),  # one goes, another comes
-    st.tuples(st.just("env"), names),
-    st.tuples(st.just("term"), names, term_delays),
-    st.tuples(st.just("probe"), names, probes),
-    st.tuples(st.just("restart"), names, restarts),
-    st.tuples(st.just("ready"), names, st.booleans()),
+    st.tuples(st.just("remove"), who),
+    st.tuples(st.just("replace"), who, pubspecs()),  # one goes, another comes
+    st.tuples(st.just("env"), who),
+    st.tuples(st.just("term"), who, term_delays),
+    st.tuples(st.just("probe"), who, probes),
+    st.tuples(st.just("restart"), who, restarts),
+    st.tuples(st.just("ready"), who, st.booleans()),
     st.tuples(st.just("uids"), st.booleans()),
 )
 
 # A reload in flight at SIGTERM: mostly edits that stop and start publishers (what races the
 # ordered stop), and now and then any edit.
 shutdown_ops = st.one_of(
-    st.tuples(st.just("replace"), names, pubspecs()),
-    st.tuples(st.just("remove"), names),
+    st.tuples(st.just("replace"), who, pubspecs()),
+    st.tuples(st.just("remove"), who),
     st.tuples(st.just("add"), pubspecs()),
     ops,
 )
@@ -63,31 +66,42 @@ shutdown_ops = st.one_of(
 def apply_ops(cfg: ModelConfig, todo: list[tuple[Any, ...]]) -> ModelConfig:
     pubs = {p.name: p for p in cfg.publishers}
     allow = cfg.allow_nobody
+
+    def fresh(spec: PubSpec) -> PubSpec | None:
+        if spec.name not in pubs:
+            return spec
+        free = [n for n in NAMES if n not in pubs]
+        return replace(spec, name=free[0]) if free else None
+
     for op in todo:
         kind, arg = op[0], op[1]
+        present = sorted(pubs)
         if kind == "uids":
             allow = arg if "uids" not in SKIP else allow
-        elif kind == "add":
-            if arg.name not in pubs:
-                pubs[arg.name] = arg
-        elif kind == "replace":
-            if arg in pubs and op[2].name not in pubs:
-                del pubs[arg]
-                pubs[op[2].name] = op[2]
-        elif arg not in pubs:
             continue
+        if kind == "add":
+            if (spec := fresh(arg)) is not None:
+                pubs[spec.name] = spec
+            continue
+        if not present:
+            continue
+        name = present[arg % len(present)]
+        if kind == "replace":
+            del pubs[name]
+            if (spec := fresh(op[2])) is not None:
+                pubs[spec.name] = spec
         elif kind == "remove":
-            del pubs[arg]
+            del pubs[name]
         elif kind == "env":
-            pubs[arg] = replace(pubs[arg], version=pubs[arg].version + 1)
+            pubs[name] = replace(pubs[name], version=pubs[name].version + 1)
         elif kind == "term":
-            pubs[arg] = replace(pubs[arg], term_delay=op[2])
+            pubs[name] = replace(pubs[name], term_delay=op[2])
         elif kind == "probe":
-            pubs[arg] = replace(pubs[arg], probe=op[2])
+            pubs[name] = replace(pubs[name], probe=op[2])
         elif kind == "restart":
-            pubs[arg] = replace(pubs[arg], restart=op[2])
+            pubs[name] = replace(pubs[name], restart=op[2])
         elif kind == "ready":
-            pubs[arg] = replace(pubs[arg], slow_ready=op[2])
+            pubs[name] = replace(pubs[name], slow_ready=op[2])
     if "probe" in SKIP:
         pubs = {n: replace(p, probe="none") for n, p in pubs.items()}
     return replace(cfg, publishers=tuple(pubs.values()), allow_nobody=allow)
