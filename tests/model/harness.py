@@ -66,6 +66,10 @@ class PubSpec:
     def spawn_key(self) -> tuple[object, ...]:
         return (self.term_delay, self.version)
 
+    def settings(self) -> tuple[object, ...]:
+        """What the config file says (slow_ready means nothing with a probe)."""
+        return (self.term_delay, self.version, self.restart, self.probe, self.start_timeout)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

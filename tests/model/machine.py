@@ -648,7 +648,7 @@ class DaemonModel(RuleBasedStateMachine):
         now = {p.name: p for p in new.publishers}
         added = sorted(set(now) - set(old))
         removed = sorted(set(old) - set(now))
-        changed = sorted(n for n in set(now) & set(old) if now[n] != old[n])
+        changed = sorted(n for n in set(now) & set(old) if now[n].settings() != old[n].settings())
         if sorted(result.added) != added or sorted(result.removed) != removed:
             self.fail(f"reloadConfig answered {result}; the model added {added}, removed {removed}")
         # The IDL: `changed` lists the publishers restarted or updated; `publishers` says which.
