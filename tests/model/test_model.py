@@ -25,8 +25,8 @@ from .machine import DaemonModel
 # --- running it ---------------------------------------------------------------------------
 
 FIXED = settings(
-    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "4")),
-    stateful_step_count=int(os.environ.get("PUBMON_MODEL_STEPS", "12")),
+    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "6")),
+    stateful_step_count=int(os.environ.get("PUBMON_MODEL_STEPS", "20")),
     deadline=None,
     derandomize=True,
     database=None,
