@@ -19,7 +19,7 @@ SKIP = frozenset(filter(None, os.environ.get("PUBMON_MODEL_SKIP", "").split(",")
 
 term_delays = st.sampled_from([0.0, 0.5, 3.0])
 restarts = st.sampled_from(["always", "on-failure", "never"])
-probes = st.sampled_from(["none", "none", "live", "dead"])
+probes = st.sampled_from(["none", "live", "dead"])
 names = st.sampled_from(NAMES)
 vias = st.sampled_from(["cli", "rpc"])
 # Which publisher a step acts on: an index into those that exist (or that run), so that a step
@@ -48,6 +48,7 @@ ops = st.one_of(
     st.tuples(st.just("env"), who),
     st.tuples(st.just("term"), who, term_delays),
     st.tuples(st.just("probe"), who, probes),
+    st.tuples(st.just("probe"), who, probes),  # twice: the edit with most to get wrong
     st.tuples(st.just("restart"), who, restarts),
     st.tuples(st.just("ready"), who, st.booleans()),
     st.tuples(st.just("uids"), st.booleans()),
