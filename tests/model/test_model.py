@@ -25,8 +25,8 @@ from .machine import DaemonModel
 # --- running it ---------------------------------------------------------------------------
 
 FIXED = settings(
-    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "6")),
-    stateful_step_count=int(os.environ.get("PUBMON_MODEL_STEPS", "20")),
+    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "5")),
+    stateful_step_count=int(os.environ.get("PUBMON_MODEL_STEPS", "16")),
     deadline=None,
     derandomize=True,
     database=None,
