@@ -25,7 +25,7 @@ from .machine import DaemonModel
 # --- running it ---------------------------------------------------------------------------
 
 FIXED = settings(
-    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "5")),
+    max_examples=int(os.environ.get("PUBMON_MODEL_EXAMPLES", "7")),
     stateful_step_count=int(os.environ.get("PUBMON_MODEL_STEPS", "16")),
     deadline=None,
     derandomize=True,
