@@ -14,7 +14,11 @@ from .harness import ModelConfig, PubSpec
 NAMES = ("a", "b", "c", "d")
 LOOSE = 1000  # "any number": a counter the model cannot predict (see the tolerances)
 # Checks that can be switched off to find the next bug on a core that has an earlier one
-# (PUBMON_MODEL_SKIP=broken,tail0,...): see the closing note of issue 10. Off by default.
+# (PUBMON_MODEL_SKIP=key,key,...; none by default): broken (the `#!` publisher), tail0, uids,
+# probe (no probe edits), answer (the reload's answer), changed-list (only its `changed`),
+# ready (sd_notify), race (stop racing an exit), inflight (SIGTERM during a reload), stuck,
+# stuck-answer (what a stop of a stuck child says), refusal (the undeclared InvalidState),
+# refused-start (a refused reload that started publishers). See issue 10's closing note.
 SKIP = frozenset(filter(None, os.environ.get("PUBMON_MODEL_SKIP", "").split(",")))
 
 term_delays = st.sampled_from([0.0, 0.5, 3.0])
