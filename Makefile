@@ -1,10 +1,11 @@
 # make demo | make test | make lint | make bench | make bench-quick | make soak MINUTES=30
+# make explore MINUTES=N: the model-based test (tests/model) with fresh seeds for N minutes
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench bench-quick soak clean apt-http apt-cli fuse
+.PHONY: demo test lint pytest bench bench-quick soak explore clean apt-http apt-cli fuse
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,11 @@ MINUTES ?= 30
 soak: $(STAMP)
 	PUBMON_CHAOS_SECONDS=$$(( $(MINUTES) * 60 )) $(PY) -m pytest -q -m chaos tests/chaos -s \
 		-o faulthandler_timeout=0
+
+# A failure prints the seed and the command that replays it (see tests/model/test_model.py).
+explore: $(STAMP)
+	PUBMON_MODEL_SECONDS=$$(( $(MINUTES) * 60 )) $(PY) -m pytest -q -s tests/model \
+		-p no:cacheprovider -o faulthandler_timeout=0
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

@@ -186,10 +186,11 @@ service PubmonService extends fb303.FacebookService {
   /**
    * Re-read the config file and apply the difference; answers once added and restarted
    * publishers settled. noWait: answers once the file was accepted (a bad one is still a
-   * ConfigError), with what the reload is applying, which goes on. [mutating]
+   * ConfigError), with what the reload is applying, which goes on. InvalidState once the
+   * daemon is stopping. [mutating]
    */
   ReloadResult reloadConfig(1: optional bool noWait)
-      throws (1: ConfigError e1, 2: PermissionDenied e2),
+      throws (1: ConfigError e1, 2: PermissionDenied e2, 3: InvalidState e3),
 
   /**
    * Up to maxLines lines (1..10000) with seq > afterSeq, oldest first. afterSeq = 0: from the

@@ -117,6 +117,7 @@ METHODS: dict[str, MethodDef] = {
         (
             (1, "e1", STRUCT, "ConfigError"),
             (2, "e2", STRUCT, "PermissionDenied"),
+            (3, "e3", STRUCT, "InvalidState"),
             (0, "success", STRUCT, "ReloadResult"),
         ),
         False,
