@@ -111,6 +111,7 @@ class Daemon:
         # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
         self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
         self._sighup_queued = False
+        self._applied: ReloadReport | None = None  # the reload under way, once applied
         self._status_cache = (-1, "")  # (supervisor.changed.fires, verdict)
 
     # --- requests (signals, RPC) --------------------------------------------------------------
@@ -159,6 +160,7 @@ class Daemon:
                 current = await self._reloads.get()
                 if current is None:
                     self._sighup_queued = False
+                self._applied = None
                 try:
                     report = await self._reload_once()
                 except (ConfigError, StartupError, InvalidState) as exc:
@@ -169,7 +171,12 @@ class Daemon:
                         current.set_result(report)
                 current = None
         finally:
-            # Cancelled at shutdown: the reload under way and every queued one are refused.
+            # Cancelled at shutdown. A reload that had applied its changes says so (the
+            # shutdown now stops what it started, in order); one that had not, and every
+            # queued one, are refused: nothing of them was done.
+            if current is not None and not current.done() and self._applied is not None:
+                diff, lines = self._applied
+                current.set_result(ReloadReport(diff, [*lines, "pubmon began stopping"]))
             refused = InvalidState("pubmon is stopping: reload refused")
             pending = [current]
             while not self._reloads.empty():
@@ -190,7 +197,14 @@ class Daemon:
             self._check_limits(new)
             lines = _daemon_changes(self.config, new)
             lines += await self.listeners.reconfigure(new)
-            diff = await self.supervisor.reload(new)
+
+            def applied(diff: ConfigDiff) -> None:
+                self._applied = ReloadReport(diff, lines)
+                self.config = new
+                self.reloads += 1
+                self.last_reload_error = ""
+
+            diff = await self.supervisor.reload(new, applied)
         except (ConfigError, StartupError) as exc:
             self.reload_failures += 1
             self.last_reload_error = str(exc)
@@ -199,13 +213,10 @@ class Daemon:
         finally:
             if announce:
                 self.notifier.ready(self.status_details())  # dropped once STOPPING=1 went out
-        self.config = new
         if self.http is not None:  # [http] hook: apply [http] changes live
             lines += await self.http.reconfigure(new)
         elif new.http.listen:
             lines.append(f"http.listen: {new.http.listen!r} (takes effect at the next start)")
-        self.reloads += 1
-        self.last_reload_error = ""
         self.notifier.status(self.status_details())
         return ReloadReport(diff, lines)
 

@@ -331,7 +331,7 @@ class PubmonHandler:
         return m.ReloadResult(
             added=list(diff.added),
             removed=list(diff.removed),
-            changed=sorted((*diff.changed, *diff.policy_only)),  # the IDL: restarted or updated
+            changed=list(diff.changed),  # restarted; see `publishers` for the rest
             unchanged=list(diff.unchanged),
             publishers=[
                 m.PublisherChange(name=c.name, change=c.change, fields=list(c.fields))

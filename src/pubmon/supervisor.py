@@ -211,7 +211,9 @@ class Supervisor:
     async def _bounded(self, pub: Publisher, request: Awaitable[Outcome]) -> Outcome | None:
         # The request itself stays in force; only the caller stops waiting for its outcome.
         spec = pub.spec
-        bound = spec.start_timeout + spec.stop_timeout + REQUEST_GRACE
+        # A stop may take stop_timeout, then KILL_BOUND before a child that outlived its
+        # SIGKILL is reported stuck: the answer then names its pid and /proc state.
+        bound = spec.start_timeout + spec.stop_timeout + KILL_BOUND + REQUEST_GRACE
         try:
             async with asyncio.timeout(bound):
                 outcome: Outcome = await request
@@ -377,9 +379,14 @@ class Supervisor:
         for pub in self.publishers.values():
             pub.kill()
 
-    async def reload(self, new: Config) -> ConfigDiff:
+    async def reload(
+        self, new: Config, on_applied: Callable[[ConfigDiff], None] = lambda _: None
+    ) -> ConfigDiff:
         """Apply a validated config: add, remove, restart (spawn settings changed) or update
-        live, per FIELD_EFFECTS. Refused with InvalidState once stopping."""
+        live, per FIELD_EFFECTS, then wait (bounded) for the outcome. Refused with
+        InvalidState once stopping. `on_applied` is called once every change has been posted,
+        before the first await: from then on the reload has happened, even if its caller
+        stops waiting (a shutdown cancels it) before the publishers settle."""
         self._refuse_if_stopping("reload")
         async with self._reload_lock:
             self._refuse_if_stopping("reload")
@@ -407,6 +414,7 @@ class Supervisor:
                 sorted(self.publishers.items(), key=lambda kv: order.get(kv[0], len(order)))
             )
             self._index_dependents()
+            on_applied(diff)
             await self._stop_in_order(removed)
             for pub in removed:
                 task = self._tasks.pop(pub.name)
