@@ -542,3 +542,17 @@ async def test_requests_are_refused_once_the_supervisor_is_stopping() -> None:
         sup.kill_all()
         async with asyncio.timeout(10):
             assert await stopping == []
+
+
+async def test_a_restart_that_fails_to_spawn_is_answered_at_once(tmp_path: Path) -> None:
+    # Found by the model: the failed spawn settled no waiter, so the answer came only when the
+    # request's bound (start + stop + KILL_BOUND + grace) ran out.
+    script = tmp_path / "publisher"
+    script.write_text("#!/nonexistent/python3\n")
+    script.chmod(0o755)
+    async with running(spec("script", (str(script),), start_timeout=30)) as sup:
+        pub = sup.get("script")
+        await in_state(pub, S.FATAL)
+        async with asyncio.timeout(10):  # not the 45 s bound
+            snap = await sup.restart("script")
+        assert snap.state == S.FATAL and "interpreter" in snap.details

@@ -461,6 +461,7 @@ class Publisher:
                         await self._handle(self._inbox.get_nowait())
                     if self._spawn_due():
                         await self._spawn()
+                        self._settle_waiters()  # a spawn that failed at once answers now
                         continue
                     await self._handle(await self._inbox.get())
         finally:
