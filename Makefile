@@ -66,6 +66,7 @@ test: lint pytest
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/bench_upgrade.py --sizes 200,1000 --runs 5
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick

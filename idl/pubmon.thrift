@@ -149,6 +149,26 @@ exception ConfigError {
   2: list<string> problems,
 }
 
+/**
+ * An upgrade the code on disk accepted: the daemon re-executes it right after this answer
+ * (same pid, every publisher carried over). The new image counts it in getCounters:
+ * daemon.upgrades becomes upgradesBefore + 1, with daemon.last_upgrade_pause_ms (how long
+ * nothing was served nor read) and daemon.last_upgrade_adopted (publishers carried over).
+ */
+struct UpgradeResult {
+  1: string oldVersion,
+  2: string newVersion,
+  /** Publisher processes being carried over. */
+  3: i32 publishers,
+  /** daemon.upgrades before this one. */
+  4: i64 upgradesBefore,
+}
+
+/** The code on disk cannot take over (broken install, unknown state format, bad config). */
+exception UpgradeRefused {
+  1: string message,
+}
+
 service PubmonService extends fb303.FacebookService {
   /** Every publisher instance, in config order. */
   list<PublisherInfo> listPublishers(),
@@ -225,6 +245,14 @@ service PubmonService extends fb303.FacebookService {
    * 0.5 s). Needs the logs access level. [logs]
    */
   LogChunk tailDaemonLog(1: i64 afterSeq, 2: i32 maxLines) throws (1: PermissionDenied e),
+
+  /**
+   * Upgrade in place: check that the pubmon on disk can take over, then re-execute it with
+   * the same pid, config and flags; no publisher restarts. Refused (the daemon runs on) with
+   * the check's reason. Connections are closed by the exec: reconnect, and see UpgradeResult.
+   * [mutating]
+   */
+  UpgradeResult upgrade() throws (1: UpgradeRefused e1, 2: InvalidState e2, 3: PermissionDenied e3),
 
   /** Reopen every publisher's log file (after rotation by an outside tool). [mutating] */
   void reopenLogs() throws (1: PermissionDenied e),

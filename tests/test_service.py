@@ -265,9 +265,14 @@ async def test_counters_and_fb303_basics(tmp_path: Path) -> None:
         rc, out, _ = await cli("counters", "daemon.", "--socket", sock)
         keys = [line.split()[0] for line in out.splitlines()]
         assert keys == [
+            "daemon.last_upgrade_adopted",
+            "daemon.last_upgrade_lost",
+            "daemon.last_upgrade_pause_ms",
             "daemon.loop_lag_ms",
             "daemon.reload_failures",
             "daemon.reloads",
+            "daemon.upgrade_failures",
+            "daemon.upgrades",
             "daemon.uptime_s",
         ]
         svc = idl.pubmon().PubmonService

@@ -285,6 +285,36 @@ def test_reload_applies_a_change_in_the_same_main_process(pubmon: Pubmon) -> Non
     pubmon.wait_journal("1 added, 0 removed, 1 restarted, 0 updated, 2 unchanged")
 
 
+def test_upgrade_keeps_main_pid_unit_active_and_every_publisher(pubmon: Pubmon) -> None:
+    extra = (
+        '\n[publisher.many]\ncommand = ["/bin/sleep", "3600"]\nnumprocs = 47\nstart_timeout = 0\n'
+    )
+    pubmon.config.write_text(pubmon.config.read_text() + extra)
+    pubmon.systemctl("start")
+    main, before = pubmon.main_pid(), pubmon.publishers()
+    assert len(before) == 50
+    out = pubmon.machine.run(str(VENV_PUBMON), "upgrade").stdout
+    assert "50 publishers carried over" in out, out
+    # SIGUSR2 to the main process only, as systemd/README.md says.
+    pubmon.machine.systemctl("kill", "--kill-whom=main", "-s", "USR2", SERVICE)
+    lines = pubmon.wait_journal("upgraded from pubmon", timeout=30)
+    wait_for(
+        "the second upgrade",
+        lambda: sum("upgraded from pubmon" in x for x in pubmon.journal()) == 2,
+        30,
+    )
+    assert pubmon.main_pid() == main
+    props = pubmon.show("ActiveState", "SubState", "StatusText")
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    assert props["StatusText"] == "50/50 publishers running, 0 fatal"
+    assert pubmon.publishers() == before
+    assert not [x for x in lines if "cannot" in x or "ERROR" in x]
+    # With Delegate=yes each publisher has a cgroup: the new image must not sweep those.
+    journal = pubmon.journal()
+    assert sum("publishers run in cgroups below" in x for x in journal) == 3, journal
+    assert not [x for x in journal if "left in" in x]
+
+
 def test_journal_has_the_daemon_log_and_publisher_output(pubmon: Pubmon) -> None:
     pubmon.systemctl("start")
     lines = pubmon.wait_journal(

@@ -156,6 +156,16 @@ METHODS: dict[str, MethodDef] = {
         ((1, "e", STRUCT, "PermissionDenied"), (0, "success", STRUCT, "LogChunk")),
         False,
     ),
+    "upgrade": (
+        (),
+        (
+            (1, "e1", STRUCT, "UpgradeRefused"),
+            (2, "e2", STRUCT, "InvalidState"),
+            (3, "e3", STRUCT, "PermissionDenied"),
+            (0, "success", STRUCT, "UpgradeResult"),
+        ),
+        False,
+    ),
     "reopenLogs": ((), ((1, "e", STRUCT, "PermissionDenied"),), False),
     "getName": ((), ((0, "success", STRING, None),), False),
     "getVersion": ((), ((0, "success", STRING, None),), False),
@@ -234,6 +244,13 @@ STRUCTS: dict[str, Fields] = {
         (6, "daemon", LIST, (STRING, None)),
     ),
     "UnknownPublisher": ((1, "message", STRING, None),),
+    "UpgradeRefused": ((1, "message", STRING, None),),
+    "UpgradeResult": (
+        (1, "oldVersion", STRING, None),
+        (2, "newVersion", STRING, None),
+        (3, "publishers", I32, None),
+        (4, "upgradesBefore", I64, None),
+    ),
 }
 
 EXCEPTIONS: tuple[str, ...] = (
@@ -241,6 +258,7 @@ EXCEPTIONS: tuple[str, ...] = (
     "InvalidState",
     "PermissionDenied",
     "UnknownPublisher",
+    "UpgradeRefused",
 )
 
 ENUMS: dict[str, dict[str, int]] = {

@@ -274,15 +274,20 @@ class Cgroups:
         return f"<Cgroups {self.root} controllers={sorted(self.controllers)}>"
 
     @classmethod
-    def setup(cls, setting: str) -> Cgroups | None:
+    def setup(cls, setting: str, *, sweep: bool = True) -> Cgroups | None:
         """Find or take the subtree `[daemon] cgroup` names (see the module docstring), move
         the daemon into its leaf when needed, enable the controllers limits use, and kill
-        what earlier runs left in publisher groups. None (logged) when there is none.
+        what earlier runs left in publisher groups (not with `sweep=False`: after `pubmon
+        upgrade`, they are the publishers carried over). None (logged) when there is none.
         StartupError when an explicit path cannot be used."""
         if setting == "":
             logger.info('no cgroup ([daemon] cgroup = ""): publishers run in process groups')
             return None
         own = own_cgroup()
+        if own is not None and os.path.basename(own) == SUPERVISOR:
+            # Already in our leaf: `pubmon upgrade` re-executed this process. The subtree is
+            # the leaf's parent, as when the first image moved itself there.
+            own = os.path.dirname(own)
         if setting == "auto":
             if own is None or not _delegated(own):
                 where = own or "no cgroup2 hierarchy"
@@ -317,7 +322,8 @@ class Cgroups:
                 "and move processes there: root, or a delegated subtree)"
             ) from exc
         cgroups = cls(root, controllers)
-        cgroups.sweep_stale()
+        if sweep:
+            cgroups.sweep_stale()
         logger.info(
             "publishers run in cgroups below %s (controllers: %s)",
             root,

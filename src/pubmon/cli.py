@@ -16,6 +16,8 @@ Usage:
   pubmon tail NAME... [options]
   pubmon log [options]
   pubmon counters [PREFIX] [options]
+  pubmon upgrade [options]
+  pubmon upgrade-check --state-version N --config FILE
   pubmon completion SHELL
   pubmon -h | --help
   pubmon --version
@@ -45,6 +47,7 @@ Options:
   --timestamps     tail, log: show each line's time.
   -n N             tail, log: how many lines of history to show first [default: 10].
   -f               tail, log: keep printing new lines (across restarts) until Ctrl-C.
+  --state-version N  upgrade-check: the state format the running daemon hands over.
   -h --help        Show this text.
   --version        Show the version.
 
@@ -1037,6 +1040,33 @@ def cmd_counters(remote: Remote, a: Args) -> int:
     return EXIT_OK
 
 
+def cmd_upgrade(remote: Remote, a: Args) -> int:
+    """Ask for the upgrade, then wait for the new image to count it (the exec closes the
+    connection) and print what getCounters says of it."""
+    r = remote.call("upgrade")
+    print(f"upgrading pubmon {r.oldVersion} -> {r.newVersion}: {r.publishers} publishers")
+    deadline = time.monotonic() + (a.timeout if a.timeout is not None else 60.0)
+    while True:
+        try:
+            with Remote(a) as again:
+                counters = again.call("getCounters")
+        except CliError:
+            counters = {}
+        if counters.get("daemon.upgrades", 0) > r.upgradesBefore:
+            break
+        if time.monotonic() >= deadline:
+            raise CliError(EXIT_TIMEOUT, "the new image did not report the upgrade in time")
+        time.sleep(0.05)
+    pause = counters.get("daemon.last_upgrade_pause_ms", 0)
+    adopted = counters.get("daemon.last_upgrade_adopted", 0)
+    lost = counters.get("daemon.last_upgrade_lost", 0)
+    print(f"upgraded in place: paused {pause} ms, {adopted} publishers carried over")
+    if lost:
+        print(f"pubmon: {lost} publisher(s) could not be carried over (see the daemon's log)")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Remote, Args], int]] = {
     "status": cmd_status,
     "start": cmd_action,
@@ -1050,8 +1080,9 @@ COMMANDS: dict[str, Callable[[Remote, Args], int]] = {
     "tail": cmd_tail,
     "log": cmd_log,
     "counters": cmd_counters,
+    "upgrade": cmd_upgrade,
 }
-ALL_COMMANDS = ("daemon", "demo", "check-config", *COMMANDS, "completion")
+ALL_COMMANDS = ("daemon", "demo", "check-config", *COMMANDS, "completion", "upgrade-check")
 
 
 def _remote_main(a: Args) -> int:
@@ -1239,6 +1270,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(config, bool(raw["--debug"]), init=bool(raw["--init"]))
         if raw["demo"]:
             return run_demo(debug=bool(raw["--debug"]))
+        if raw["upgrade-check"]:  # run by a daemon before `pubmon upgrade` re-executes it
+            from .upgrade import check_main
+
+            return check_main(raw["--config"], int(raw["--state-version"]))
         if raw["check-config"]:
             from .config import check_config_main
 

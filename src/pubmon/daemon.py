@@ -43,14 +43,15 @@ from . import _init, _stdout
 from ._procstats import ProcStats
 from .cgroup import Cgroups, limit_problems
 from .config import Config, ConfigDiff, load_config
-from .errors import ConfigError, ConfigProblem, InvalidState, StartupError
+from .errors import ConfigError, ConfigProblem, InvalidState, StartupError, UpgradeRefused
 from .lifecycle import Health, PublisherState
-from .lock import acquire_lock
+from .lock import DaemonLock, acquire_lock
 from .notify import Notifier
 from .publisher import Publisher
 from .service import Listeners
 from .signals import GRACEFUL, SignalQueue
 from .supervisor import Leftover, Supervisor
+from .upgrade import Handover, Upgrader
 
 if TYPE_CHECKING:
     from .http import HttpServer  # [http] hook
@@ -113,6 +114,12 @@ class Daemon:
         self._sighup_queued = False
         self._applied: ReloadReport | None = None  # the reload under way, once applied
         self._status_cache = (-1, "")  # (supervisor.changed.fires, verdict)
+        # [upgrade] hooks: `pubmon upgrade` / SIGUSR2, and what a previous image handed over.
+        self.upgrader = Upgrader(self)
+        self.lock: DaemonLock | None = None
+        self.reload_busy = False
+        self._handover: Handover | None = None
+        self._tg: asyncio.TaskGroup | None = None
 
     # --- requests (signals, RPC) --------------------------------------------------------------
 
@@ -161,6 +168,7 @@ class Daemon:
                 if current is None:
                     self._sighup_queued = False
                 self._applied = None
+                self.reload_busy = True
                 try:
                     report = await self._reload_once()
                 except (ConfigError, StartupError, InvalidState) as exc:
@@ -169,6 +177,8 @@ class Daemon:
                 else:
                     if current is not None and not current.done():
                         current.set_result(report)
+                finally:
+                    self.reload_busy = False
                 current = None
         finally:
             # Cancelled at shutdown. A reload that had applied its changes says so (the
@@ -287,12 +297,17 @@ class Daemon:
         if self.stdout is not None:
             out["daemon.stdout_lines"] = self.stdout.lines
             out["daemon.stdout_dropped"] = self.stdout.dropped
+        out.update(self.upgrader.counters())
         return out
 
     # --- the run ------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        lock = acquire_lock(self.config.path)
+        self._handover = Handover.from_environ()  # [upgrade] hook: started by an upgrade
+        if self._handover is not None:
+            self._handover.restore_daemon(self, self.upgrader)
+        kept = self._handover.lock() if self._handover is not None else None
+        lock = self.lock = kept or acquire_lock(self.config.path)
         try:
             with self.signals:
                 if os.environ.get("PUBMON_TEST_WEDGE") == "1":
@@ -311,19 +326,22 @@ class Daemon:
 
     async def _run(self) -> int:
         left: list[Leftover] = []
-        self.cgroups = Cgroups.setup(self.config.daemon.cgroup)
+        # [upgrade] hook: the groups of publishers carried over are not stale.
+        self.cgroups = Cgroups.setup(self.config.daemon.cgroup, sweep=self._handover is None)
         try:
             self._check_limits(self.config)
         except ConfigError as exc:
             raise StartupError(f"limits that cannot be applied: {exc}") from exc
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             background = [
                 tg.create_task(self._dispatch_signals(), name="signals"),
                 tg.create_task(self._measure_loop_lag(), name="loop lag"),
                 tg.create_task(self.notifier.watchdog(), name="watchdog"),
             ]
             listeners = Listeners(self, self.config)
-            try:
+
+            async def start_listeners() -> None:
                 await listeners.start()
                 self.listeners = listeners
                 if self.config.http.listen:  # [http] hook (issue 13): 4 lines here, 2 below
@@ -332,12 +350,21 @@ class Daemon:
                     self.http = HttpServer(self, self.config)
                     await self.http.start()
                     background.append(tg.create_task(self.http.run(), name="http"))
+
+            try:
+                if self._handover is None:
+                    await start_listeners()
                 sup = Supervisor(self.config, cgroups=self.cgroups)
                 if self.init:  # every orphan of the namespace lands here: reap within 1 s
                     sup.reaper.QUIET_PERIOD = sup.reaper.PERIOD
                 async with sup:
                     self.supervisor = sup
                     sup.on_ended = self._on_ended
+                    if self._handover is not None:  # [upgrade] hook: before any runner runs
+                        await self._handover.connect(self._handover.restore(sup))
+                        # Only now: what connected meanwhile waits in the handed-over
+                        # listeners' backlog, and is answered by the adopted state.
+                        await start_listeners()
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)
@@ -346,6 +373,9 @@ class Daemon:
                         self.ready.set()
                         self.notifier.ready(self.status_details())
                         logger.info("ready: %s", sup.summary())
+                        if self._handover is not None:  # [upgrade] hook
+                            self._handover.finish(self.upgrader)
+                            self._handover = None
                         background.append(tg.create_task(self._report_status(), name="status"))
                     await self._stop.wait()
                     for task in background:
@@ -399,8 +429,15 @@ class Daemon:
                 self.request_reload()
             elif sig == signal.SIGUSR1 and self.supervisor is not None:
                 self.reopen_logs()
-            elif sig == signal.SIGUSR2:
-                logger.warning("SIGUSR2: not supported (reserved for an upgrade in place); ignored")
+            elif sig == signal.SIGUSR2 and self._tg is not None:  # [upgrade] hook
+                self._tg.create_task(self._upgrade_on_signal(), name="upgrade")
+
+    async def _upgrade_on_signal(self) -> None:
+        """SIGUSR2: upgrade in place; a refusal is logged (by the upgrader) and nothing else."""
+        try:
+            await self.upgrader.upgrade()
+        except (UpgradeRefused, InvalidState) as exc:
+            logger.warning("SIGUSR2: no upgrade: %s", exc)
 
     async def _report_status(self) -> None:
         # STATUS= follows the publishers, at most five times a second.

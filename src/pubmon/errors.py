@@ -13,6 +13,7 @@ __all__ = [
     "SpawnError",
     "StartupError",
     "UnknownPublisher",
+    "UpgradeRefused",
 ]
 
 from typing import NamedTuple
@@ -83,3 +84,7 @@ class RpcError(PubmonError):
 
 class StartupError(PubmonError):
     """The daemon cannot start: another one holds the lock, a listener cannot bind, ..."""
+
+
+class UpgradeRefused(PubmonError):
+    """`pubmon upgrade`: the code on disk cannot take over (its check failed); nothing changed."""

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ._http_access import COOKIE, HttpAccess, read_token
+from ._inherited import inherited_socket
 from ._procstats import ProcStats
 from .access import Level, Refusals
 from .child_counters import ChildCounters
@@ -190,7 +191,7 @@ class HttpServer:
         self.tls = False
         self.scrapes = 0
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
         self._closed = asyncio.Event()
         self._table: tuple[tuple[int, int], bytes] | None = None
         self._assets = resources.files("pubmon") / "dashboard"
@@ -247,7 +248,12 @@ class HttpServer:
     async def _bind(self, host: str, port: int) -> None:
         assert self._runner is not None
         ctx = self._ssl()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ctx, reuse_address=True)
+        inherited = inherited_socket(f"http:{host}:{port}")  # [upgrade] hook
+        site: web.BaseSite
+        if inherited is not None:
+            site = web.SockSite(self._runner, inherited, ssl_context=ctx)
+        else:
+            site = web.TCPSite(self._runner, host, port, ssl_context=ctx, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:

@@ -456,6 +456,8 @@ class Publisher:
         try:
             async with asyncio.TaskGroup() as tg:  # its watch tasks
                 self._tg = tg
+                if self.child is not None and self.state in _LIVE:  # adopted by an upgrade
+                    self._start_watch(self.child, announce=self.state == S.STARTING)
                 while True:
                     while not self._inbox.empty():
                         await self._handle(self._inbox.get_nowait())

@@ -97,6 +97,7 @@ from ._frames import (
     encode_message,
     methods,
 )
+from ._inherited import inherited_socket, inherited_sockets
 from ._netlimits import TokenBucket, ensure_fd_limit, malloc_trim, port_holder
 from ._trust import make_trusted_dirs
 from .errors import PermissionDenied
@@ -309,6 +310,9 @@ class ThriftServer:
         """
         path = os.fspath(path)
         self._fd_headroom()
+        inherited = inherited_socket(f"unix:{path}")  # [upgrade] hook: handed over by exec
+        if inherited is not None:
+            return await self._adopt_unix(path, inherited, allow_uids)
         _claim_socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -343,6 +347,9 @@ class ThriftServer:
         """
         loop = asyncio.get_running_loop()
         self._fd_headroom()
+        handed = inherited_sockets(f"tcp:{host}:{port}")  # [upgrade] hook: handed over by exec
+        if handed:
+            return self._serve_tcp(host, handed, ssl_context)
         infos = await loop.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
@@ -374,11 +381,31 @@ class ThriftServer:
             for sock in socks:
                 sock.close()
             raise
+        return self._serve_tcp(host, socks, ssl_context)
+
+    def _serve_tcp(
+        self, host: str, socks: list[socket.socket], ssl_context: ssl.SSLContext | None
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        bound: int = socks[0].getsockname()[1]
         for sock in socks:
             self._listeners.append(sock)
             loop.add_reader(sock.fileno(), self._accept, sock, ssl_context)
         self._listening(f"{'tls' if ssl_context else 'tcp'}:{host}:{bound}", socks)
         return bound
+
+    async def _adopt_unix(
+        self, path: str, sock: socket.socket, allow_uids: Collection[int] | None
+    ) -> None:
+        """[upgrade] Serve a unix listener handed over by the previous image: its file stays."""
+        st = os.stat(path)
+        self._sockets.append((path, st.st_dev, st.st_ino))
+        allowed = None if allow_uids is None else frozenset(allow_uids) | {self._own_uid}
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _Connection(self, "unix", path, allowed), sock=sock
+        )
+        self._servers.append(server)
+        self._listening(f"unix:{path}", server)
 
     def _listening(self, where: str, what: asyncio.Server | list[socket.socket]) -> None:
         self._where[where] = what

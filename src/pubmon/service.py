@@ -40,6 +40,7 @@ from .errors import (
     PermissionDenied,
     StartupError,
     UnknownPublisher,
+    UpgradeRefused,
 )
 from .lifecycle import PublisherState
 from .output import LogChunk, LogLine, OutputLog
@@ -338,6 +339,22 @@ class PubmonHandler:
                 for c in diff.changes
             ],
             daemon=daemon,
+        )
+
+    async def upgrade(self) -> Any:
+        self._mutable()
+        m = idl.pubmon()
+        try:
+            got = await self._daemon.upgrader.upgrade()
+        except InvalidState as exc:
+            raise self._translate(exc) from None
+        except UpgradeRefused as exc:
+            raise m.UpgradeRefused(message=str(exc)) from None
+        return m.UpgradeResult(
+            oldVersion=got.old_version,
+            newVersion=got.new_version,
+            publishers=got.publishers,
+            upgradesBefore=got.upgrades_before,
         )
 
     async def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:

@@ -4,7 +4,7 @@ SIGTERM SIGINT SIGQUIT                     graceful stop; a second one kills eve
 SIGALRM SIGVTALRM SIGPROF                  the same (their default action would end us)
 SIGHUP                                     reload the config (a storm is coalesced into one)
 SIGUSR1                                    reopen log files
-SIGUSR2                                    logged as not supported (reserved: upgrade in place)
+SIGUSR2                                    upgrade in place (re-execute; see pubmon.upgrade)
 
 Every one has a handler, so none is lost when pubmon is a container's PID 1 (the kernel drops
 signals with the default action sent to PID 1). SIGQUIT stops gracefully like SIGTERM rather
@@ -37,7 +37,7 @@ HANDLED = (*GRACEFUL, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 _KEEP = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP}
 
 
-def reset_inherited_dispositions() -> None:
+def reset_inherited_dispositions(*, unblock: bool = True) -> None:
     for sig in signal.valid_signals():
         if sig in _KEEP:
             continue
@@ -46,7 +46,8 @@ def reset_inherited_dispositions() -> None:
                 signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
             pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if unblock:
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 class SignalQueue:
@@ -57,10 +58,13 @@ class SignalQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self) -> None:
-        reset_inherited_dispositions()
+        reset_inherited_dispositions(unblock=False)
         self._loop = asyncio.get_running_loop()
         for sig in HANDLED:
             self._loop.add_signal_handler(sig, self._queue.put_nowait, sig)
+        # Unblocked only now: `pubmon upgrade` execs with these blocked, so that one sent
+        # while the new image starts stays pending (instead of killing it) and comes here.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
     def uninstall(self) -> None:
         if self._loop is None:

@@ -18,7 +18,7 @@ _pubmon() {
     local cur prev cmd
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="daemon demo check-config status start stop restart signal pid reload tail log counters completion"
+    local commands="daemon demo check-config status start stop restart signal pid reload tail log counters upgrade completion"
     local options="--config --debug --socket --host --port --tls-ca --tls-cert --tls-key --timeout
         --no-wait --json --group --state --dry-run --timestamps -n -f --help --version"
     case $prev in

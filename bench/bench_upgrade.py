@@ -1,0 +1,126 @@
+"""The pause of `pubmon upgrade`: how long the daemon serves no RPC and reads no pipe.
+
+For each N: a daemon with N `sleep 3600` publishers (control socket, log files), then
+`--runs` upgrades in a row over the control socket. The pause is what the new image reports
+(getCounters `daemon.last_upgrade_pause_ms`): from the moment the old image stopped reading
+the pipes to READY=1 in the new one, on the same CLOCK_MONOTONIC. Also measured from outside:
+the wall time from the `upgrade` answer until a new connection gets a getCounters answer that
+counts it. Checks on the way: every publisher keeps its pid, 0 restarts. Prints one JSON line
+per N.
+
+    .venv/bin/python bench/bench_upgrade.py [--sizes 200,1000] [--runs 5]
+
+Targets (issue 12): pause <= 300 ms with 200 publishers, <= 1 s with 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pubmon._wire import WireClient
+
+PUBMON = str(Path(sys.executable).with_name("pubmon"))
+
+
+def _config(tmp: Path, n: int) -> Path:
+    path = tmp / "pubmon.toml"
+    text = (
+        f'[daemon]\nlog_dir = "{tmp / "logs"}"\nshutdown_timeout = 60\n'
+        f'[control]\nsocket = "{tmp / "pubmon.sock"}"\n[monitor]\nlisten = ""\n'
+        '[publisher.s]\ncommand = ["sleep", "3600"]\nnumprocs = %d\nstart_timeout = 0\n'
+        'user = "nobody"\nlog = { max_bytes = 0 }\n' % n
+    )
+    path.write_text(text)
+    return path
+
+
+def _call(sock: str, method: str, timeout: float = 60) -> Any:
+    client = WireClient(unix_socket=sock, timeout=timeout)
+    try:
+        return client.call(method)
+    finally:
+        client.close()
+
+
+def _pids(sock: str) -> dict[str, int]:
+    return {i.name: i.pid for i in _call(sock, "listPublishers") if i.state == "RUNNING"}
+
+
+def measure(n: int, runs: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pubmon-upgrade-") as d:
+        tmp = Path(d)
+        config = _config(tmp, n)
+        sock = str(tmp / "pubmon.sock")
+        proc = subprocess.Popen(
+            [PUBMON, "daemon", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if len(_pids(sock)) == n:
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{n} publishers not RUNNING within 120 s")
+                time.sleep(0.2)
+            before = _pids(sock)
+            pauses, outside = [], []
+            for _ in range(runs):
+                r = _call(sock, "upgrade")
+                t = time.monotonic()
+                while True:
+                    try:
+                        got = _call(sock, "getCounters", timeout=30)
+                        if got["daemon.upgrades"] > r.upgradesBefore:
+                            break
+                    except Exception:
+                        pass
+                    time.sleep(0.005)
+                outside.append((time.monotonic() - t) * 1000)
+                pauses.append(got["daemon.last_upgrade_pause_ms"])
+                assert got["daemon.last_upgrade_adopted"] == n, got
+            after = _pids(sock)
+            restarts = sum(i.restarts for i in _call(sock, "listPublishers"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    return {
+        "publishers": n,
+        "upgrades": runs,
+        "pause_ms_median": statistics.median(pauses),
+        "pause_ms_max": max(pauses),
+        "pause_ms": pauses,
+        "answer_to_counted_ms_median": round(statistics.median(outside)),
+        "pids_unchanged": before == after,
+        "restarts": restarts,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="200,1000")
+    p.add_argument("--runs", type=int, default=5)
+    a = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (publishers run as nobody)")
+    for n in map(int, a.sizes.split(",")):
+        print(json.dumps(measure(n, a.runs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
