@@ -59,6 +59,7 @@ __all__ = [
 
 import asyncio
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -335,7 +336,10 @@ class DirWriter:
         finally:
             self.dir.close()
             if self._private:
-                os.close(self._wake_w)  # the copy in this thread's own table
+                # The copy in this thread's own table; absent when the loop side had closed
+                # its copy before this thread unshared (a writer that closed at once).
+                with contextlib.suppress(OSError):
+                    os.close(self._wake_w)
             _live.discard(self)
 
     def _handle(self, ops: list[_Op]) -> bool:

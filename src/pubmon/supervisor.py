@@ -275,6 +275,14 @@ class Supervisor:
         deps = [d for dep in pub.spec.depends_on for d in self._instances(dep)]
         return any(d.state in _TERMINAL or not d.wanted for d in deps)
 
+    async def _outcome(
+        self, pub: Publisher, answer: asyncio.Future[Outcome] | None
+    ) -> Outcome | None:
+        """A reload's wait for one publisher: its answer, or (None) until it settled. The
+        waits are made here, inside the task, so a reload cancelled before they start leaves
+        no coroutine unawaited."""
+        return await self._bounded(pub, answer or self._wait_settled_one(pub))
+
     async def _wait_settled_one(self, pub: Publisher) -> Outcome:
         await self.changed.wait_for(lambda: self._settled(pub))
         return Outcome.DONE
@@ -424,9 +432,7 @@ class Supervisor:
                 if pub.cgroup is not None:
                     pub.cgroup.remove()
                 del self.publishers[pub.name]
-            await asyncio.gather(
-                *(self._bounded(p, a or self._wait_settled_one(p)) for p, a in posted)
-            )
+            await asyncio.gather(*(self._outcome(p, a) for p, a in posted))
             logger.info(
                 "reloaded %s: %d added, %d removed, %d restarted, %d updated, %d unchanged",
                 new.path,
