@@ -536,7 +536,11 @@ class Publisher:
                 raise InvalidState(f"{self.name} is already STOPPED")
             self._closed = self._closed or kind == "shutdown"
             self._stop_request("stopped by operator" if kind == "stop" else "pubmon is stopping")
-            self._await(req.answer, lambda: self.state == S.STOPPED, lambda: self._wanted)
+            # Done once STOPPED, or once the child is reported stuck after its SIGKILL (the
+            # answer, STOPPING, names its pid and /proc state): waiting longer tells nothing.
+            self._await(
+                req.answer, lambda: self.state == S.STOPPED or self.stuck, lambda: self._wanted
+            )
         elif kind == "kill":
             self._closed = True
             self._stop_request("killed: pubmon is stopping now")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -476,6 +477,7 @@ class DaemonModel(RuleBasedStateMachine):
         bound = self.call_bound(name)
         method = {"start": "startPublisher", "stop": "stopPublisher"}
         answer = self.request(via, bound, action, method.get(action, "restartPublisher"), name)
+        answer = self.as_operator_expects(via, action, answer)
         if answer.kind == "hang" or answer.kind not in ("ok", "refused"):
             self.fail(f"{action} {name} via {via}: {answer} (bound {bound:g} s)")
         if pub is None:
@@ -509,6 +511,22 @@ class DaemonModel(RuleBasedStateMachine):
             if pub.spec is not None and pub.spec.probe == "dead":
                 pub.bump(exits=(0, LOOSE), restarts=(0, LOOSE))
         self.settle(f"{action} {name}")
+
+    @staticmethod
+    def as_operator_expects(via: str, action: str, answer: Answer) -> Answer:
+        """The CLI speaks systemctl's habits: a start or stop with nothing to do is exit 0
+        "already RUNNING/STOPPED" (the daemon's InvalidState, which RPC sees), and a start or
+        restart that ended in a failure state is exit 1 naming it (the request was answered)."""
+        if via != "cli" or answer.kind not in ("ok", "error"):
+            return answer
+        code, out, err = answer.value
+        if answer.kind == "ok" and "already " in out + err:
+            return Answer("refused", answer.value, reason="InvalidState", seconds=answer.seconds)
+        failed = re.search(r": (FATAL|BACKOFF|EXITED)\b", out + err)
+        if answer.kind == "error" and action != "stop" and code == 1 and failed:
+            state = f"{out}{err}".strip().splitlines()[-1]
+            return Answer("ok", (0, state, ""), seconds=answer.seconds)
+        return answer
 
     def request(self, via: str, bound: float, action: str, method: str, name: str) -> Answer:
         if via == "rpc":
