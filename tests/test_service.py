@@ -333,9 +333,13 @@ async def _garbage(port: int, sock: str, rng: random.Random) -> None:
             lambda: asyncio.open_unix_connection(sock),
         ):
             _, w = await opener()
-            w.write(data)
-            await w.drain()
-            w.close()
+            try:
+                w.write(data)
+                await w.drain()
+            except ConnectionError:
+                pass  # the daemon may reset a garbage connection before we are done: fine
+            finally:
+                w.close()
 
 
 def _rss_kb(pid: int) -> int:
@@ -359,23 +363,25 @@ async def test_listeners_survive_garbage_and_idle_floods(tmp_path: Path) -> None
             rss0 = _rss_kb(d.pid)
             rng = random.Random(1)
             idle = []
-            for i in range(1000):
-                if i % 2:
-                    idle.append(await asyncio.open_unix_connection(sock))
-                else:
-                    idle.append(await asyncio.open_connection("127.0.0.1", port))
-            for _ in range(5):
-                await _garbage(port, sock, rng)
-            took = []
-            for _ in range(50):
-                t0 = time.perf_counter()
-                assert idl.FbStatus(await probe.call("getStatus")) == idl.FbStatus.ALIVE
-                took.append(time.perf_counter() - t0)
-            took.sort()
-            p90, worst = took[44], took[-1]
-            grew_mb = (_rss_kb(d.pid) - rss0) / 1024
-            for _, w in idle:
-                w.close()
+            try:
+                for i in range(1000):
+                    if i % 2:
+                        idle.append(await asyncio.open_unix_connection(sock))
+                    else:
+                        idle.append(await asyncio.open_connection("127.0.0.1", port))
+                for _ in range(5):
+                    await _garbage(port, sock, rng)
+                took = []
+                for _ in range(50):
+                    t0 = time.perf_counter()
+                    assert idl.FbStatus(await probe.call("getStatus")) == idl.FbStatus.ALIVE
+                    took.append(time.perf_counter() - t0)
+                took.sort()
+                p90, worst = took[44], took[-1]
+                grew_mb = (_rss_kb(d.pid) - rss0) / 1024
+            finally:  # closed even when the test fails: else their GC warns in a later test
+                for _, w in idle:
+                    w.close()
         # Still answering, not stalled (how fast is the bench's figure, not a test's).
         assert p90 < 2, f"getStatus p90 {p90 * 1000:.1f} ms (max {worst * 1000:.1f} ms)"
         assert grew_mb < 20, f"RSS grew {grew_mb:.1f} MB"
