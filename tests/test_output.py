@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import stat
 import sys
 import types
@@ -530,3 +531,20 @@ async def test_a_real_child_through_a_subprocess_protocol(logdir: Path) -> None:
         ("stderr", "done", True)
     ]
     assert log.lines == 200_001 and log.dropped == 0
+
+
+def test_the_log_writer_thread_never_takes_a_signal_meant_for_the_loop(tmp_path: Path) -> None:
+    # A signal the kernel hands to the writer (its fd table is private) would have its wakeup
+    # byte written to /dev/null and be lost: SIGHUP + SIGTERM back to back lost the SIGTERM.
+    from pubmon import _logwriter
+
+    writer = _logwriter.acquire(str(tmp_path))
+    try:
+        tid = writer._thread.native_id
+        status = Path(f"/proc/self/task/{tid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("SigBlk:"))
+        blocked = int(line.split()[1], 16)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
+            assert blocked & (1 << (sig - 1)), sig.name
+    finally:
+        _logwriter.release(writer)

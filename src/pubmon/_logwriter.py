@@ -70,6 +70,7 @@ from collections.abc import Callable, Sequence
 from typing import final
 
 from ._logfile import Buf, LogDir, LogFile, Run
+from .signals import start_without_signals
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class DirWriter:
         return True
 
     def start(self) -> None:
-        self._thread.start()
+        start_without_signals(self._thread)
 
     def stop(self) -> None:
         """End the thread once everything queued so far is handled."""

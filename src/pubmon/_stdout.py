@@ -33,6 +33,7 @@ import threading
 from collections import deque
 
 from ._ring import split_block
+from .signals import start_without_signals
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class StdoutSink:
         self._thread = threading.Thread(target=self._run, name="pubmon stdout", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        start_without_signals(self._thread)
 
     def add(self, name: str, stream: str, block: bytes, cut: int) -> None:
         """The event loop's side: one block of lines of one publisher (see output.StreamSink)."""
