@@ -1,8 +1,8 @@
-"""Micro benchmark of what a cgroup per publisher costs (pubmon.cgroup). Needs root and a
+"""Micro benchmark of what a cgroup per publisher costs (pubmon.core.cgroup). Needs root and a
 writable cgroup2 hierarchy (a test group is made below this process's own and removed).
 
 Prints one JSON line per figure:
-  spawn  spawn + exit of `true` through pubmon.spawn, interleaved: the wrapper path with and
+  spawn  spawn + exit of `true` through pubmon.core.process, interleaved: the wrapper path with and
          without joining a cgroup, the preexec path (rlimits) with and without; ms, median,
          p10, p90
   sweep  the daemon's own CPU (utime + stime, % of one core) over `--seconds` with N idle
@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from pubmon.cgroup import Cgroups, own_cgroup
-from pubmon.config import Config, ControlConfig, DaemonConfig, MonitorConfig, PublisherSpec
-from pubmon.spawn import SpawnRequest, install_child_watcher, spawn
-from pubmon.supervisor import Supervisor
+from pubmon.config.model import Config, ControlConfig, DaemonConfig, MonitorConfig, PublisherSpec
+from pubmon.core.cgroup import Cgroups, own_cgroup
+from pubmon.core.process import SpawnRequest, install_child_watcher, spawn
+from pubmon.core.supervisor import Supervisor
 
 
 class _Null:

@@ -1,4 +1,4 @@
-"""Micro benchmark of pubmon.output: how fast child output reaches the ring and the log file.
+"""Micro benchmark of pubmon.core.output: how fast child output reaches the ring and the log file.
 
     .venv/bin/python bench/bench_output.py [--mb 200] [--repeat 5] [--dir DIR]
 
@@ -30,8 +30,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
-from pubmon.config import LogSpec
-from pubmon.output import OutputLog
+from pubmon.config.model import LogSpec
+from pubmon.core.output import OutputLog
 
 F_SETPIPE_SZ = 1031
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC

@@ -1,4 +1,4 @@
-"""Micro benchmark: getStatus calls/s through pubmon.rpc, server in its own process.
+"""Micro benchmark: getStatus calls/s through pubmon.thrift.server, server in its own process.
 
 Prints one JSON line per scenario:
   seq-tcp / seq-unix  one client, one connection, one call at a time (getStatus, a plain def)
@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pubmon import idl
-from pubmon.rpc import ThriftClient, ThriftServer
+from pubmon.thrift import idl
+from pubmon.thrift.server import ThriftClient, ThriftServer
 
 _TICK = os.sysconf("SC_CLK_TCK")
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pubmon._wire import WireClient
+from pubmon.thrift.wire import WireClient
 
 PUBMON = str(Path(sys.executable).with_name("pubmon"))
 

@@ -6,7 +6,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from pubmon.config import (
+from pubmon.config.model import (
     Backoff,
     Config,
     ControlConfig,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from thriftpy2.thrift import TMessageType
 
-from pubmon import idl
-from pubmon._frames import encode_message, methods
-from pubmon.rpc import ThriftClient
+from pubmon.thrift import idl
+from pubmon.thrift.frames import encode_message, methods
+from pubmon.thrift.server import ThriftClient
 
 
 @asynccontextmanager

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from daemons import RunningDaemon, run_daemon, toml_publisher
-from pubmon import idl
-from pubmon._frames import methods
-from pubmon.access import _METHOD_LEVELS, AccessList, Level, level_of, unix_principal
+from pubmon.config.access import _METHOD_LEVELS, AccessList, Level, level_of, unix_principal
 from pubmon.errors import RpcError
-from pubmon.rpc import ThriftClient
+from pubmon.thrift import idl
+from pubmon.thrift.frames import methods
+from pubmon.thrift.server import ThriftClient
 from test_service import free_port, nobody_python
 
 SECRET = [
@@ -64,7 +64,7 @@ def test_levels_nest_and_reload_lines_name_the_change() -> None:
 
 
 def test_allow_uids_takes_user_names_and_is_the_control_list(tmp_path: Path) -> None:
-    from pubmon.config import parse_config
+    from pubmon.config.load import parse_config
     from pubmon.errors import ConfigError
 
     config = parse_config(
@@ -87,7 +87,7 @@ def test_allow_uids_takes_user_names_and_is_the_control_list(tmp_path: Path) -> 
 def test_refusals_are_counted_every_time_and_logged_once_a_minute_per_peer(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pubmon.access import Refusals
+    from pubmon.config.access import Refusals
 
     r = Refusals()
     r.track("control")
@@ -203,9 +203,9 @@ async def counters(sock: Path) -> dict[str, int]:
 # `pubmon tail -f` does, as another user.
 HOLDER = """
 import json, sys
-from pubmon._wire import WireClient
+from pubmon.thrift.wire import WireClient
 from pubmon.errors import RpcError
-from pubmon._wire import WireException
+from pubmon.thrift.wire import WireException
 client = WireClient(unix_socket=sys.argv[1], timeout=10)
 for line in sys.stdin:
     method, *args = json.loads(line)

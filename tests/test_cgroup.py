@@ -1,4 +1,4 @@
-"""A cgroup per publisher (pubmon.cgroup) against this machine's real cgroup2 hierarchy.
+"""A cgroup per publisher (pubmon.core.cgroup) against this machine's real cgroup2 hierarchy.
 
 Each test gets a cgroup2 directory of its own below this process's cgroup (`cgroup_dir`),
 which plays the subtree pubmon manages (`[daemon] cgroup = "<dir>"`); pytest itself stays
@@ -25,14 +25,15 @@ import pytest
 from children import SLEEP, config, py, spec
 from daemons import daemon_header, run_daemon, toml_publisher
 from procs import alive, descendants
-from pubmon import publisher as publisher_module
-from pubmon.cgroup import Cgroup, Cgroups, own_cgroup
-from pubmon.config import Limits, ProbeSpec, PublisherSpec, parse_config
+from pubmon.config.load import parse_config
+from pubmon.config.model import Limits, ProbeSpec, PublisherSpec
+from pubmon.core import publisher as publisher_module
+from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
+from pubmon.core.lifecycle import PublisherState
+from pubmon.core.publisher import Publisher
+from pubmon.core.supervisor import Supervisor
+from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
-from pubmon.lifecycle import PublisherState
-from pubmon.publisher import Publisher
-from pubmon.supervisor import Supervisor
-from pubmon.usage import UsageReader
 
 S = PublisherState
 _seq = itertools.count()

@@ -441,10 +441,10 @@ def test_bash_completion_completes_commands_and_names(tmp_path: Path) -> None:
 
 
 def test_man_page_is_current_and_man_renders_it_without_warnings(tmp_path: Path) -> None:
-    from pubmon._manpage import manpage
+    from manpage import manpage  # tools/, on pytest's pythonpath
 
     shipped = SRC / "data" / "pubmon.1"
-    assert shipped.read_text() == manpage(), "python -m pubmon._manpage > src/pubmon/data/pubmon.1"
+    assert shipped.read_text() == manpage(), "python tools/manpage.py > src/pubmon/data/pubmon.1"
     if shutil.which("man") is None:
         pytest.fail("man is missing: apt-get install man-db")
     done = subprocess.run(
@@ -578,7 +578,7 @@ async def test_details_say_what_the_probe_saw_for_every_kind(tmp_path: Path) -> 
 def test_daemon_log_ring_keeps_the_last_records_with_tail_log_cursor_rules() -> None:
     import logging
 
-    from pubmon._daemonlog import DaemonLogRing
+    from pubmon.service.daemonlog import DaemonLogRing
 
     ring = DaemonLogRing(size=3)
     log = logging.getLogger("pubmon.test-ring")

@@ -14,20 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pubmon._config_checks import find_cycles, parse_listen, parse_signal
-from pubmon.config import (
-    FIELD_EFFECTS,
-    Backoff,
-    Config,
-    CrashLoop,
-    LogSpec,
-    ProbeSpec,
-    PublisherSpec,
-    check_config_main,
-    diff_configs,
-    load_config,
-    parse_config,
-)
+from pubmon.config.checks import find_cycles, parse_listen, parse_signal
+from pubmon.config.diff import FIELD_EFFECTS, diff_configs
+from pubmon.config.load import check_config_main, load_config, parse_config
+from pubmon.config.model import Backoff, Config, CrashLoop, LogSpec, ProbeSpec, PublisherSpec
 from pubmon.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"

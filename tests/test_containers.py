@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from daemons import daemon_header, run_daemon, toml_publisher
-from pubmon.config import Config, parse_config
+from pubmon.config.load import parse_config
+from pubmon.config.model import Config
 from pubmon.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "configs"

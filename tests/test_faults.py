@@ -24,9 +24,9 @@ import pytest
 from control import call_frame, control, fd_count, fill, immutable, poll, rss_kib, tmpfs
 from daemons import RunningDaemon, run_daemon, toml_publisher
 from procs import alive
-from pubmon import idl
 from pubmon.demo import free_ports
-from pubmon.idl import FbStatus
+from pubmon.thrift import idl
+from pubmon.thrift.idl import FbStatus
 
 SLEEP = ["sleep", "3600"]
 # ~1000 fixed-width numbered lines a second: a torn line is shorter than 8 digits.
@@ -332,7 +332,7 @@ async def test_taillog_cursor_far_in_the_past_or_future(tmp_path: Path) -> None:
         await d.wait_publishers(1)
         await poll(lambda: _eq(counter(c, "publisher.b.log_lines"), 5000), "all 5000 lines")
         mon = idl.pubmon().PubmonService
-        from pubmon.rpc import ThriftClient
+        from pubmon.thrift.server import ThriftClient
 
         async with await ThriftClient.connect(mon, host="127.0.0.1", port=port, timeout=5) as tcp:
             with pytest.raises(idl.pubmon().PermissionDenied):  # logs need a client certificate

@@ -23,7 +23,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
-from pubmon.config import parse_config
+from pubmon.config.load import parse_config
 from pubmon.demo import free_ports
 from pubmon.errors import ConfigError
 

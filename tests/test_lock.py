@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemons import daemon_header, run_daemon, toml_publisher
+from pubmon.daemon.lock import acquire_lock, lock_dir
 from pubmon.errors import StartupError
-from pubmon.lock import acquire_lock, lock_dir
 
 SLEEP = ["sleep", "3600"]
 NOBODY = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--")

@@ -1,4 +1,4 @@
-"""pubmon.notify against a real AF_UNIX datagram socket playing systemd's notify socket.
+"""pubmon.daemon.notify against a real AF_UNIX datagram socket playing systemd's notify socket.
 
 `FakeManager` binds a path or an abstract ('@') socket with SO_PASSCRED, so each datagram
 arrives with its sender's pid (SCM_CREDENTIALS), the way systemd attributes messages. The first
@@ -27,7 +27,7 @@ import pytest
 
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
 from procs import alive, wait_gone
-from pubmon.notify import Notifier
+from pubmon.daemon.notify import Notifier
 
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 

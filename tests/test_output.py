@@ -1,4 +1,4 @@
-"""pubmon.output: framing, the ring and its cursors, the rotating file and its failures."""
+"""pubmon.core.output: framing, the ring and its cursors, the rotating file and its failures."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pubmon import _logfile, _ring
-from pubmon._ring import extra_pieces
-from pubmon.config import LogSpec
-from pubmon.output import MAX_TAIL_LINES, LogLine, OutputLog, StreamSink
+from pubmon.config.model import LogSpec
+from pubmon.core import logfile as _logfile
+from pubmon.core import ring as _ring
+from pubmon.core.output import MAX_TAIL_LINES, LogLine, OutputLog, StreamSink
+from pubmon.core.ring import extra_pieces
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -536,7 +537,7 @@ async def test_a_real_child_through_a_subprocess_protocol(logdir: Path) -> None:
 def test_the_log_writer_thread_never_takes_a_signal_meant_for_the_loop(tmp_path: Path) -> None:
     # A signal the kernel hands to the writer (its fd table is private) would have its wakeup
     # byte written to /dev/null and be lost: SIGHUP + SIGTERM back to back lost the SIGTERM.
-    from pubmon import _logwriter
+    from pubmon.core import logwriter as _logwriter
 
     writer = _logwriter.acquire(str(tmp_path))
     try:

@@ -365,7 +365,7 @@ def flood_script(n: int, width: int) -> list[str]:
 async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
     tmp_path: Path,
 ) -> None:
-    from pubmon._wire import WireClient
+    from pubmon.thrift.wire import WireClient
 
     n, pubs = 1500, 20  # ~15 MB: more than the pipe and the 4 MiB buffer hold
     body = "".join(
@@ -388,7 +388,7 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
 
 
 async def test_status_details_name_the_critical_publisher(tmp_path: Path) -> None:
-    from pubmon._wire import WireClient
+    from pubmon.thrift.wire import WireClient
 
     body = toml_publisher("slow", IGNORE_TERM, stop_timeout=2) + toml_publisher(
         "main", ["sh", "-c", "sleep 0.5; exit 3"], critical=True, restart="never"

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
+from pubmon.core.lifecycle import ALLOWED, PublisherState, check_transition
+from pubmon.core.policy import CrashWindow, next_delay, should_restart
 from pubmon.errors import InvalidTransition
-from pubmon.lifecycle import ALLOWED, PublisherState, check_transition
-from pubmon.policy import CrashWindow, next_delay, should_restart
 
 S = PublisherState
 

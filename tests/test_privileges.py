@@ -190,7 +190,7 @@ def test_a_daemon_that_is_not_root_names_the_cause_of_a_failed_switch(public_lib
     lib = public_lib
     code = (
         "import asyncio\n"
-        "from pubmon.spawn import SpawnRequest, spawn\n"
+        "from pubmon.core.process import SpawnRequest, spawn\n"
         "from pubmon.errors import SpawnError\n"
         "class Sink:\n"
         "    def feed(self, data): pass\n"

@@ -24,16 +24,17 @@ import pytest
 
 from children import SLEEP, config, py, spec
 from procs import alive
-from pubmon import idl
-from pubmon.config import ProbeSpec, PublisherSpec, parse_config
+from pubmon.config.load import parse_config
+from pubmon.config.model import ProbeSpec, PublisherSpec
+from pubmon.core.lifecycle import Health, PublisherState
+from pubmon.core.probe import ExecProbe, Fb303Probe, TcpProbe, make_probe
+from pubmon.core.publisher import Publisher
+from pubmon.core.supervisor import Supervisor
 from pubmon.demo import DEMO_DATA_SOURCE, Demo, demo_config, free_ports, serve
 from pubmon.errors import RpcError
-from pubmon.idl import FbStatus
-from pubmon.lifecycle import Health, PublisherState
-from pubmon.probe import ExecProbe, Fb303Probe, TcpProbe, make_probe
-from pubmon.publisher import Publisher
-from pubmon.rpc import ThriftClient, ThriftServer
-from pubmon.supervisor import Supervisor
+from pubmon.thrift import idl
+from pubmon.thrift.idl import FbStatus
+from pubmon.thrift.server import ThriftClient, ThriftServer
 
 S = PublisherState
 SVC = idl.publisher().PublisherService
@@ -140,7 +141,7 @@ def output_of(pub: Publisher) -> list[str]:
 async def test_hung_demo_is_detected_and_restarted_within_the_bound(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pubmon.publisher")
+    caplog.set_level(logging.WARNING, logger="pubmon.core.publisher")
     (port,) = free_ports(1)
     async with running(demo_spec("hangs", port)) as sup:
         pub = sup.get("hangs")
@@ -241,7 +242,7 @@ async def test_starting_is_tolerated_until_start_timeout() -> None:
 async def test_starting_past_start_timeout_is_killed_and_restarted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pubmon.publisher")
+    caplog.set_level(logging.WARNING, logger="pubmon.core.publisher")
     (port,) = free_ports(1)
     async with running(demo_spec("stuck", port, "--startup_delay=60", start_timeout=0.8)) as sup:
         pub = sup.get("stuck")
@@ -368,7 +369,7 @@ async def test_fb303_probe_start_publishers_success_and_refusal(
         finally:
             await probe.close()
 
-    caplog.set_level(logging.INFO, logger="pubmon.probe")
+    caplog.set_level(logging.INFO, logger="pubmon.core.probe")
     async with in_process_demo() as (demo, _, port):
         demo.options["start_publishers_error"] = "upstream down"
         probe = Fb303Probe("127.0.0.1", port, 1.0, data_source=URL, name="fed probe")

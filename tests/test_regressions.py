@@ -19,13 +19,13 @@ import pytest
 from children import SLEEP, config, spec
 from control import call_frame
 from procs import state
-from pubmon import idl
+from pubmon.core.lifecycle import Health, PublisherState
+from pubmon.core.probe import Fb303Probe, _by
+from pubmon.core.supervisor import Supervisor
 from pubmon.demo import free_ports
 from pubmon.errors import RpcError
-from pubmon.lifecycle import Health, PublisherState
-from pubmon.probe import Fb303Probe, _by
-from pubmon.rpc import ThriftServer
-from pubmon.supervisor import Supervisor
+from pubmon.thrift import idl
+from pubmon.thrift.server import ThriftServer
 
 S = PublisherState
 
@@ -97,8 +97,8 @@ async def test_a_client_that_never_reads_gets_only_a_few_replies_computed(
 
 _SMALL_CHUNKS = """
 import os
-from pubmon.config import LogSpec
-from pubmon.output import OutputLog
+from pubmon.config.model import LogSpec
+from pubmon.core.output import OutputLog
 
 log = OutputLog("x", LogSpec(ring_lines=10000), None)
 sink = log.open_stream("stdout")

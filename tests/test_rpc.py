@@ -1,4 +1,4 @@
-"""pubmon.rpc (server, client), its codec (pubmon._frames) and the IDL loader (pubmon.idl).
+"""pubmon.thrift.server (server, client), its codec (frames) and the IDL loader (idl).
 
 Real sockets on loopback and unix sockets; the server runs in-process. Every wait is for a state
 or an event under asyncio.timeout; no sleep stands in for synchronisation (the few sleeps are the
@@ -34,9 +34,10 @@ from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TFramedTransportFactory
 from thriftpy2.transport.memory import TMemoryBuffer
 
-from pubmon import _frames, idl
 from pubmon.errors import PermissionDenied, RpcError
-from pubmon.rpc import Peer, ThriftClient, ThriftServer
+from pubmon.thrift import frames as _frames
+from pubmon.thrift import idl
+from pubmon.thrift.server import Peer, ThriftClient, ThriftServer
 
 pm = idl.pubmon()
 SVC = pm.PubmonService
@@ -247,7 +248,9 @@ async def test_undeclared_errors_answer_internal_error_and_keep_the_connection(
             with pytest.raises(RpcError, match="getOption: internal error"):
                 await c.call("getOption", "x")
         assert server.errors == 3
-    failures = [r for r in caplog.records if r.name == "pubmon.rpc" and r.levelno == logging.ERROR]
+    failures = [
+        r for r in caplog.records if r.name == "pubmon.thrift.server" and r.levelno == logging.ERROR
+    ]
     assert failures[0].exc_info and isinstance(failures[0].exc_info[1], RuntimeError)
     assert "boom" in caplog.text
 

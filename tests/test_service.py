@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from daemons import RunningDaemon, run_daemon, toml_publisher
-from pubmon import idl
-from pubmon.rpc import ThriftClient
+from pubmon.thrift import idl
+from pubmon.thrift.server import ThriftClient
 
 SLEEP = ["sleep", "3600"]
 COUNTER = [

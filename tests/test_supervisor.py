@@ -28,13 +28,13 @@ from children import (
     spec,
 )
 from procs import alive, children, in_group, state, wait_gone
-from pubmon import spawn as spawn_module
-from pubmon._reaper import OrphanReaper
-from pubmon.config import Backoff, CrashLoop, ProbeSpec, PublisherSpec
+from pubmon.config.model import Backoff, CrashLoop, ProbeSpec, PublisherSpec
+from pubmon.core import process as spawn_module
+from pubmon.core.lifecycle import PublisherState
+from pubmon.core.publisher import Publisher
+from pubmon.core.reaper import OrphanReaper
+from pubmon.core.supervisor import Supervisor
 from pubmon.errors import InvalidState, UnknownPublisher
-from pubmon.lifecycle import PublisherState
-from pubmon.publisher import Publisher
-from pubmon.supervisor import Supervisor
 
 S = PublisherState
 

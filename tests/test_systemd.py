@@ -320,12 +320,12 @@ def test_journal_has_the_daemon_log_and_publisher_output(pubmon: Pubmon) -> None
     lines = pubmon.wait_journal(
         "ticker| ticker says hello",
         "ticker| ticker complains",
-        "INFO pubmon.daemon: ready: 3/3 publishers running, 0 fatal",
+        "INFO pubmon.daemon.daemon: ready: 3/3 publishers running, 0 fatal",
         "STARTING -> RUNNING",
         "Started pubmon.service",  # systemd's own line about the unit
     )
     # JOURNAL_STREAM is set: the journal stamps lines, so the daemon does not.
-    daemon_lines = [line for line in lines if "pubmon.daemon:" in line]
+    daemon_lines = [line for line in lines if "pubmon.daemon.daemon:" in line]
     assert daemon_lines and all(line.startswith("INFO ") for line in daemon_lines)
     # Every line also lands in its file under LogsDirectory=pubmon.
     log = pubmon.machine.run("cat", "/var/log/pubmon/ticker.log").stdout

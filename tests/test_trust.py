@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from daemons import daemon_header, run_daemon, toml_publisher
-from pubmon._trust import check_path, make_trusted_dirs, script_interpreter
-from pubmon.config import check_config_main
+from pubmon.config.load import check_config_main
+from pubmon.host.trust import check_path, make_trusted_dirs, script_interpreter
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as nobody needs root")
 
@@ -240,7 +240,7 @@ async def test_root_publishers_and_unknown_users_are_warnings(
 
 
 def test_the_socket_is_never_placed_in_a_directory_nobody_made(public: Path) -> None:
-    from pubmon.rpc import _claim_socket_path
+    from pubmon.thrift.server import _claim_socket_path
 
     as_nobody("mkdir", str(public / "shared" / "run"))
     with pytest.raises(OSError, match=rf"{public / 'shared' / 'run'} is owned by uid 65534"):

@@ -19,9 +19,9 @@ from children import py
 from control import control, poll
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
 from procs import alive, children, wait_gone
-from pubmon import idl
 from pubmon.errors import RpcError
-from pubmon.rpc import ThriftClient
+from pubmon.thrift import idl
+from pubmon.thrift.server import ThriftClient
 
 WRITER = py(
     "import os, sys, time\n"

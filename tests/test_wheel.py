@@ -49,7 +49,9 @@ async def test_installed_wheel_serves_the_idl_from_package_data(tmp_path: Path) 
     ).stdout.strip()  # fmt: skip
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
-    code = "import pubmon, pubmon.idl as i; print(pubmon.__file__, i.pubmon().__thrift_file__)"
+    code = (
+        "import pubmon, pubmon.thrift.idl as i; print(pubmon.__file__, i.pubmon().__thrift_file__)"
+    )
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", code],
         check=True, capture_output=True, text=True, cwd=tmp_path,

@@ -1,4 +1,4 @@
-"""pubmon._wire (the CLI's blocking client) and pubmon._schema (its generated wire schema).
+"""pubmon.thrift.wire (the CLI's blocking client) and thrift.schema (its generated wire schema).
 
 The schema must equal what the generator reads from the IDL; calls must encode byte for byte as
 ``_frames`` does; replies decode strictly (every bad frame is an RpcError, fast, with no big
@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import schema_gen as _schema_gen
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 
-from pubmon import _frames, _schema, _schema_gen, idl
-from pubmon._wire import Struct, WireClient, WireException, decode_reply, encode_call
 from pubmon.errors import PermissionDenied, RpcError
-from pubmon.rpc import Peer, ThriftServer
+from pubmon.thrift import frames as _frames
+from pubmon.thrift import idl
+from pubmon.thrift import schema as _schema
+from pubmon.thrift.server import Peer, ThriftServer
+from pubmon.thrift.wire import Struct, WireClient, WireException, decode_reply, encode_call
 
 pm = idl.pubmon()
+REPO = Path(__file__).resolve().parents[1]
 SVC = pm.PubmonService
 METHODS = _frames.methods(SVC)
 
@@ -50,13 +54,17 @@ IDLE = pm.PublisherInfo(
 def test_checked_in_schema_equals_the_generator_output() -> None:
     checked_in = Path(_schema.__file__).read_text()
     assert checked_in == _schema_gen.generate(), (
-        "src/pubmon/_schema.py is stale: run `python -m pubmon._schema_gen > src/pubmon/_schema.py`"
+        "src/pubmon/thrift/schema.py is stale: run "
+        "`python tools/schema_gen.py > src/pubmon/thrift/schema.py`"
     )
 
 
 def test_generator_runs_as_a_module() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pubmon._schema_gen"], capture_output=True, text=True, check=True
+        [sys.executable, str(REPO / "tools" / "schema_gen.py")],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout == Path(_schema.__file__).read_text()
 
@@ -80,8 +88,9 @@ def test_schema_agrees_with_thriftpy2_on_every_method() -> None:
 
 def test_importing_the_wire_client_stays_light() -> None:
     code = (
-        "import sys, pubmon._wire\n"
-        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.idl', 'pubmon.rpc')\n"
+        "import sys, pubmon.thrift.wire\n"
+        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.thrift.idl',\n"
+        "         'pubmon.thrift.server')\n"
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -641,7 +650,7 @@ async def test_refused_peer_and_vanished_daemon(tmp_path: Path) -> None:
 
 
 async def test_wire_client_and_thrift_client_agree(tmp_path: Path) -> None:
-    from pubmon.rpc import ThriftClient
+    from pubmon.thrift.server import ThriftClient
 
     async with serving(tmp_path, Handler()) as (sock, _):
         calls: list[tuple[str, tuple[Any, ...]]] = [
@@ -665,8 +674,9 @@ def test_cli_client_commands_import_neither_asyncio_nor_thrift(tmp_path: Path) -
         "import sys\n"
         "from pubmon.cli import main\n"
         f"rc = main(['status', '--socket', {str(tmp_path / 'absent.sock')!r}])\n"
-        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.idl', 'pubmon.rpc',\n"
-        "         'pubmon.config', 'pubmon.daemon')\n"
+        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.thrift.idl',\n"
+        "         'pubmon.thrift.server',\n"
+        "         'pubmon.config.model', 'pubmon.daemon.daemon')\n"
         "print(rc, sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

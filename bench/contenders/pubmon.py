@@ -29,15 +29,15 @@ def _module_source(name: str) -> str:
 
 
 def thrift_available() -> bool:
-    return "def listPublishers" in _module_source("pubmon.service")
+    return "def listPublishers" in _module_source("pubmon.service.handler")
 
 
 def fb303_available() -> str | None:
     """None when the demo publisher and the fb303 probe both exist; else what is missing."""
     if importlib.util.find_spec("pubmon.demo") is None:
         return "pubmon.demo (the fb303 demo publisher) not yet available"
-    from pubmon.config import ProbeSpec, PublisherSpec
-    from pubmon.probe import make_probe
+    from pubmon.config.model import ProbeSpec, PublisherSpec
+    from pubmon.core.probe import make_probe
 
     spec = PublisherSpec(
         name="x", program="x", command=("true",), probe=ProbeSpec(kind="fb303", port=1)
@@ -51,7 +51,7 @@ def fb303_available() -> str | None:
     try:
         asyncio.run(try_probe())
     except NotImplementedError:
-        return "the fb303 probe is not yet available in pubmon.probe"
+        return "the fb303 probe is not yet available in pubmon.core.probe"
     return None
 
 
@@ -72,7 +72,7 @@ class ThriftConn:
         from thriftpy2.rpc import make_client
         from thriftpy2.transport import TCyFramedTransportFactory
 
-        from pubmon import idl
+        from pubmon.thrift import idl
 
         self._client: Any = make_client(
             idl.pubmon().PubmonService,

@@ -12,38 +12,38 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from pubmon._version import __version__
 
 _EXPORTS = {
-    "Config": "config",
+    "Config": "config.model",
     "ConfigError": "errors",
-    "Daemon": "daemon",
-    "Health": "lifecycle",
+    "Daemon": "daemon.daemon",
+    "Health": "core.lifecycle",
     "InvalidState": "errors",
-    "PublisherSnapshot": "publisher",
-    "PublisherState": "lifecycle",
+    "PublisherSnapshot": "core.publisher",
+    "PublisherState": "core.lifecycle",
     "PubmonError": "errors",
     "SpawnError": "errors",
-    "Supervisor": "supervisor",
+    "Supervisor": "core.supervisor",
     "UnknownPublisher": "errors",
-    "load_config": "config",
+    "load_config": "config.load",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .config import Config as Config
-    from .config import load_config as load_config
-    from .daemon import Daemon as Daemon
-    from .errors import ConfigError as ConfigError
-    from .errors import InvalidState as InvalidState
-    from .errors import PubmonError as PubmonError
-    from .errors import SpawnError as SpawnError
-    from .errors import UnknownPublisher as UnknownPublisher
-    from .lifecycle import Health as Health
-    from .lifecycle import PublisherState as PublisherState
-    from .publisher import PublisherSnapshot as PublisherSnapshot
-    from .supervisor import Supervisor as Supervisor
+    from pubmon.config.load import load_config as load_config
+    from pubmon.config.model import Config as Config
+    from pubmon.core.lifecycle import Health as Health
+    from pubmon.core.lifecycle import PublisherState as PublisherState
+    from pubmon.core.publisher import PublisherSnapshot as PublisherSnapshot
+    from pubmon.core.supervisor import Supervisor as Supervisor
+    from pubmon.daemon.daemon import Daemon as Daemon
+    from pubmon.errors import ConfigError as ConfigError
+    from pubmon.errors import InvalidState as InvalidState
+    from pubmon.errors import PubmonError as PubmonError
+    from pubmon.errors import SpawnError as SpawnError
+    from pubmon.errors import UnknownPublisher as UnknownPublisher
 
 
 def __getattr__(name: str) -> object:

@@ -75,9 +75,9 @@ from typing import Any, NamedTuple
 
 from docopt import docopt
 
-from . import __version__
-from ._wire import WireClient, WireException
-from .errors import ConfigError, RpcError, StartupError
+from pubmon._version import __version__
+from pubmon.errors import ConfigError, RpcError, StartupError
+from pubmon.thrift.wire import WireClient, WireException
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -177,8 +177,8 @@ def run_daemon(
     import asyncio
     import logging
 
-    from .config import load_config
-    from .daemon import Daemon
+    from pubmon.config.load import load_config
+    from pubmon.daemon.daemon import Daemon
 
     debug = debug or bool(os.environ.get("PYTHONASYNCIODEBUG"))
     setup_logging(debug)
@@ -207,7 +207,9 @@ def run_daemon(
     # Every publisher is stopped and every file closed: skip the interpreter's teardown (module
     # and object cleanup, tens of ms at 1000 publishers), since our exit is what systemd and
     # scripts wait for.
-    from .output import finish_writing  # logio: queued log lines, a bounded wait for them
+    from pubmon.core.output import (
+        finish_writing,  # logio: queued log lines, a bounded wait for them
+    )
 
     finish_writing()
     logging.shutdown()
@@ -231,7 +233,7 @@ def run_demo(debug: bool) -> int:
     import tempfile
     from pathlib import Path
 
-    from .demo import DEMO_NAMES, demo_config, free_ports
+    from pubmon.demo import DEMO_NAMES, demo_config, free_ports
 
     quotes, trades, news = DEMO_NAMES
     with tempfile.TemporaryDirectory(prefix="pubmon-demo-") as tmp:
@@ -641,7 +643,7 @@ def cmd_status(remote: Remote, a: Args) -> int:
             grows.append((program, str(len(members)), _summary(members).split(": ", 1)[1]))
         _table(grows)
     else:
-        # CPU, MEM, TASKS: the publisher's cgroup when it has one (pubmon.cgroup), else its
+        # CPU, MEM, TASKS: the publisher's cgroup when it has one (pubmon.core.cgroup), else its
         # process tree in /proc.
         rows = [
             ("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "TASKS", "HEALTH",
@@ -1271,11 +1273,11 @@ def main(argv: list[str] | None = None) -> int:
         if raw["demo"]:
             return run_demo(debug=bool(raw["--debug"]))
         if raw["upgrade-check"]:  # run by a daemon before `pubmon upgrade` re-executes it
-            from .upgrade import check_main
+            from pubmon.daemon.upgrade import check_main
 
             return check_main(raw["--config"], int(raw["--state-version"]))
         if raw["check-config"]:
-            from .config import check_config_main
+            from pubmon.config.load import check_config_main
 
             return check_config_main(raw["FILE"] or _config_from_env())
         if raw["completion"]:

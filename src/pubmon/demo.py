@@ -30,7 +30,7 @@ data source is set, +1 per spewed line), ``demo.start_publishers_calls`` and
 ``startPublishers(url)`` records the url (``getOption("data_source")``) and prints
 ``startPublishers <url>``. ``reinitialize`` is a logged no-op; ``shutdown`` exits 0 as SIGTERM does.
 
-The framed transport is served by ``pubmon.rpc.ThriftServer``; buffered by thriftpy2's stock aio
+The framed transport is served by ``thrift.server.ThriftServer``; buffered by thriftpy2's stock aio
 server (no frame or idle limits, see reference/thrift.md: fine for a demo on loopback).
 """
 
@@ -51,9 +51,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, TextIO, final
 
-from . import __version__, idl
-from .idl import FbStatus
-from .rpc import ThriftServer
+from pubmon._version import __version__
+from pubmon.thrift import idl
+from pubmon.thrift.idl import FbStatus
+from pubmon.thrift.server import ThriftServer
 
 logger = logging.getLogger(__name__)
 
@@ -349,9 +350,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _steer(port: int, settings: list[str]) -> int:
-    from . import idl
-    from .errors import RpcError
-    from .rpc import ThriftClient
+    from pubmon.errors import RpcError
+    from pubmon.thrift import idl
+    from pubmon.thrift.server import ThriftClient
 
     try:
         svc = idl.publisher().PublisherService

@@ -26,9 +26,9 @@ from typing import Any
 
 from chaos_model import FAULTABLE, LINE_KINDS, Env, Pub, render_config, write_config
 
-from pubmon import idl
 from pubmon.errors import RpcError
-from pubmon.rpc import ThriftClient
+from pubmon.thrift import idl
+from pubmon.thrift.server import ThriftClient
 
 _HEAD = re.compile(r"C (\d+\.\d+) ([oe]) (\d+) ")
 _READY_BIT = 1 << (signal.SIGUSR2 - 1)  # in SigIgn: the chaos child takes commands

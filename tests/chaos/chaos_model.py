@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemons import toml_publisher
-from pubmon.config import ProbeSpec, PublisherSpec
-from pubmon.probe import make_probe
+from pubmon.config.model import ProbeSpec, PublisherSpec
+from pubmon.core.probe import make_probe
 
 CHILD = Path(__file__).with_name("chaos_child.py")
 PY = sys.executable
