@@ -209,7 +209,7 @@ class PubmonHandler:
             self._uptime = field_encoder(idl.pubmon().PublisherInfo, "uptime")
         uptime, old, new = self._uptime, self._infos, {}
         procstats = self._daemon.procstats
-        procstats.refresh_now({n: p.pid for n, p in sup.publishers.items()})
+        procstats.refresh_soon({n: p.pid for n, p in sup.publishers.items()})
         figures = procstats.figures
         out: list[Any] = []
         for pub in sup.publishers.values():
