@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ class ThriftConn:
 class Pubmon(Contender):
     name = "pubmon"
     _programs: list[Program] = []  # set by start(): log_path() needs the numprocs
+    src: Path | None = None  # run the daemon from this source tree (PYTHONPATH), for A/B runs
 
     @property
     def socket(self) -> Path:
@@ -130,8 +132,9 @@ class Pubmon(Contender):
                 ]
         config = self.workdir / "pubmon.toml"
         config.write_text("\n".join(lines) + "\n")
+        env = None if self.src is None else {**os.environ, "PYTHONPATH": str(self.src)}
         self.pid = procfs.start_daemon(
-            [str(PUBMON), "daemon", "--config", str(config)], self.workdir / "daemon.log"
+            [str(PUBMON), "daemon", "--config", str(config)], self.workdir / "daemon.log", env
         )
         return self.pid
 
