@@ -3,20 +3,46 @@
 Spawns every instance with create_subprocess_exec, respawns it the moment it exits, copies its
 output to <log_dir>/<name>.log, and answers each line on its unix socket with one JSON line
 {name: pid} of the children alive. SIGTERM: SIGTERM every child, wait for them, exit.
+With "wrapper": true in its config, every child is started behind the wrapper pubmon uses for
+the parent-death signal (`setpriv --pdeathsig KILL -- sh -c CHECK`, in its own process group),
+so that spawn can be compared with a floor paying the same no-orphan guarantee.
 Imports are inside the functions so that `--status` (the floor's CLI) loads only `socket`.
 """
 
 import sys
 
+# pubmon.core.process._CHECK: the child goes on only if its parent did not die before the prctl
+CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
 
-async def keep(name, argv, log_fd, procs, stopping):
+
+async def keep(name, argv, log_fd, procs, stopping, wrapper=False):
     import asyncio
     import os
+    import shutil
 
     pipe = asyncio.subprocess.PIPE if log_fd is not None else asyncio.subprocess.DEVNULL
+    extra = {}
+    if wrapper:
+        setpriv = shutil.which("setpriv")
+        argv = [
+            setpriv,
+            "--pdeathsig",
+            "KILL",
+            "--",
+            "/bin/sh",
+            "-c",
+            CHECK,
+            str(os.getpid()),
+            *argv,
+        ]
+        extra = {"process_group": 0}
     while not stopping.is_set():
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=pipe, stderr=asyncio.subprocess.STDOUT
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=pipe,
+            stderr=asyncio.subprocess.STDOUT,
+            **extra,
         )
         procs[name] = proc
         if stopping.is_set():  # SIGTERM came while it was being spawned
@@ -53,7 +79,8 @@ async def main(cfg):
             name, argv = f"{p['name']}:{i}", [a.replace("{i}", str(i)) for a in p["argv"]]
             log = cfg["log_dir"] and f"{cfg['log_dir']}/{name}.log"
             fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if log else None
-            tasks.append(asyncio.create_task(keep(name, argv, fd, procs, stopping)))
+            wrapper = cfg.get("wrapper", False)
+            tasks.append(asyncio.create_task(keep(name, argv, fd, procs, stopping, wrapper)))
     await stopping.wait()
     server.close()
     for proc in list(procs.values()):

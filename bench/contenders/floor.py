@@ -35,6 +35,7 @@ class LineConn:
 
 class Floor(Contender):
     name = "floor"
+    wrapper = False
 
     @property
     def socket(self) -> Path:
@@ -45,6 +46,7 @@ class Floor(Contender):
             if p.port is not None or p.fb303_interval:
                 raise ValueError("the floor has no ports and no probes")
         config = {
+            "wrapper": self.wrapper,
             "socket": str(self.socket),
             "log_dir": str(self.logs),
             "programs": [
@@ -75,3 +77,10 @@ class Floor(Contender):
         if feature == "fb303":
             return "the floor has no health probe"
         return None
+
+
+class WrappedFloor(Floor):
+    """The floor, every child behind pubmon's parent-death-signal wrapper (setpriv + sh)."""
+
+    name = "floor+wrapper"
+    wrapper = True
