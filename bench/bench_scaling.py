@@ -52,6 +52,7 @@ FIGURES = {  # name: (unit, label)
     "stop": ("s", "stop: SIGTERM -> all gone"),
 }
 KILLS = 5
+PER_PROGRAM = 1000
 STATUS_CALLS = 20
 
 
@@ -65,11 +66,16 @@ def one_run(
     out: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix=f"n{n}-", dir=root))
     c = cls(work)
-    program = Program("s", ("sleep", "3600"), numprocs=n)
+    # numprocs is at most 1000: N above it is several programs of 1000 (s, s1, s2, ...).
+    programs = [
+        Program(f"s{j or ''}", ("sleep", "3600"), numprocs=min(PER_PROGRAM, n - j * PER_PROGRAM))
+        for j in range(math.ceil(n / PER_PROGRAM))
+    ]
+    names = [name for p in programs for name in p.instances()]
     try:
         start = time.monotonic()
-        c.start([program])
-        ready, status = c.wait_running(program.instances(), timeout=300)
+        c.start(programs)
+        ready, status = c.wait_running(names, timeout=600)
         out["spawn"] = ready - start
         if "idle" in only:
             time.sleep(1.0)

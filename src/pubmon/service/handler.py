@@ -208,12 +208,13 @@ class PubmonHandler:
         if self._uptime is None:
             self._uptime = field_encoder(idl.pubmon().PublisherInfo, "uptime")
         uptime, old, new = self._uptime, self._infos, {}
+        pubs = list(sup.publishers.values())
+        snaps = [pub.snapshot() for pub in pubs]
         procstats = self._daemon.procstats
-        procstats.refresh_soon({n: p.pid for n, p in sup.publishers.items()})
+        procstats.refresh_soon({snap.name: snap.pid for snap in snaps})
         figures = procstats.figures
         out: list[Any] = []
-        for pub in sup.publishers.values():
-            snap = pub.snapshot()
+        for pub, snap in zip(pubs, snaps, strict=True):
             fig = figures.get(snap.name)
             key = (*snap[:-1], fig, *_times(pub), pub.spec.probe.kind)  # all but the uptime
             hit = old.get(snap.name)
