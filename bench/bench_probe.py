@@ -69,7 +69,12 @@ async def _probe_checks(first: int, k: int, rounds: int) -> float:
 
 def probe_cost(first: int, k: int, rounds: int) -> float:
     """ms of CPU per Fb303Probe.check() in this process."""
-    return asyncio.run(_probe_checks(first, k, rounds))
+    responder = _responder(first, k)
+    try:
+        return asyncio.run(_probe_checks(first, k, rounds))
+    finally:
+        responder.kill()
+        responder.wait()
 
 
 def daemon_cost(first: int, n: int, interval: float, window: float, settle: float) -> float:
@@ -87,6 +92,7 @@ def daemon_cost(first: int, n: int, interval: float, window: float, settle: floa
         ]  # fmt: skip
         (work / "logs").mkdir()
         (work / "pubmon.toml").write_text("\n".join(lines) + "\n")
+        _responder(first, n)  # cleanup() below kills it with the daemon
         pid = procfs.start_daemon(
             [str(PUBMON), "daemon", "--config", str(work / "pubmon.toml")], work / "daemon.log"
         )
@@ -146,7 +152,6 @@ def main() -> int:
     procfs.become_subreaper()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine)")
     first = free_ports(max([args.k, *sizes]))
-    responder = _responder(first, max([args.k, *sizes]))
     results: dict[str, list[float]] = {}
     try:
         for _ in range(args.repeat):
@@ -167,8 +172,6 @@ def main() -> int:
                         flush=True,
                     )
     finally:
-        responder.kill()
-        responder.wait()
         procfs.cleanup()
     print()
     for name, values in results.items():

@@ -1,12 +1,14 @@
 """How pubmon's costs grow with N, and A/B runs of two source trees on a shared machine.
 
-    .venv/bin/python bench/bench_scaling.py [--n 100,1000,5000] [--repeat 2] [--window 5]
+    .venv/bin/python bench/bench_scaling.py [--n 100,1000,4000] [--repeat 2] [--window 5]
         [--src OTHER/src[,ANOTHER/src]] [--only spawn,idle,status,restart,stop]
 
 For each N, one daemon start per repeat with N `sleep 3600` publishers (the same config as
 `run.py`'s fleet: `start_timeout = 0`, no rotation, the control socket only), measured in order:
 - spawn: start -> the status answer that lists all N RUNNING (`Contender.wait_running`);
-- idle: CPU (% of one core) over `--window` s after a 1 s settle, and RSS (MiB) at its end;
+- idle: CPU (% of one core) over `--window` s after a 1 s settle, RSS (MiB) and open fds at
+  its end (4 per publisher: two pipes, a pidfd, a log file: 5000 publishers need a
+  RLIMIT_NOFILE above 20000, this machine's hard limit, hence 4000 as the top size);
 - status: median wall time of 20 `listPublishers` calls on one open connection (the Cython
   client, as run.py), and the daemon's CPU per call over those calls (µs);
 - restart: SIGKILL of 5 different children, each timed until a new `sleep` child appears
@@ -46,6 +48,7 @@ FIGURES = {  # name: (unit, label)
     "spawn": ("s", "spawn N -> all RUNNING"),
     "idle_cpu": ("%", "idle CPU"),
     "idle_rss": ("MiB", "idle RSS"),
+    "idle_fds": ("fds", "open fds of the daemon"),
     "status": ("ms", "status via API, one call"),
     "status_cpu": ("µs", "daemon CPU per status call"),
     "restart": ("ms", "restart after SIGKILL, p50"),
@@ -61,7 +64,7 @@ def _tree(label: str, src: Path | None) -> type[Pubmon]:
 
 
 def one_run(
-    cls: type[Pubmon], n: int, root: Path, only: set[str], window: float
+    cls: type[Pubmon], n: int, root: Path, only: set[str], window: float, calls: int
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix=f"n{n}-", dir=root))
@@ -84,13 +87,14 @@ def one_run(
             cpu1, t1 = procfs.cpu_seconds(c.pid), time.monotonic()
             out["idle_cpu"] = 100 * (cpu1 - cpu0) / (t1 - t0)
             out["idle_rss"] = procfs.rss_mib(c.pid)
+            out["idle_fds"] = len(os.listdir(f"/proc/{c.pid}/fd"))
         if "status" in only:
             conn = c.connect()
             try:
                 conn.status()  # the first call encodes every PublisherInfo once
                 walls = []
                 cpu0 = procfs.cpu_seconds(c.pid)
-                for _ in range(STATUS_CALLS):
+                for _ in range(calls):
                     t = time.perf_counter()
                     got = conn.status()
                     walls.append(time.perf_counter() - t)
@@ -99,7 +103,7 @@ def one_run(
             finally:
                 conn.close()
             out["status"] = 1000 * statistics.median(walls)
-            out["status_cpu"] = 1e6 * cpu / STATUS_CALLS
+            out["status_cpu"] = 1e6 * cpu / calls
         if "restart" in only:
             delays = []
             for k in range(min(KILLS, n)):
@@ -123,6 +127,10 @@ def one_run(
     return out
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through one_run's cleanup: nothing left running
+
+
 def _cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -132,11 +140,12 @@ def _cell(values: list[float]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", default="100,1000,5000")
+    p.add_argument("--n", default="100,1000,4000")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--window", type=float, default=5.0, help="idle CPU window, s")
     p.add_argument("--src", default="", help="other source trees, comma-separated (A/B)")
     p.add_argument("--only", default="spawn,idle,status,restart,stop")
+    p.add_argument("--calls", type=int, default=STATUS_CALLS, help="status calls per daemon")
     args = p.parse_args()
     sizes = [int(x) for x in args.n.split(",")]
     only = set(args.only.split(","))
@@ -144,6 +153,7 @@ def main() -> int:
     trees += [
         (Path(s).resolve().parent.name or s, Path(s).resolve()) for s in args.src.split(",") if s
     ]
+    signal.signal(signal.SIGTERM, _on_sigterm)
     procfs.become_subreaper()
     load0 = os.getloadavg()
     print(f"load average {load0[0]:.1f} on {os.cpu_count()} cores at the start (a shared machine)")
@@ -154,7 +164,7 @@ def main() -> int:
         for rep in range(args.repeat):
             for n in sizes:
                 for label, src in trees:
-                    got = one_run(_tree(label, src), n, Path(tmp), only, args.window)
+                    got = one_run(_tree(label, src), n, Path(tmp), only, args.window, args.calls)
                     cells = ", ".join(f"{k} {v:.4g}" for k, v in got.items())
                     print(f"  run {rep + 1} n={n} {label}: {cells}", flush=True)
                     for k, v in got.items():
