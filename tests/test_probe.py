@@ -35,6 +35,7 @@ from pubmon.errors import RpcError
 from pubmon.thrift import idl
 from pubmon.thrift.idl import FbStatus
 from pubmon.thrift.server import ThriftClient, ThriftServer
+from supervising import supervising
 
 S = PublisherState
 SVC = idl.publisher().PublisherService
@@ -61,7 +62,7 @@ def demo_spec(
 
 @asynccontextmanager
 async def running(*specs: PublisherSpec) -> AsyncIterator[Supervisor]:
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         yield sup
 
 
@@ -529,7 +530,7 @@ async def test_demo_config_runs_three_healthy_publishers(tmp_path: Path) -> None
     assert cfg.daemon.log_dir is not None and cfg.daemon.log_dir.startswith(str(tmp_path))
     assert cfg.monitor.listen == f"127.0.0.1:{ports[3]}"
     assert parse_config(demo_config(tmp_path, ports[:3]), tmp_path / "d.toml").monitor.listen == ""
-    async with Supervisor(cfg) as sup:
+    async with supervising(cfg) as sup:
         for name in ("quotes", "trades", "news"):
             pub = sup.get(name)
             await until(pub, lambda p=pub: p.state == S.RUNNING and p.health == Health.HEALTHY)

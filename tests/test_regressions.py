@@ -21,11 +21,11 @@ from control import call_frame
 from procs import state
 from pubmon.core.lifecycle import Health, PublisherState
 from pubmon.core.probe import Fb303Probe, _by
-from pubmon.core.supervisor import Supervisor
 from pubmon.demo import free_ports
 from pubmon.errors import RpcError
 from pubmon.thrift import idl
 from pubmon.thrift.server import ThriftServer
+from supervising import supervising
 
 S = PublisherState
 
@@ -34,7 +34,7 @@ async def test_stopping_a_sigstopped_publisher_delivers_the_stop_signal() -> Non
     # Chaos: a SIGSTOPped demo publisher failed its probes, and pubmon's SIGTERM then sat pending
     # in the stopped process for all of stop_timeout, ending in SIGKILL (exit -9) with no chance
     # to clean up. A stop must continue the group after the stop signal, as systemd does.
-    async with Supervisor(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
+    async with supervising(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
         pub = sup.get("frozen")
         async with asyncio.timeout(5):
             await pub.wait_until(lambda: pub.state == S.RUNNING)
@@ -192,7 +192,7 @@ async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
     seen: list[int] = []
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
 
         def spawned() -> int:
@@ -212,7 +212,7 @@ async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> N
     # stopped each: 9.5 s. Those not forked yet must not be forked at all.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
         async with asyncio.timeout(30):
             while sum(len(p.start_times) for p in pubs) < 5:
@@ -232,7 +232,7 @@ async def test_a_thousand_exits_at_once_do_not_drown_an_operators_signal() -> No
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0, restart="never") for i in range(n)]
     loop = asyncio.get_running_loop()
     got = asyncio.Event()
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         await sup.wait_settled()
         pids = [p.pid for p in sup.publishers.values()]
         assert all(pids)

@@ -35,13 +35,14 @@ from pubmon.core.publisher import Publisher
 from pubmon.core.reaper import OrphanReaper
 from pubmon.core.supervisor import Supervisor
 from pubmon.errors import InvalidState, UnknownPublisher
+from supervising import supervising
 
 S = PublisherState
 
 
 @asynccontextmanager
 async def running(*specs: PublisherSpec, log_dir: Path | None = None) -> AsyncIterator[Supervisor]:
-    async with Supervisor(config(*specs, log_dir=str(log_dir) if log_dir else None)) as sup:
+    async with supervising(config(*specs, log_dir=str(log_dir) if log_dir else None)) as sup:
         yield sup
 
 
