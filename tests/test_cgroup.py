@@ -34,7 +34,7 @@ from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
-from supervising import supervising
+from supervised import supervising
 
 S = PublisherState
 _seq = itertools.count()
