@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from children import py
+from children import IGNORE_TERM, py
 from control import control, poll
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
 from procs import alive, children, wait_gone
@@ -348,3 +348,65 @@ async def test_backoff_and_counters_carry_over(tmp_path: Path) -> None:
 
         after = await poll(restarted, "the backoff timer fired in the new image", timeout=20)
         assert after.restarts == before.restarts + 1
+
+
+async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> None:
+    # A stop waiting for a child that ignores SIGTERM, and a `tail -f` long poll, are in
+    # flight when the upgrade execs: both are answered on their connections (the stop with
+    # "pubmon is upgrading: ... accepted and goes on"), and the stop goes on in the new image.
+    body = toml_publisher("stubborn", IGNORE_TERM, stop_timeout=4) + toml_publisher(
+        "quiet", SLEEPER
+    )
+    sock = tmp_path / "pubmon.sock"
+    async with run_daemon(write_config(tmp_path, body)) as d:
+        pids = await d.wait_publishers(2)
+
+        async def ignoring() -> bool:
+            async with control(sock) as c:
+                chunk = await c.call("tailLog", "stubborn", 0, 10)
+            return any("ignoring SIGTERM" in x.text for x in chunk.lines)
+
+        await poll(ignoring, "stubborn ignores SIGTERM")
+        m = idl.pubmon()
+        async with control(sock) as stopper, control(sock) as tailer, control(sock) as c:
+            stop = asyncio.ensure_future(stopper.call("stopPublisher", "stubborn"))
+
+            async def stopping() -> bool:
+                return (await c.call("getPublisher", "stubborn")).state == "STOPPING"
+
+            await poll(stopping, "stubborn STOPPING")
+            seq = (await c.call("tailLog", "quiet", -1, 1)).nextSeq
+            await c.call("upgrade")
+            # Long polls one after the other: the one in flight at the cut is answered early;
+            # one sent after the cut is refused ("retry"); none is dropped before the exec.
+            outcomes = []
+            while not stop.done():
+                try:
+                    chunk = await tailer.call("tailLog", "quiet", seq, 10)
+                except RpcError as exc:
+                    outcomes.append(str(exc))
+                    break
+                assert chunk.lines == [] and chunk.nextSeq == seq
+                outcomes.append("answered")
+            with pytest.raises(m.InvalidState) as caught:
+                await stop
+        for outcome in outcomes[:-1]:
+            assert outcome == "answered", outcomes
+        assert outcomes[-1] == "answered" or "pubmon is upgrading: retry" in outcomes[-1], outcomes
+        text = caught.value.message
+        assert text.startswith("pubmon is upgrading: the stop of stubborn was accepted"), text
+
+        async def upgraded() -> bool:
+            return (await counters(sock)).get("daemon.upgrades") == 1
+
+        await poll(upgraded, "the new image counted the upgrade", timeout=30)
+
+        async def stopped() -> Any:
+            async with control(sock) as c:
+                info = await c.call("getPublisher", "stubborn")
+            return info if info.state == "STOPPED" else None
+
+        info = await poll(stopped, "the stop carried on by the new image", timeout=20)
+        assert info.lastExit == -signal.SIGKILL, info
+        assert d.publisher_pids()["quiet"] == pids["quiet"]
+        assert not alive(pids["stubborn"])

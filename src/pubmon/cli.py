@@ -56,7 +56,9 @@ NAME: an instance (feed:0), a program (feed: all its instances), a shell-style g
 (feed:1*, 'f*') or all. SHELL: bash or zsh (eval "$(pubmon completion bash)").
 Exit codes: 0 ok, 1 error, 2 bad config, 3 daemon cannot start, 4 daemon not reachable,
 5 permission denied, 6 unknown publisher, 7 invalid state for the request, 8 --timeout
-reached (the operation goes on), 64 usage error.
+reached (the operation goes on), 9 the daemon upgraded in place while the request was
+waiting (it was accepted and goes on: see pubmon status), 64 usage error. A request the
+daemon refuses because it is upgrading is retried until --timeout.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ EXIT_DENIED = 5
 EXIT_UNKNOWN = 6
 EXIT_INVALID_STATE = 7
 EXIT_TIMEOUT = 8
+EXIT_UPGRADING = 9
 EXIT_USAGE = 64  # EX_USAGE of sysexits.h
 
 DEFAULT_SOCKET = "/run/pubmon/pubmon.sock"
@@ -270,6 +273,11 @@ def run_demo(debug: bool) -> int:
 # --- talking to a running daemon ------------------------------------------------------------
 
 
+# How the daemon answers a call an in-place upgrade refused (nothing done) or cut short
+# (pubmon.daemon.upgrade.UPGRADING; not imported: the CLI must not load the daemon's modules).
+_UPGRADING = "pubmon is upgrading"
+_UPGRADING_RETRY = f"{_UPGRADING}: retry"
+
 # What the daemon's declared IDL exceptions mean to an operator: (exit code, message prefix).
 _DECLARED = {
     "UnknownPublisher": (EXIT_UNKNOWN, ""),
@@ -323,6 +331,21 @@ class Remote:
         self._client.timeout = seconds
 
     def call(self, method: str, *args: object) -> Any:
+        """`method`'s answer. Refused because the daemon is upgrading ("pubmon is upgrading:
+        retry"; nothing was done): asked again on a new connection, which the new image
+        answers, until --timeout."""
+        deadline = time.monotonic() + self.args.call_timeout
+        while True:
+            try:
+                return self._call(method, *args)
+            except CliError as exc:
+                if not str(exc).endswith(_UPGRADING_RETRY) or time.monotonic() >= deadline:
+                    raise
+            self.__exit__()
+            time.sleep(0.05)
+            self.__enter__()
+
+    def _call(self, method: str, *args: object) -> Any:
         assert self._client is not None, "call() outside `with Remote(...)`"
         try:
             got = self._client.call(method, *args)
@@ -330,9 +353,13 @@ class Remote:
             return got
         except WireException as exc:
             code, prefix = _DECLARED.get(exc.name, (EXIT_ERROR, f"{exc.name}: "))
+            if exc.message.startswith(_UPGRADING) and not exc.message.endswith(_UPGRADING_RETRY):
+                code = EXIT_UPGRADING  # accepted, then cut short by the upgrade
             raise CliError(code, prefix + exc.message) from None
         except RpcError as exc:
             text = str(exc)
+            if text.endswith(_UPGRADING_RETRY):
+                raise CliError(EXIT_INVALID_STATE, text) from None
             if self._tls and self.calls == 0 and "closed" in text:
                 # Under TLS 1.3 the daemon judges our certificate after our side of the
                 # handshake is done, and asyncio drops a refused one without an alert: all we

@@ -56,7 +56,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pubmon._version import __version__
@@ -89,6 +89,9 @@ CHECK_TIMEOUT = 30.0
 SPAWN_WAIT = 30.0  # how long the exec may wait for spawns and a reload in flight to finish
 SYNC_BOUND = 2.0  # how long the exec waits for the log writers to catch up
 STOP_BOUND = 2.0  # a child the new image cannot adopt: SIGTERM, then SIGKILL after this
+CALLS_BOUND = 1.0  # how long the exec waits for the answers to the calls in flight
+UPGRADING = "pubmon is upgrading"  # how every answer cut short by an upgrade begins
+UPGRADING_RETRY = f"{UPGRADING}: retry"  # a call refused: nothing of it was done
 S = PublisherState
 
 
@@ -157,6 +160,14 @@ class Upgrader:
         self.last_lost = 0
         self.last_error = ""
         self._busy = False
+        # Calls in flight (see `admit` and `cuttable`): from the first `_go` on, new calls are
+        # refused ("pubmon is upgrading: retry") and those in flight are answered before the
+        # exec, which would otherwise close their connections with nothing said.
+        self.under_way = False
+        self._calls: set[asyncio.Task[Any]] = set()  # async calls whose reply is not out yet
+        self._cuttable: dict[asyncio.Timeout, str | None] = {}
+        self._cut_at: float | None = None
+        self._blocked_at = 0.0  # last time something other than calls held the exec back
 
     def counters(self) -> dict[str, int]:
         return {
@@ -178,6 +189,7 @@ class Upgrader:
         if self._busy:
             raise InvalidState("an upgrade is already under way")
         self._busy = True
+        self._track()  # its answer goes out before the exec
         try:
             self._same_config()
             new_version = await self._check()
@@ -199,6 +211,64 @@ class Upgrader:
         )
         asyncio.get_running_loop().call_later(delay, self._go, time.monotonic() + SPAWN_WAIT)
         return UpgradeAccepted(__version__, new_version, carried, self.upgrades)
+
+    # --- calls in flight, for the handler ---------------------------------------------------
+
+    def admit(self) -> None:
+        """At the start of every async RPC call: InvalidState("pubmon is upgrading: retry")
+        once the upgrade has begun (nothing of the call was done: a retry is safe, and is
+        answered by the new image); else the call's task is tracked until its reply went out."""
+        if self.under_way:
+            raise InvalidState(UPGRADING_RETRY)
+        self._track()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in self._calls:
+            self._calls.add(task)
+            # Runs after the server's own done-callback (added when it made the task), which
+            # writes the reply: once the task leaves the set, its answer is in the socket.
+            task.add_done_callback(self._calls.discard)
+
+    @contextlib.asynccontextmanager
+    async def cuttable(self, accepted: str | None) -> AsyncIterator[None]:
+        """A wait that an upgrade cuts short: the block is cancelled when the calls in flight
+        are answered. `accepted` None: the block just ends (a long poll answers what it has);
+        else InvalidState("pubmon is upgrading: <accepted>"), for a request already handed to
+        its publisher (the exec waits until every publisher took its requests): it goes on,
+        and the answer says so and that its outcome was not awaited."""
+        try:
+            async with asyncio.timeout(None) as cm:
+                self._cuttable[cm] = accepted
+                try:
+                    if self._cut_at is not None:
+                        cm.reschedule(-1)
+                    yield
+                finally:
+                    del self._cuttable[cm]
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            if accepted is not None:
+                raise InvalidState(f"{UPGRADING}: {accepted}") from None
+
+    def _cut(self) -> None:
+        """The upgrade begins: refuse new calls, cut every cuttable wait short."""
+        if self._cut_at is not None:
+            return
+        self.under_way = True
+        self._cut_at = time.monotonic()
+        for cm in self._cuttable:
+            cm.reschedule(-1)
+
+    def _uncut(self) -> None:
+        self.under_way = False
+        self._cut_at = None
+
+    def _calls_pending(self, now: float) -> bool:
+        """Calls whose answer is not out yet, within CALLS_BOUND of the last time something
+        else held the exec back (after that their connections drop: the clients retry)."""
+        return bool(self._calls) and now < max(self._cut_at or now, self._blocked_at) + CALLS_BOUND
 
     def _same_config(self) -> None:
         """The new image reads the config file: refuse when it is not what runs now, or the
@@ -279,16 +349,21 @@ class Upgrader:
         sup = d.supervisor
         if sup is None or d.stopping:
             self._busy = False
+            self._uncut()
             logger.warning("upgrade abandoned: pubmon is stopping")
             return
-        if sup.reaper.spawning or d.reload_busy:
-            # A forked child not yet recorded would be orphaned; a reload's requests lost.
-            if time.monotonic() < deadline:
+        self._cut()
+        now = time.monotonic()
+        if _held_back(d):
+            self._blocked_at = now
+        if self._blocked_at == now or self._calls_pending(now):
+            if now < deadline:
                 asyncio.get_running_loop().call_later(0.005, self._go, deadline)
                 return
             self._busy = False
+            self._uncut()
             self.failures += 1
-            self.last_error = "spawns or a reload still under way; retry"
+            self.last_error = "spawns, a reload or requests still under way; retry"
             logger.error("upgrade abandoned: %s", self.last_error)
             return
         # Quiesce: no pipe is read from now on. A chunk asyncio read from a subprocess pipe
@@ -300,7 +375,7 @@ class Upgrader:
     def _exec(self, deadline: float, t0: float, paused: list[Callable[[], None]]) -> None:
         d = self._daemon
         assert d.supervisor is not None
-        if d.supervisor.reaper.spawning or d.reload_busy or d.stopping:  # began meanwhile
+        if _held_back(d) or d.stopping:  # began meanwhile
             _resume_pipes(paused)
             self._go(deadline)
             return
@@ -309,10 +384,27 @@ class Upgrader:
         except Exception as exc:  # the exec failed: nothing was handed over
             _resume_pipes(paused)
             self._busy = False
+            self._uncut()
             self.failures += 1
             self.last_error = f"exec failed: {exc}"
             logger.error("upgrade failed, still running pubmon %s: %s", __version__, exc)
             d.notifier.ready(d.status_details())
+
+
+def _held_back(d: Daemon) -> bool:
+    """What the exec must wait for: a forked child not yet recorded would be orphaned; a
+    reload under way or queued (SIGHUP), or a request a publisher has not taken yet, lost."""
+    from pubmon.core.publisher import _Request
+
+    sup = d.supervisor
+    assert sup is not None
+    if sup.reaper.spawning or d.reload_busy or not d._reloads.empty():
+        return True
+    for pub in sup.publishers.values():
+        queued = getattr(pub._inbox, "_queue", ())  # asyncio.Queue's deque
+        if any(isinstance(m, _Request) for m in queued):
+            return True
+    return False
 
 
 def _pause_pipes(sup: Supervisor) -> list[Callable[[], None]]:
