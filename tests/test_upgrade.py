@@ -410,3 +410,47 @@ async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> N
         assert info.lastExit == -signal.SIGKILL, info
         assert d.publisher_pids()["quiet"] == pids["quiet"]
         assert not alive(pids["stubborn"])
+
+
+async def test_the_dashboards_recent_exits_carry_over(tmp_path: Path) -> None:
+    import json
+
+    import aiohttp
+
+    from pubmon.demo import free_ports
+
+    (port,) = free_ports(1)
+    body = toml_publisher(
+        "crash", ["sh", "-c", "exit 3"], backoff={"initial": 0.1, "max": 0.1, "jitter": 0}
+    )
+    config = write_config(tmp_path, f'[http]\nlisten = "127.0.0.1:{port}"\n' + body)
+    sock = tmp_path / "pubmon.sock"
+
+    async def recent() -> list[Any]:
+        url = f"http://127.0.0.1:{port}/events/crash"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            async for line in r.content:
+                if line.startswith(b"data: ") and b'"recent_exits"' in line:
+                    got: list[Any] = json.loads(line[6:])["recent_exits"]
+                    return got
+        raise AssertionError("no state event")
+
+    async with run_daemon(config) as d:
+
+        async def exited_twice() -> bool:
+            return (await counters(sock)).get("publisher.crash.exits", 0) >= 2
+
+        await poll(exited_twice, "crash exited twice", timeout=20)
+        async with control(sock) as c:
+            await c.call("stopPublisher", "crash")
+        exits = (await counters(sock))["publisher.crash.exits"]
+
+        async def recorded() -> list[Any] | None:
+            got = await recent()
+            return got if sum(x["count"] for x in got) == exits else None
+
+        before = await poll(recorded, "the dashboard recorded every exit")
+        got = await upgrade(d, sock)
+        assert got["publisher.crash.exits"] == exits
+        assert await recent() == before
+        assert before[0]["status"] == 3

@@ -370,6 +370,7 @@ class Daemon:
                         # Only now: what connected meanwhile waits in the handed-over
                         # listeners' backlog, and is answered by the adopted state.
                         await start_listeners()
+                        self._handover.serving()  # the pause ends: RPC answered, pipes read
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)

@@ -55,7 +55,7 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -79,8 +79,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-SUPPORTED_STATE_VERSIONS = frozenset({1})
+# The state formats: 1, the first; 2 adds "http_exits" (the dashboard's recent exits). This
+# code writes the newest format the code on disk reads (its check refuses the others), so
+# that going back to an older pubmon stays possible, and reads every format listed here.
+STATE_VERSION = 2
+SUPPORTED_STATE_VERSIONS = frozenset({1, 2})
 ENV_FD = "PUBMON_UPGRADE_FD"
 ENV_FDS = "PUBMON_UPGRADE_FDS"
 ENV_EXEC_AT = "PUBMON_UPGRADE_EXEC_AT"  # CLOCK_MONOTONIC of the execve: the pause's breakdown
@@ -89,7 +92,7 @@ CHECK_TIMEOUT = 30.0
 SPAWN_WAIT = 30.0  # how long the exec may wait for spawns and a reload in flight to finish
 SYNC_BOUND = 2.0  # how long the exec waits for the log writers to catch up
 STOP_BOUND = 2.0  # a child the new image cannot adopt: SIGTERM, then SIGKILL after this
-CALLS_BOUND = 1.0  # how long the exec waits for the answers to the calls in flight
+CALLS_BOUND = 3.0  # how long the exec waits for the answers to the calls in flight
 UPGRADING = "pubmon is upgrading"  # how every answer cut short by an upgrade begins
 UPGRADING_RETRY = f"{UPGRADING}: retry"  # a call refused: nothing of it was done
 S = PublisherState
@@ -160,6 +163,7 @@ class Upgrader:
         self.last_lost = 0
         self.last_error = ""
         self._busy = False
+        self.state_version = STATE_VERSION  # what the code on disk reads (see `_check`)
         # Calls in flight (see `admit` and `cuttable`): from the first `_go` on, new calls are
         # refused ("pubmon is upgrading: retry") and those in flight are answered before the
         # exec, which would otherwise close their connections with nothing said.
@@ -168,6 +172,7 @@ class Upgrader:
         self._cuttable: dict[asyncio.Timeout, str | None] = {}
         self._cut_at: float | None = None
         self._blocked_at = 0.0  # last time something other than calls held the exec back
+        self._held: Counter[str] = Counter()  # what held the exec back: polls (5 ms) each
 
     def counters(self) -> dict[str, int]:
         return {
@@ -298,13 +303,27 @@ class Upgrader:
         )
 
     async def _check(self) -> str:
+        """The code on disk's version, once it accepted the newest state format both read
+        (it may be older than this code: an operator going back)."""
+        for version in sorted(SUPPORTED_STATE_VERSIONS, reverse=True):
+            try:
+                got = await self._check_one(version)
+            except UpgradeRefused as exc:
+                if f"cannot read state format {version} " in str(exc) and version > 1:
+                    continue
+                raise
+            self.state_version = version
+            return got
+        raise AssertionError("unreachable: format 1 is always tried last")
+
+    async def _check_one(self, version: int) -> str:
         d = self._daemon
         assert d.supervisor is not None
         argv = [
             *_command_prefix(),
             "upgrade-check",
             "--state-version",
-            str(STATE_VERSION),
+            str(version),
             "--config",
             d.config.path,
         ]
@@ -354,18 +373,30 @@ class Upgrader:
             return
         self._cut()
         now = time.monotonic()
-        if _held_back(d):
+        held = _held_back(d)
+        if held:
             self._blocked_at = now
-        if self._blocked_at == now or self._calls_pending(now):
+        elif self._calls_pending(now):
+            held = f"the answers to {len(self._calls)} call(s) in flight"
+        if held:
+            self._held[held.split(" to ")[0]] += 1
             if now < deadline:
                 asyncio.get_running_loop().call_later(0.005, self._go, deadline)
                 return
             self._busy = False
             self._uncut()
             self.failures += 1
-            self.last_error = "spawns, a reload or requests still under way; retry"
+            self.last_error = f"{held} still under way after {SPAWN_WAIT:g} s; retry"
             logger.error("upgrade abandoned: %s", self.last_error)
             return
+        waited = now - (self._cut_at or now)
+        if waited >= 0.5:  # say what kept the exec waiting (calls were refused meanwhile)
+            logger.info(
+                "upgrade: the exec waited %.1f s for %s",
+                waited,
+                ", ".join(f"{what} ({n * 5} ms)" for what, n in self._held.most_common(3)),
+            )
+        self._held.clear()
         # Quiesce: no pipe is read from now on. A chunk asyncio read from a subprocess pipe
         # reaches its protocol through call_soon: those already queued run before `_exec`.
         t0 = time.monotonic()
@@ -391,20 +422,23 @@ class Upgrader:
             d.notifier.ready(d.status_details())
 
 
-def _held_back(d: Daemon) -> bool:
-    """What the exec must wait for: a forked child not yet recorded would be orphaned; a
-    reload under way or queued (SIGHUP), or a request a publisher has not taken yet, lost."""
+def _held_back(d: Daemon) -> str:
+    """What the exec must wait for ("": nothing): a forked child not yet recorded would be
+    orphaned; a reload under way or queued (SIGHUP), or a request a publisher has not taken
+    yet, lost."""
     from pubmon.core.publisher import _Request
 
     sup = d.supervisor
     assert sup is not None
-    if sup.reaper.spawning or d.reload_busy or not d._reloads.empty():
-        return True
+    if sup.reaper.spawning:
+        return "a spawn"
+    if d.reload_busy or not d._reloads.empty():
+        return "a reload"
     for pub in sup.publishers.values():
         queued = getattr(pub._inbox, "_queue", ())  # asyncio.Queue's deque
         if any(isinstance(m, _Request) for m in queued):
-            return True
-    return False
+            return f"a request to {pub.name}"
+    return ""
 
 
 def _pause_pipes(sup: Supervisor) -> list[Callable[[], None]]:
@@ -545,7 +579,7 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
         if child is not None:
             fds += child["pipes"].values()
     header = {
-        "version": STATE_VERSION,
+        "version": up.state_version,
         "from": __version__,
         "pid": os.getpid(),
         "t0": t0,
@@ -561,6 +595,12 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
         "sockets": sockets,
         "publishers": pubs,
     }
+    if up.state_version >= 2 and d.http is not None:
+        log = d.http.exits
+        header["http_exits"] = {
+            "seen": log.seen,
+            "exits": {name: list(kept) for name, kept in log.exits.items()},
+        }
     return header, blob.parts, fds
 
 
@@ -701,6 +741,7 @@ class Handover:
         self._lock: DaemonLock | None = None
         self._strays: set[int] = set()  # children of ours to stop: not adopted, after a problem
         self._marks: list[tuple[str, float]] = [("exec and imports", time.monotonic())]
+        self._served = False  # `serving()` was called: the pause ended before READY=1
 
     @classmethod
     def from_environ(cls) -> Handover | None:
@@ -832,18 +873,28 @@ class Handover:
             logger.error("upgrade: %s", problem)
         self._marks.append(("adoption", time.monotonic()))
 
+    def serving(self) -> None:
+        """The listeners answer again (and `connect` made the pipes read): the pause ends."""
+        self._marks.append(("listeners", time.monotonic()))
+        self._served = True
+
     def finish(self, up: Upgrader) -> None:
         """READY=1 went out: count the upgrade and say how it went."""
         for key, sock in unclaimed().items():  # the config no longer listens there
             logger.info("upgrade: closing the handed-over listener %s (not in the config)", key)
             sock.close()
+        self._restore_http_exits(up)
         up.upgrades += 1
         up.last_adopted = self.adopted
         up.last_lost = self.lost
         t0 = float(self.header["t0"]) if self.header else None
         now = time.monotonic()
-        up.last_pause_ms = int((now - t0) * 1000) if t0 is not None else 0
-        self._marks.append(("first round", now))
+        # The pause: from the old image's last pipe read until the listeners answer again
+        # (RPC served, pipes read); the first round up to READY=1 is reported after it.
+        end = self._marks[-1][1] if self._served else now
+        up.last_pause_ms = int((end - t0) * 1000) if t0 is not None else 0
+        if not self._served:
+            self._marks.append(("first round", now))
         steps, last = [], t0
         for what, when in self._marks:
             if last is not None:
@@ -853,15 +904,37 @@ class Handover:
             up.failures += 1
             up.last_error = "; ".join(self.problems)
         logger.info(
-            "upgraded from pubmon %s to %s in place: paused %d ms (%s), "
+            "upgraded from pubmon %s to %s in place: paused %d ms (%s), READY=1 %d ms later, "
             "%d publishers carried over%s",
             self.from_version,
             __version__,
             up.last_pause_ms,
             ", ".join(steps),
+            int((now - end) * 1000),
             self.adopted,
             f", {len(self.problems)} problem(s) (see above)" if self.problems else "",
         )
+
+    def _restore_http_exits(self, up: Upgrader) -> None:
+        """The dashboard's recent exits (state format 2), for the publishers still there.
+        Right after READY=1, before the dashboard's recorder first looks: exits counted while
+        between the images are recorded then, against the `seen` counts handed over."""
+        http = up._daemon.http
+        saved = self.header.get("http_exits") if self.header else None
+        if http is None or not isinstance(saved, dict):
+            return
+        sup = up._daemon.supervisor
+        names = set(sup.publishers) if sup is not None else set()
+        log = http.exits
+        try:
+            for name, count in saved["seen"].items():
+                if name in names:
+                    log.seen[name] = int(count)
+            for name, kept in saved["exits"].items():
+                if name in names:
+                    log.exits[name] = deque((dict(x) for x in kept), maxlen=log.kept)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.warning("upgrade: the dashboard's recent exits are not carried over: %r", exc)
 
 
 def _reset_publisher(pub: Publisher) -> None:
