@@ -420,8 +420,9 @@ async def test_the_dashboards_recent_exits_carry_over(tmp_path: Path) -> None:
     from pubmon.demo import free_ports
 
     (port,) = free_ports(1)
+    # Its runs last 1 s: the dashboard's recorder (it starts at READY=1) sees every exit.
     body = toml_publisher(
-        "crash", ["sh", "-c", "exit 3"], backoff={"initial": 0.1, "max": 0.1, "jitter": 0}
+        "crash", ["sh", "-c", "sleep 1; exit 3"], backoff={"initial": 0.1, "max": 0.1, "jitter": 0}
     )
     config = write_config(tmp_path, f'[http]\nlisten = "127.0.0.1:{port}"\n' + body)
     sock = tmp_path / "pubmon.sock"
@@ -440,7 +441,7 @@ async def test_the_dashboards_recent_exits_carry_over(tmp_path: Path) -> None:
         async def exited_twice() -> bool:
             return (await counters(sock)).get("publisher.crash.exits", 0) >= 2
 
-        await poll(exited_twice, "crash exited twice", timeout=20)
+        await poll(exited_twice, "crash exited twice", timeout=30)
         async with control(sock) as c:
             await c.call("stopPublisher", "crash")
         exits = (await counters(sock))["publisher.crash.exits"]
@@ -449,8 +450,30 @@ async def test_the_dashboards_recent_exits_carry_over(tmp_path: Path) -> None:
             got = await recent()
             return got if sum(x["count"] for x in got) == exits else None
 
-        before = await poll(recorded, "the dashboard recorded every exit")
+        before = await poll(recorded, "the dashboard recorded every exit", timeout=30)
         got = await upgrade(d, sock)
         assert got["publisher.crash.exits"] == exits
         assert await recent() == before
         assert before[0]["status"] == 3
+
+
+@pytest.mark.parametrize("reads", ["1", "0"])
+async def test_an_older_pubmon_on_disk_gets_a_state_format_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: str
+) -> None:
+    # The code on disk reads only format 1 (an operator going back): the daemon writes that;
+    # it reads none of ours: refused, and nothing changes.
+    monkeypatch.setenv("PUBMON_TEST_UPGRADE_READS", reads)
+    sock = tmp_path / "pubmon.sock"
+    async with run_daemon(small_config(tmp_path)) as d:
+        pids = await d.wait_publishers(3)
+        if reads == "0":
+            async with control(sock) as c:
+                with pytest.raises(idl.pubmon().UpgradeRefused) as caught:
+                    await c.call("upgrade")
+            assert "cannot read state format 1 (it reads 0)" in caught.value.message
+        else:
+            got = await upgrade(d, sock)
+            assert got["daemon.last_upgrade_adopted"] == 3 and got["daemon.last_upgrade_lost"] == 0
+            await d.wait_log("accepts the state (format 1)")
+        assert d.publisher_pids() == pids

@@ -120,8 +120,11 @@ def check_main(config_path: str, state_version: int) -> int:
     if forced:
         print(forced, file=sys.stderr)
         return 2
-    if state_version not in SUPPORTED_STATE_VERSIONS:
-        known = ", ".join(map(str, sorted(SUPPORTED_STATE_VERSIONS)))
+    reads = SUPPORTED_STATE_VERSIONS
+    if older := os.environ.get("PUBMON_TEST_UPGRADE_READS"):  # test hook: an older pubmon
+        reads = frozenset(int(x) for x in older.split(","))
+    if state_version not in reads:
+        known = ", ".join(map(str, sorted(reads)))
         print(
             f"pubmon {__version__} cannot read state format {state_version} (it reads {known})",
             file=sys.stderr,
@@ -173,6 +176,8 @@ class Upgrader:
         self._cut_at: float | None = None
         self._blocked_at = 0.0  # last time something other than calls held the exec back
         self._held: Counter[str] = Counter()  # what held the exec back: polls (5 ms) each
+        self._fork_hold: asyncio.Task[None] | None = None
+        self._forks_held = False
 
     def counters(self) -> dict[str, int]:
         return {
@@ -210,8 +215,10 @@ class Upgrader:
         sup = d.supervisor
         carried = sum(p.child is not None for p in sup.publishers.values())
         logger.info(
-            "upgrade: pubmon %s on disk accepts the state; re-executing (%d publishers)",
+            "upgrade: pubmon %s on disk accepts the state (format %d); re-executing "
+            "(%d publishers)",
             new_version,
+            self.state_version,
             carried,
         )
         asyncio.get_running_loop().call_later(delay, self._go, time.monotonic() + SPAWN_WAIT)
@@ -269,6 +276,34 @@ class Upgrader:
     def _uncut(self) -> None:
         self.under_way = False
         self._cut_at = None
+        self._held.clear()
+        self._release_forks()
+
+    def _abandon(self, why: str) -> None:
+        self._busy = False
+        self._uncut()
+        self.failures += 1
+        self.last_error = why
+        logger.error("upgrade abandoned: %s", why)
+
+    def _hold_forks(self) -> None:
+        """Take the loop's turn to fork (`fork_turn`) and keep it: no spawn begins from then
+        on (those due wait for it, in their state, and are carried over as due)."""
+        if self._fork_hold is None:
+            self._fork_hold = asyncio.get_running_loop().create_task(self._keep_forks())
+
+    def _release_forks(self) -> None:
+        if self._fork_hold is not None:
+            self._fork_hold.cancel()
+            self._fork_hold = None
+        self._forks_held = False
+
+    async def _keep_forks(self) -> None:
+        from pubmon.core.process import fork_turn
+
+        async with fork_turn():
+            self._forks_held = True
+            await asyncio.get_running_loop().create_future()  # until cancelled
 
     def _calls_pending(self, now: float) -> bool:
         """Calls whose answer is not out yet, within CALLS_BOUND of the last time something
@@ -374,29 +409,27 @@ class Upgrader:
         self._cut()
         now = time.monotonic()
         held = _held_back(d)
+        # With publishers restarting all the time a moment with no spawn in flight is not
+        # enough: one may begin between here and `_exec`. So the loop's turn to fork is held
+        # from here on; but not while a reload or a request waits (either may wait for a
+        # spawn: it would never come).
+        if held in ("", "a spawn"):
+            self._hold_forks()
+        else:
+            self._release_forks()
         if held:
             self._blocked_at = now
         elif self._calls_pending(now):
             held = f"the answers to {len(self._calls)} call(s) in flight"
+        elif not self._forks_held:
+            held = "the turn to fork"
         if held:
             self._held[held.split(" to ")[0]] += 1
             if now < deadline:
                 asyncio.get_running_loop().call_later(0.005, self._go, deadline)
                 return
-            self._busy = False
-            self._uncut()
-            self.failures += 1
-            self.last_error = f"{held} still under way after {SPAWN_WAIT:g} s; retry"
-            logger.error("upgrade abandoned: %s", self.last_error)
+            self._abandon(f"{held} still under way after {SPAWN_WAIT:g} s; retry")
             return
-        waited = now - (self._cut_at or now)
-        if waited >= 0.5:  # say what kept the exec waiting (calls were refused meanwhile)
-            logger.info(
-                "upgrade: the exec waited %.1f s for %s",
-                waited,
-                ", ".join(f"{what} ({n * 5} ms)" for what, n in self._held.most_common(3)),
-            )
-        self._held.clear()
         # Quiesce: no pipe is read from now on. A chunk asyncio read from a subprocess pipe
         # reaches its protocol through call_soon: those already queued run before `_exec`.
         t0 = time.monotonic()
@@ -406,10 +439,17 @@ class Upgrader:
     def _exec(self, deadline: float, t0: float, paused: list[Callable[[], None]]) -> None:
         d = self._daemon
         assert d.supervisor is not None
-        if _held_back(d) or d.stopping:  # began meanwhile
+        if _held_back(d) or d.stopping:  # began meanwhile (a reload queued by SIGHUP)
             _resume_pipes(paused)
             self._go(deadline)
             return
+        waited = t0 - (self._cut_at or t0)
+        if waited >= 0.5:  # say what kept the exec waiting (calls were refused meanwhile)
+            logger.info(
+                "upgrade: the exec waited %.1f s for %s",
+                waited,
+                ", ".join(f"{what} ({n * 5} ms)" for what, n in self._held.most_common(3)),
+            )
         try:
             _exec(d, self, t0)
         except Exception as exc:  # the exec failed: nothing was handed over
