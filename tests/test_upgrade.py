@@ -336,18 +336,23 @@ async def test_backoff_and_counters_carry_over(tmp_path: Path) -> None:
         await upgrade(d, sock)
         async with control(sock) as c:
             info = await c.call("getPublisher", "crash")
-            chunk = await c.call("tailLog", "crash", -1, 1)
-        # Still waiting for the same deadline: not respawned by the new image, not reset.
-        assert info.state == "BACKOFF" and info.restarts == before.restarts, info
-        assert info.lastExit == 3 and chunk.nextSeq == seq
+        if info.restarts == before.restarts:  # the upgrade took less than the backoff
+            # Still waiting for the same deadline: not respawned by the new image, not reset.
+            assert info.state == "BACKOFF" and info.backoffUntil == before.backoffUntil, info
+            assert info.stateSince == before.stateSince  # not the upgrade's time
+            assert info.lastExit == 3
 
         async def restarted() -> Any:
             async with control(sock) as c:
                 got = await c.call("getPublisher", "crash")
-            return got if got.restarts > before.restarts else None
+                chunk = await c.call("tailLog", "crash", seq, 10)
+            return (got, chunk) if got.restarts > before.restarts and chunk.lines else None
 
-        after = await poll(restarted, "the backoff timer fired in the new image", timeout=20)
+        after, chunk = await poll(restarted, "the backoff timer fired", timeout=20)
         assert after.restarts == before.restarts + 1
+        # Its next run began when the backoff said, not at the upgrade (nor was it forgotten).
+        assert chunk.lines[0].seq == seq + 1 and chunk.lines[0].text == "crashing"
+        assert chunk.lines[0].time >= before.backoffUntil - 0.05, (chunk, before)
 
 
 async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> None:

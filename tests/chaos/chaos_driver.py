@@ -405,10 +405,11 @@ class Driver:
             self.problem(f"{pub.name}: idle and expected {pub.expect}, but {before.state}")
             return
         method = {"start": "startPublisher", "stop": "stopPublisher", "restart": "restartPublisher"}
+        cut = False
         if via_cli:
             self.stats["op.cli"] += 1
             while True:
-                since = self.upgrades_begun
+                since = self.upgrades_begun - self.upgrading
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "pubmon", action, pub.name,
                     "--socket", str(self.env.socket),
@@ -420,6 +421,7 @@ class Driver:
                     continue
                 if proc.returncode == 9 and UPGRADING.encode() in err:  # taken, then cut short
                     self.stats["upgrade.cut_requests"] += 1
+                    cut = True
                 elif proc.returncode == 1 and action != "stop" and pub.expect != "RUNNING":
                     pass  # a doomed one: the CLI says it did not reach RUNNING
                 elif proc.returncode != 0:
@@ -431,10 +433,18 @@ class Driver:
             except (idl.pubmon().InvalidState, idl.pubmon().UnknownPublisher) as exc:
                 if exc.message.startswith(UPGRADING):  # taken, then cut short: it goes on
                     self.stats["upgrade.cut_requests"] += 1
+                    cut = True
                 else:
                     self.problem(f"{pub.name}: {action} from {before.state}: {exc.message}")
                     return
         self.stats[f"op.{action}"] += 1
+        if cut:  # answered before its publisher acted on it: wait for that first
+            await self._wait(
+                c,
+                pub.name,
+                lambda i: i.stateSince != before.stateSince,
+                f"{action} taken after an upgrade cut its call short",
+            )
         if before.state == "RUNNING" and action in ("stop", "restart"):
             pub.exits += 1
         if action == "stop":

@@ -79,7 +79,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The state formats: 1, the first; 2 adds "http_exits" (the dashboard's recent exits). This
+# The state formats: 1, the first; 2 adds "http_exits" (the dashboard's recent exits) and each
+# publisher's "state_since" (a new image said "RUNNING since <the upgrade>"). This
 # code writes the newest format the code on disk reads (its check refuses the others), so
 # that going back to an older pubmon stays possible, and reads every format listed here.
 STATE_VERSION = 2
@@ -676,6 +677,16 @@ def _sinks_of(child: Child) -> dict[int, StreamSink]:
     return dict(child._proto._sinks)  # type: ignore[arg-type]
 
 
+def _returncode(child: Child) -> int | None:
+    """Its exit status, also when asyncio's watcher reaped it and the news is still queued
+    for the next loop pass (the transport knows at once): the new image could not learn it
+    again (the pid is gone), and would report the status lost."""
+    if child.returncode is not None or isinstance(child, AdoptedChild):
+        return child.returncode
+    got: int | None = child._transport.get_returncode()
+    return got
+
+
 def _pipe_fds(child: Child) -> dict[int, int]:
     if isinstance(child, AdoptedChild):
         return child.pipe_fds()
@@ -709,7 +720,7 @@ def _publisher_state(
             "pid": c.pid,
             "pgid": c.pgid,
             "started": c.started,
-            "returncode": c.returncode,
+            "returncode": _returncode(c),
             "pipes": {str(s): fd for s, fd in _pipe_fds(c).items()},
             "tails": {str(s): blob.add(bytes(k._tail)) for s, k in sinks.items()},
         }
@@ -737,6 +748,7 @@ def _publisher_state(
         "last_exit_reason": pub.last_exit_reason,
         "exit_reasons": dict(pub.exit_reasons),
         "started_wall": pub.started_wall,
+        "state_since": pub.state_since,
         "backoff_until": pub.backoff_until,
         "start_times": list(pub.start_times),
         "stuck": pub.stuck,
@@ -1023,6 +1035,7 @@ def _restore_publisher(
         if reason in pub.exit_reasons:
             pub.exit_reasons[reason] = int(n)
     pub.started_wall = e["started_wall"]
+    pub.state_since = float(e.get("state_since", pub.state_since))  # not in format 1
     pub.backoff_until = e["backoff_until"]
     pub.start_times.extend(float(t) for t in e["start_times"])
     pub.stuck = bool(e["stuck"])
