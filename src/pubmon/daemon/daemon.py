@@ -374,7 +374,8 @@ class Daemon:
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)
-                    await _first(sup.wait_settled(), self._stop.wait())
+                    if self._handover is None:  # [upgrade] hook: taken over = ready again
+                        await _first(sup.wait_settled(), self._stop.wait())
                     if not self.stopping:
                         self.ready.set()
                         self.notifier.ready(self.status_details())
