@@ -627,7 +627,9 @@ class Driver:
 
     async def _upgrade_lane(self, until: float) -> None:
         rng = self._rng["upgrades"]
-        while await _pace(until, rng.uniform(4, 9) / self.scale):
+        # 2-4 in a 60 s run: each costs the host a check and a new interpreter (~0.5 s of CPU
+        # each on a loaded 2-core host) and holds spawns back while it waits for its moment.
+        while await _pace(until, rng.uniform(10, 20) / self.scale):
             await self._upgrade(rng.choice(self._MOMENTS))
 
     async def _moment(self, c: Any, moment: str) -> bool:
