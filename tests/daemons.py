@@ -14,6 +14,28 @@ from pathlib import Path
 
 from procs import alive, descendants, environ
 
+# Commands for toml_publisher: one that sleeps, one that ignores SIGTERM once it printed "x".
+SLEEP = ["sleep", "3600"]
+IGNORE_TERM = [
+    sys.executable,
+    "-c",
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
+    "while True: time.sleep(3600)",
+]
+
+
+def write_config(tmp: Path, body: str, name: str = "pubmon.toml") -> Path:
+    path = tmp / name
+    path.write_text(daemon_header(tmp) + body)
+    return path
+
+
+async def wait_file_lines(path: Path, n: int, timeout: float = 10) -> None:
+    """Until the file at `path` holds `n` lines."""
+    async with asyncio.timeout(timeout):
+        while not path.exists() or path.read_text().count("\n") < n:
+            await asyncio.sleep(0.01)
+
 
 def toml_publisher(name: str, command: list[str], **keys: object) -> str:
     lines = [f"[publisher.{name}]", f"command = {toml_value(command)}"]

@@ -24,20 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from daemons import toml_publisher, wait_line
+from daemons import IGNORE_TERM, SLEEP, toml_publisher, wait_line
 from procs import children, descendants, state
 
 UNSHARE = (
     "setpriv", "--pdeathsig", "KILL",
     "unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
 )  # fmt: skip
-SLEEP = ["sleep", "3600"]
-IGNORE_TERM = [
-    sys.executable,
-    "-c",
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
-    "while True: time.sleep(3600)",
-]
 
 
 # Forks a helper into its own session that says "bye" into a file when SIGTERM comes, and
