@@ -1,4 +1,4 @@
-"""pubmon as PID 1 of a private PID namespace, as in a container (issue 14).
+"""pubmon as an init (pubmon.daemon.init): PID 1 of a private PID namespace, as in a container.
 
 Each test boots `pubmon daemon` under `setpriv --pdeathsig KILL unshare --pid --fork
 --mount-proc --kill-child=SIGKILL`: the daemon is the namespace's init, so every orphan of the
