@@ -355,10 +355,10 @@ async def test_fb303_probe_failures_name_the_cause() -> None:
 
 
 async def test_a_stall_of_our_own_loop_does_not_fail_the_probe_of_a_child_that_answered() -> None:
-    # Chaos soak: healthy demo publishers were judged unhealthy and killed. The daemon's loop
-    # stalls now and then (a spawn under load waits for the child's exec: up to ~1 s measured);
-    # when a stall outlasted the probe's timeout with a getStatus in flight, the timer and the
-    # child's answer were read in the same loop turn and the timer won: the child was blamed.
+    # The daemon's loop stalls now and then (a spawn under load waits for the child's exec: up
+    # to ~1 s measured). When a stall outlasts the probe's timeout with a getStatus in flight,
+    # the timer and the child's answer are read in the same loop turn: the answer must win.
+    # Found by the chaos soak: healthy demo publishers were judged unhealthy and killed.
     (port,) = free_ports(1)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pubmon.demo", f"--pub_port={port}",
@@ -389,9 +389,9 @@ async def test_a_stall_of_our_own_loop_does_not_fail_the_probe_of_a_child_that_a
 async def test_a_probe_call_that_fails_as_its_check_is_cancelled_is_not_reported_unretrieved(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Chaos (with the fix above in place): "Task exception was never retrieved" for a
-    # getStatus whose connect was refused in the same loop turn as its check was cancelled
-    # (the child had just died and the runner stopped watching it).
+    # A getStatus whose connect is refused in the same loop turn as its check is cancelled (the
+    # child has just died and the runner stops watching it) must not be logged as "Task
+    # exception was never retrieved". Found by the chaos run.
     async def refused() -> None:
         raise RpcError("cannot connect")
 
