@@ -342,10 +342,10 @@ class _BigTail:
 async def test_a_client_that_never_reads_gets_only_a_few_replies_computed(
     tmp_path: Path, family: str
 ) -> None:
-    # Found by tests/test_faults.py (clients that never read): on loopback TCP the kernel grew the
-    # send buffer of each such connection to 4 MiB, so the daemon computed ~40 tailLog replies
-    # per connection for nobody (200 of them: ~50 s of CPU with the control socket starved, and
-    # ~400 MB of kernel memory). The server caps SO_SNDBUF of accepted sockets.
+    # The Thrift server caps SO_SNDBUF of the sockets it accepts. Without the cap, on loopback
+    # TCP the kernel grew the send buffer of each connection that never reads to 4 MiB, so the
+    # daemon computed ~40 tailLog replies per connection for nobody (200 of them: ~50 s of CPU
+    # with the control socket starved, and ~400 MB of kernel memory): found by the test above.
     handler = _BigTail()
     async with ThriftServer(idl.pubmon().PubmonService, handler, name="t") as server:
         frames = b"".join(call_frame("tailLog", "x", 0, 10000, seqid=i) for i in range(50))

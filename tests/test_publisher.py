@@ -119,9 +119,9 @@ async def test_ignoring_sigterm_is_killed_after_stop_timeout_not_before() -> Non
 
 
 async def test_stopping_a_sigstopped_publisher_delivers_the_stop_signal() -> None:
-    # Chaos: a SIGSTOPped demo publisher failed its probes, and pubmon's SIGTERM then sat pending
-    # in the stopped process for all of stop_timeout, ending in SIGKILL (exit -9) with no chance
-    # to clean up. A stop must continue the group after the stop signal, as systemd does.
+    # A stop continues the group after the stop signal, as systemd does: else the signal sits
+    # pending in the stopped process for all of stop_timeout and SIGKILL (exit -9) ends it with
+    # no chance to clean up. Found by the chaos run (a SIGSTOPped demo publisher failed its probes).
     async with Supervisor(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
         pub = sup.get("frozen")
         async with asyncio.timeout(5):
