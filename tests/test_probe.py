@@ -8,6 +8,7 @@ state, an event or a counter under asyncio.timeout; probe rounds are counted by 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -27,7 +28,7 @@ from procs import alive
 from pubmon.config.load import parse_config
 from pubmon.config.model import ProbeSpec, PublisherSpec
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.probe import ExecProbe, Fb303Probe, TcpProbe, make_probe
+from pubmon.core.probe import ExecProbe, Fb303Probe, TcpProbe, _by, make_probe
 from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.demo import DEMO_DATA_SOURCE, Demo, demo_config, free_ports, serve
@@ -351,6 +352,57 @@ async def test_fb303_probe_failures_name_the_cause() -> None:
             assert await probe.check() == Health.UNHEALTHY
         finally:
             await probe.close()
+
+
+async def test_a_stall_of_our_own_loop_does_not_fail_the_probe_of_a_child_that_answered() -> None:
+    # Chaos soak: healthy demo publishers were judged unhealthy and killed. The daemon's loop
+    # stalls now and then (a spawn under load waits for the child's exec: up to ~1 s measured);
+    # when a stall outlasted the probe's timeout with a getStatus in flight, the timer and the
+    # child's answer were read in the same loop turn and the timer won: the child was blamed.
+    (port,) = free_ports(1)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pubmon.demo", f"--pub_port={port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    probe = Fb303Probe("127.0.0.1", port, timeout=0.3)
+    try:
+        async with asyncio.timeout(20):
+            while await probe.check() != Health.HEALTHY:
+                await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            # Block our loop for twice the timeout just after the request goes out.
+            loop.call_soon(time.sleep, 0.6)
+            assert await probe.check() == Health.HEALTHY, probe.last_error
+        # A child that really is wedged still fails within the timeout (plus a short grace).
+        child.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert await probe.check() == Health.UNHEALTHY
+        assert time.monotonic() - t0 < 5  # gave up at its timeout, did not hang
+        assert "no answer within 0.3 s" in probe.last_error
+    finally:
+        await probe.close()
+        child.kill()
+        await child.wait()
+
+
+async def test_a_probe_call_that_fails_as_its_check_is_cancelled_is_not_reported_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Chaos (with the fix above in place): "Task exception was never retrieved" for a
+    # getStatus whose connect was refused in the same loop turn as its check was cancelled
+    # (the child had just died and the runner stopped watching it).
+    async def refused() -> None:
+        raise RpcError("cannot connect")
+
+    check = asyncio.ensure_future(_by(asyncio.get_running_loop().time() + 5, refused()))
+    await asyncio.sleep(0)  # the check started its call, which has not run yet
+    check.cancel()  # the call fails, then the check is cancelled: both in the next turn
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    del check
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
 async def test_fb303_probe_start_publishers_success_and_refusal(

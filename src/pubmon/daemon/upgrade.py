@@ -523,12 +523,9 @@ def _publisher_state(
     pub: Publisher, blob: _Blob, loop: asyncio.AbstractEventLoop
 ) -> dict[str, Any]:
     timer = None
-    handle = pub._timer
-    if handle is not None:
-        msg = getattr(handle, "_args", (None,))[0]
-        kind = getattr(msg, "kind", None)
-        if kind is not None:
-            timer = {"kind": kind, "when": handle.when()}
+    pending = pub._runner.pending_timer()
+    if pending is not None:
+        timer = {"kind": pending[0], "when": pending[1]}
     child = None
     if pub.child is not None:
         c = pub.child
@@ -840,7 +837,7 @@ def _restore_publisher(
         pub._then_start = False
     timer = e["timer"]
     if timer is not None and timer["kind"] in ("backoff", "kill", "stuck"):
-        pub._set_timer(timer["kind"], float(timer["when"]) - loop.time())
+        pub._runner.set_timer(timer["kind"], float(timer["when"]) - loop.time())
     if child is not None:
         sinks = {1: out.open_stream("stdout"), 2: out.open_stream("stderr")}
         for s, (at, size) in c["tails"].items():
@@ -848,10 +845,10 @@ def _restore_publisher(
             sinks[int(s)]._tail = bytearray(tail) if tail else b""
         child.sinks = dict(sinks)
         pub.child = child
-        inbox = pub._inbox
+        post = pub._runner.post
         from pubmon.core.publisher import _Exited
 
-        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
+        child.exited.add_done_callback(lambda _: post(_Exited(child)))
         child.watch()
     return child
 
