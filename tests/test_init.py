@@ -342,7 +342,7 @@ def flood_script(n: int, width: int) -> list[str]:
 async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
     tmp_path: Path,
 ) -> None:
-    from pubmon.thrift.wire import WireClient
+    from pubmon.thrift.blocking import BlockingClient
 
     n, pubs = 1500, 20  # ~15 MB: more than the pipe and the 4 MiB buffer hold
     body = "".join(
@@ -351,7 +351,7 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
     async with pid1(write(tmp_path, body, socket=True), read_stdout=False) as d:
         for i in range(pubs):
             await d.wait_ended(f"p{i}", timeout=60)  # supervision went on
-        client = WireClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
+        client = BlockingClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
         try:
             counters = await asyncio.to_thread(client.call, "getCounters")
         finally:
@@ -365,14 +365,14 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
 
 
 async def test_status_details_name_the_critical_publisher(tmp_path: Path) -> None:
-    from pubmon.thrift.wire import WireClient
+    from pubmon.thrift.blocking import BlockingClient
 
     body = toml_publisher("slow", IGNORE_TERM, stop_timeout=2) + toml_publisher(
         "main", ["sh", "-c", "sleep 0.5; exit 3"], critical=True, restart="never"
     )
     async with pid1(write(tmp_path, body, socket=True)) as d:
         await d.wait_log("critical publisher main EXITED")
-        client = WireClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
+        client = BlockingClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
         try:
             details = await asyncio.to_thread(client.call, "getStatusDetails")
         finally:

@@ -56,7 +56,7 @@ from pubmon.errors import (
 )
 from pubmon.service import daemonlog as _daemonlog
 from pubmon.thrift import idl
-from pubmon.thrift.frames import Encoded, encode_struct, field_encoder
+from pubmon.thrift.codec import Encoded, encode_struct, field_encoder
 from pubmon.thrift.server import Peer, ThriftServer, fair_turn
 
 if TYPE_CHECKING:
