@@ -16,11 +16,10 @@ from demos import client, in_process_demo, option_is
 from pubmon.config.load import parse_config
 from pubmon.core.lifecycle import Health, PublisherState
 from pubmon.core.probe import Fb303Probe
-from pubmon.core.supervisor import Supervisor
 from pubmon.demo import DEMO_DATA_SOURCE, Demo, demo_config, free_ports, serve
 from pubmon.errors import RpcError
 from pubmon.thrift.idl import FbStatus
-from supervised import until
+from supervised import supervising, until
 
 S = PublisherState
 
@@ -72,7 +71,7 @@ async def test_demo_config_runs_three_healthy_publishers(tmp_path: Path) -> None
     assert cfg.daemon.log_dir is not None and cfg.daemon.log_dir.startswith(str(tmp_path))
     assert cfg.monitor.listen == f"127.0.0.1:{ports[3]}"
     assert parse_config(demo_config(tmp_path, ports[:3]), tmp_path / "d.toml").monitor.listen == ""
-    async with Supervisor(cfg) as sup:
+    async with supervising(cfg) as sup:
         for name in ("quotes", "trades", "news"):
             pub = sup.get(name)
             await until(pub, lambda p=pub: p.state == S.RUNNING and p.health == Health.HEALTHY)

@@ -18,9 +18,8 @@ from procs import alive, state
 from pubmon.config.model import Backoff, CrashLoop
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.publisher import Publisher
-from pubmon.core.supervisor import Supervisor
 from pubmon.errors import InvalidState, UnknownPublisher
-from supervised import in_state, lines_seen, running, until
+from supervised import in_state, lines_seen, running, supervising, until
 
 S = PublisherState
 
@@ -122,7 +121,7 @@ async def test_stopping_a_sigstopped_publisher_delivers_the_stop_signal() -> Non
     # A stop continues the group after the stop signal, as systemd does: else the signal sits
     # pending in the stopped process for all of stop_timeout and SIGKILL (exit -9) ends it with
     # no chance to clean up. Found by the chaos run (a SIGSTOPped demo publisher failed its probes).
-    async with Supervisor(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
+    async with supervising(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
         pub = sup.get("frozen")
         async with asyncio.timeout(5):
             await pub.wait_until(lambda: pub.state == S.RUNNING)

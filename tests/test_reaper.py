@@ -14,8 +14,7 @@ from children import ORPHANER, SLEEP, config, spec
 from procs import alive, children, state
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.reaper import OrphanReaper
-from pubmon.core.supervisor import Supervisor
-from supervised import in_state, lines_seen, running
+from supervised import in_state, lines_seen, running, supervising
 
 S = PublisherState
 
@@ -86,7 +85,7 @@ async def test_an_operators_signal_gets_through_hundreds_of_exits_at_once() -> N
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0, restart="never") for i in range(n)]
     loop = asyncio.get_running_loop()
     got = asyncio.Event()
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         await sup.wait_settled()
         pids = [p.pid for p in sup.publishers.values()]
         assert all(pids)

@@ -23,9 +23,8 @@ from procs import alive, wait_gone
 from pubmon.config.model import ProbeSpec
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.publisher import Publisher
-from pubmon.core.supervisor import Supervisor
 from pubmon.errors import InvalidState, UnknownPublisher
-from supervised import in_state, lines_seen, running, until
+from supervised import in_state, lines_seen, running, supervising, until
 
 S = PublisherState
 
@@ -96,7 +95,7 @@ async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
     seen: list[int] = []
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
 
         def spawned() -> int:
@@ -117,7 +116,7 @@ async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> N
     # each: 9.5 s.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
         async with asyncio.timeout(30):
             while sum(len(p.start_times) for p in pubs) < 5:
