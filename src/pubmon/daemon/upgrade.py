@@ -38,6 +38,7 @@ from __future__ import annotations
 
 __all__ = [
     "STATE_VERSION",
+    "DaemonState",
     "Handover",
     "UpgradeAccepted",
     "Upgrader",
@@ -57,25 +58,28 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pubmon._version import __version__
 from pubmon.core.adopted import AdoptedChild
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.reaper import _children_of
+from pubmon.core.reaper import OrphanReaper, _children_of
 from pubmon.core.ring import Ring, _Entry
 from pubmon.core.stats import EXIT_REASONS
 from pubmon.daemon.lock import DaemonLock
+from pubmon.daemon.notify import Notifier
 from pubmon.daemon.signals import HANDLED
 from pubmon.errors import InvalidState, UpgradeRefused
 from pubmon.host.inherited import offer, unclaimed
 
 if TYPE_CHECKING:
+    from pubmon.config.model import Config
     from pubmon.core.output import OutputLog, StreamSink
     from pubmon.core.process import Child
     from pubmon.core.publisher import Publisher
     from pubmon.core.supervisor import Supervisor
-    from pubmon.daemon.daemon import Daemon
+    from pubmon.http.server import HttpServer
+    from pubmon.service.handler import Listeners
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,40 @@ CALLS_BOUND = 3.0  # how long the exec waits for the answers to the calls in fli
 UPGRADING = "pubmon is upgrading"  # how every answer cut short by an upgrade begins
 UPGRADING_RETRY = f"{UPGRADING}: retry"  # a call refused: nothing of it was done
 S = PublisherState
+
+
+class DaemonState(Protocol):
+    """What an upgrade reads of the daemon (pubmon.daemon.daemon.Daemon, which imports this
+    module), and the counters the new image restores."""
+
+    started_at: float
+    reloads: int
+    reload_failures: int
+    last_reload_error: str
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+    @property
+    def ready(self) -> asyncio.Event: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reload_busy(self) -> bool: ...
+    @property
+    def reload_queued(self) -> bool: ...  # a SIGHUP's or reloadConfig's, not begun yet
+    @property
+    def reaper(self) -> OrphanReaper: ...
+    @property
+    def notifier(self) -> Notifier: ...
+    @property
+    def lock(self) -> DaemonLock | None: ...
+    @property
+    def listeners(self) -> Listeners | None: ...
+    @property
+    def http(self) -> HttpServer | None: ...
+    def status_details(self) -> str: ...
 
 
 class UpgradeAccepted(NamedTuple):
@@ -158,7 +196,7 @@ def _exec_argv() -> list[str]:
 class Upgrader:
     """The daemon's upgrade requests (RPC `upgrade`, SIGUSR2) and its upgrade counters."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonState) -> None:
         self._daemon = daemon
         self.upgrades = 0
         self.failures = 0
@@ -363,7 +401,7 @@ class Upgrader:
             "--config",
             d.config.path,
         ]
-        reaper = d.supervisor.reaper
+        reaper = d.reaper
         reaper.spawning += 1  # asyncio reaps the check: no sweep may take its status
         try:
             try:
@@ -463,7 +501,7 @@ class Upgrader:
             d.notifier.ready(d.status_details())
 
 
-def _held_back(d: Daemon) -> str:
+def _held_back(d: DaemonState) -> str:
     """What the exec must wait for ("": nothing): a forked child not yet recorded would be
     orphaned; a reload under way or queued (SIGHUP), or a request a publisher has not taken
     yet, lost."""
@@ -471,12 +509,12 @@ def _held_back(d: Daemon) -> str:
 
     sup = d.supervisor
     assert sup is not None
-    if sup.reaper.spawning:
+    if d.reaper.spawning:
         return "a spawn"
-    if d.reload_busy or not d._reloads.empty():
+    if d.reload_busy or d.reload_queued:
         return "a reload"
     for pub in sup.publishers.values():
-        queued = getattr(pub._inbox, "_queue", ())  # asyncio.Queue's deque
+        queued = getattr(pub._runner.inbox, "_queue", ())  # asyncio.Queue's deque
         if any(isinstance(m, _Request) for m in queued):
             return f"a request to {pub.name}"
     return ""
@@ -505,7 +543,7 @@ def _resume_pipes(paused: list[Callable[[], None]]) -> None:
         resume()
 
 
-def _exec(d: Daemon, up: Upgrader, t0: float) -> None:
+def _exec(d: DaemonState, up: Upgrader, t0: float) -> None:
     """Serialize, clear O_CLOEXEC on what is handed over, execve. Returns only by raising."""
     d.notifier.reloading()
     assert d.supervisor is not None
@@ -604,7 +642,9 @@ class _Blob:
         return [at, len(data)]
 
 
-def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[bytes], list[int]]:
+def _collect(
+    d: DaemonState, up: Upgrader, t0: float
+) -> tuple[dict[str, Any], list[bytes], list[int]]:
     sup = d.supervisor
     assert sup is not None and d.lock is not None and d.lock.fd is not None
     blob = _Blob()
@@ -645,7 +685,7 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
     return header, blob.parts, fds
 
 
-def _listening_fds(d: Daemon) -> dict[str, int]:
+def _listening_fds(d: DaemonState) -> dict[str, int]:
     """key -> fd of every listening socket: "unix:<path>", "tcp:<host>:<port as configured>",
     "http:<host>:<port as configured>"."""
     out: dict[str, int] = {}
@@ -706,12 +746,9 @@ def _publisher_state(
     pub: Publisher, blob: _Blob, loop: asyncio.AbstractEventLoop
 ) -> dict[str, Any]:
     timer = None
-    handle = pub._timer
-    if handle is not None:
-        msg = getattr(handle, "_args", (None,))[0]
-        kind = getattr(msg, "kind", None)
-        if kind is not None:
-            timer = {"kind": kind, "when": handle.when()}
+    pending = pub._runner.pending_timer()
+    if pending is not None:
+        timer = {"kind": pending[0], "when": pending[1]}
     child = None
     if pub.child is not None:
         c = pub.child
@@ -869,7 +906,7 @@ class Handover:
     def from_version(self) -> str:
         return str(self.header.get("from", "?")) if self.header else "?"
 
-    def restore_daemon(self, d: Daemon, up: Upgrader) -> None:
+    def restore_daemon(self, d: DaemonState, up: Upgrader) -> None:
         if self.header is None:
             return
         saved = self.header["daemon"]
@@ -902,7 +939,8 @@ class Handover:
                 _reset_publisher(pub)
                 continue
             if child is not None:
-                sup.reaper.track(child)
+                if sup.reaper is not None:  # the daemon's (pubmon.daemon.reaping)
+                    sup.reaper.track(child)
                 self.adopted += 1
                 out.append((pub, child))
         self._marks.append(("listeners and publishers", time.monotonic()))
@@ -1058,7 +1096,7 @@ def _restore_publisher(
         pub._then_start = False
     timer = e["timer"]
     if timer is not None and timer["kind"] in ("backoff", "kill", "stuck"):
-        pub._set_timer(timer["kind"], float(timer["when"]) - loop.time())
+        pub._runner.set_timer(timer["kind"], float(timer["when"]) - loop.time())
     if child is not None:
         sinks = {1: out.open_stream("stdout"), 2: out.open_stream("stderr")}
         for s, (at, size) in c["tails"].items():
@@ -1066,10 +1104,10 @@ def _restore_publisher(
             sinks[int(s)]._tail = bytearray(tail) if tail else b""
         child.sinks = dict(sinks)
         pub.child = child
-        inbox = pub._inbox
+        post = pub._runner.post
         from pubmon.core.publisher import _Exited
 
-        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
+        child.exited.add_done_callback(lambda _: post(_Exited(child)))
         child.watch()
     return child
 
