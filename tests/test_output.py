@@ -542,11 +542,12 @@ print(maps() - maps0, rss() - rss0)
 
 
 async def test_small_output_chunks_kept_in_the_ring_do_not_pin_a_page_each() -> None:
-    # Chaos soak: the daemon's RSS climbed ~0.27 MiB/s without end. Each pipe read is a 256 KiB
-    # buffer (mmap'ed by malloc) shrunk to the bytes read; the ring kept those chunks as they
-    # came, so every retained chunk of a line or two pinned a mapping of a whole page: 18,000
-    # mappings and +70 MiB for 200 publishers with 200-line rings (default rings: 2000 lines).
-    # Run in a fresh interpreter: malloc's mmap threshold depends on the process's history.
+    # Each pipe read is a 256 KiB buffer (mmap'ed by malloc) shrunk to the bytes read; a ring
+    # that kept those chunks as they came pinned a mapping of a whole page for every retained
+    # chunk of a line or two: 18,000 mappings and +70 MiB for 200 publishers with 200-line rings
+    # (default rings: 2000 lines). Found by the chaos soak: the daemon's RSS climbed ~0.27 MiB/s
+    # without end. Run in a fresh interpreter: malloc's mmap threshold depends on the process's
+    # history.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SMALL_CHUNKS, stdout=asyncio.subprocess.PIPE
     )

@@ -23,9 +23,8 @@ from procs import alive, wait_gone
 from pubmon.config.model import ProbeSpec
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.publisher import Publisher
-from pubmon.core.supervisor import Supervisor
 from pubmon.errors import InvalidState, UnknownPublisher
-from supervised import in_state, lines_seen, running, until
+from supervised import in_state, lines_seen, running, supervising, until
 
 S = PublisherState
 
@@ -89,13 +88,14 @@ async def test_shutdown_with_many_publishers_is_concurrent() -> None:
 
 
 async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
-    # Bench, 1000 publishers: every runner forked in the same loop pass (~5 ms each), so for
-    # seconds no signal, RPC or watchdog ping was served. A ticker that yields on every pass
-    # must see the spawn count move by at most one between its turns.
+    # Forks take turns with the rest of the loop: a ticker that yields on every pass sees the
+    # spawn count move by at most one between its turns. Found by the bench (1000 publishers):
+    # every runner forked in the same loop pass (~5 ms each), so for seconds no signal, RPC or
+    # watchdog ping was served.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
     seen: list[int] = []
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
 
         def spawned() -> int:
@@ -111,11 +111,12 @@ async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
 
 
 async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> None:
-    # Bench: SIGTERM during the first round of 1000 still forked every queued publisher, then
-    # stopped each: 9.5 s. Those not forked yet must not be forked at all.
+    # Publishers not forked yet when a stop comes are not forked at all. Found by the bench:
+    # SIGTERM during the first round of 1000 still forked every queued publisher, then stopped
+    # each: 9.5 s.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
-    async with Supervisor(config(*specs)) as sup:
+    async with supervising(config(*specs)) as sup:
         pubs = list(sup.publishers.values())
         async with asyncio.timeout(30):
             while sum(len(p.start_times) for p in pubs) < 5:

@@ -103,6 +103,7 @@ from pubmon.thrift.codec import (
     frame_length,
 )
 from pubmon.thrift.limits import TokenBucket, ensure_fd_limit, malloc_trim, port_holder
+from pubmon.thrift.peer import subject_text
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,6 @@ _SNDBUF = 128 * 1024
 # SO_RCVBUF of TCP listeners (accepted sockets inherit it): requests are small, and a peer that
 # pipelines while we do not read should fill a small kernel buffer, not a 6 MiB autotuned one.
 _RCVBUF = 64 * 1024
-_CERT_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-}
 _CONN_COST = 4 * 1024  # memory a plain connection costs us (transport, protocol, timer)
 _TLS_COST = 300 * 1024  # ... and a TLS one (asyncio's 256 KiB SSL read buffer, BIOs, SSL*)
 _ACCEPT_BATCH = 128  # connections accepted per readiness callback of a TCP listener
@@ -1192,8 +1185,7 @@ class _Connection(asyncio.BufferedProtocol):
 def _subject(cert: dict[str, Any] | None) -> str | None:
     if not cert or "subject" not in cert:
         return None
-    parts = [f"{_CERT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
-    return ",".join(parts)
+    return subject_text(pair for rdn in cert["subject"] for pair in rdn)
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""pubmon as PID 1 of a private PID namespace, as in a container (issue 14).
+"""pubmon as an init (pubmon.daemon.init): PID 1 of a private PID namespace, as in a container.
 
 Each test boots `pubmon daemon` under `setpriv --pdeathsig KILL unshare --pid --fork
 --mount-proc --kill-child=SIGKILL`: the daemon is the namespace's init, so every orphan of the
@@ -24,20 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from daemons import toml_publisher
+from daemons import IGNORE_TERM, SLEEP, toml_publisher, wait_line
 from procs import children, descendants, state
 
 UNSHARE = (
     "setpriv", "--pdeathsig", "KILL",
     "unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
 )  # fmt: skip
-SLEEP = ["sleep", "3600"]
-IGNORE_TERM = [
-    sys.executable,
-    "-c",
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
-    "while True: time.sleep(3600)",
-]
 
 
 # Forks a helper into its own session that says "bye" into a file when SIGTERM comes, and
@@ -117,14 +110,7 @@ class Pid1:
         os.kill(self.init, sig)
 
     async def wait_log(self, text: str, timeout: float = 15) -> str:
-        for line in self.stderr:
-            if text in line:
-                return line
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self._lines.get()
-                if text in line:
-                    return line
+        return await wait_line(self.stderr, self._lines, text, timeout)
 
     async def wait_stdout(self, text: bytes, timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
@@ -315,16 +301,7 @@ async def test_stdout_under_a_flood_from_20_publishers_loses_and_mixes_no_line(
     tmp_path: Path,
 ) -> None:
     n = 1500
-    flood = [
-        sys.executable,
-        "-c",
-        "import os, sys\n"
-        "name = os.environ['PUBMON_PUBLISHER']\n"
-        f"for i in range({n}):\n"
-        "    out = sys.stderr if i % 4 == 3 else sys.stdout\n"
-        "    out.write('%s %d ' % (name, i) + 'x' * (i * 37 % 300) + '\\n')\n"
-        "    if i % 50 == 0: out.flush()\n",
-    ]
+    flood = flood_script(n, 300)
     body = "".join(toml_publisher(f"p{i}", flood, restart="never") for i in range(20))
     async with pid1(write(tmp_path, body), ready=False) as d:
         for i in range(20):
