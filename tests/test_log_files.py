@@ -167,9 +167,8 @@ def test_log_group_and_mode_are_checked_at_load(tmp_path: Path) -> None:
     )
     assert (ok.daemon.log_group, ok.daemon.log_mode) == (gid, 0o644)
     assert (ok.publishers[0].log.group, ok.publishers[0].log.mode) == (gid, 0o644)
-    bad = (
-        '[daemon]\nlog_group = "no-such-group-here"\nlog_mode = "0666"\n'
-        + toml_publisher("p", ["true"], log={"stderr": "apart", "timestamps": "yes"})
+    bad = '[daemon]\nlog_group = "no-such-group-here"\nlog_mode = "0666"\n' + toml_publisher(
+        "p", ["true"], log={"stderr": "apart", "timestamps": "yes"}
     )
     with pytest.raises(ConfigError) as err:
         parse_config(bad, tmp_path / "p.toml")
