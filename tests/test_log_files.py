@@ -17,7 +17,7 @@ import pytest
 from daemons import toml_publisher
 from pubmon.config.load import parse_config
 from pubmon.config.model import LogSpec
-from pubmon.core.output import OutputLog, file_name
+from pubmon.core.output import LogCleared, OutputLog, file_name
 from pubmon.errors import ConfigError
 from test_cli import cli, daemon
 
@@ -224,3 +224,25 @@ async def test_clear_empties_ring_and_files_of_all_matched_and_tail_goes_on(
         assert out == "after\n"  # seq goes on: nothing "missed", nothing from before
         rc, _, err = await cli("clear", "nope", "--socket", sock)
         assert rc == 6 and "nope" in err
+
+
+async def test_clear_keeps_numbering_and_a_follower_misses_nothing(tmp_path: Path) -> None:
+    log = OutputLog("p", LogSpec(ring_lines=3), str(tmp_path))
+    sink = log.open_stream("stdout")
+    sink.feed(b"a\nb\n")
+    cursor = log.tail(0, 1).next_seq  # a follower that has read line 1
+    done = await log.clear()
+    assert (done.lines, done.files, done.error) == (2, [str(tmp_path / "p.log")], "")
+    assert log.tail(cursor, 10).lines == [] and log.tail(cursor, 10).missed == 0
+    assert log.last(5).lines == []
+    for line in (b"c\n", b"d\n", b"e\n", b"f\n"):  # the ring keeps 3: c goes, and is missed
+        sink.feed(line)
+    chunk = log.tail(cursor, 10)
+    assert [(x.seq, x.text) for x in chunk.lines] == [(4, "d"), (5, "e"), (6, "f")]
+    assert chunk.missed == 1
+    assert log.sync()
+    assert (tmp_path / "p.log").read_bytes() == b"c\nd\ne\nf\n"
+    log.close()
+    ringonly = OutputLog("q", LogSpec(), None)
+    ringonly.open_stream("stderr").feed(b"x\n")
+    assert await ringonly.clear() == LogCleared(1, [], "")
