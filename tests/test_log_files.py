@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
+import pwd
 import re
+import shutil
 import stat
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -246,3 +250,44 @@ async def test_clear_keeps_numbering_and_a_follower_misses_nothing(tmp_path: Pat
     ringonly = OutputLog("q", LogSpec(), None)
     ringonly.open_stream("stderr").feed(b"x\n")
     assert await ringonly.clear() == LogCleared(1, [], "")
+
+
+def test_a_group_the_daemon_may_not_give_still_leaves_the_lines_in_the_file(
+    tmp_path: Path,
+) -> None:
+    """A daemon not root, asked for a group it is not in: EPERM from fchown is one warning;
+    the file is written all the same (run as nobody, by Debian's python3: the venv's is
+    under /root)."""
+    system_py = Path("/usr/bin/python3")
+    if not system_py.exists():
+        pytest.skip("no /usr/bin/python3 that the user nobody can run")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    gid = _other_gid()
+    if gid in os.getgrouplist("nobody", nobody.pw_gid):
+        pytest.skip("nobody is in every other group")
+    work = Path(tempfile.mkdtemp(prefix="pubmon-loggroup-", dir="/tmp"))
+    try:
+        os.chown(work, nobody.pw_uid, nobody.pw_gid)
+        script = (
+            "import os; os.umask(0o077); from pubmon.config.model import LogSpec;"
+            " from pubmon.core.output import OutputLog;"
+            f" log = OutputLog('p', LogSpec(group={gid}, mode=0o604), {str(work)!r});"
+            " log.open_stream('stdout').feed(b'kept\\n'); assert log.sync();"
+            " print(log.dropped)"
+        )
+        done = subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+             "--clear-groups", str(system_py), "-c", script],
+            capture_output=True, text=True, timeout=60,
+            env={"PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PATH": os.defpath},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "0"
+        assert f"cannot give log file {work}/p.log group {gid}, mode 0604" in done.stderr
+        assert (work / "p.log").read_bytes() == b"kept\n"
+        assert stat.S_IMODE(os.stat(work / "p.log").st_mode) == 0o604  # the mode: given
+    finally:
+        shutil.rmtree(work)

@@ -18,6 +18,12 @@ the way a root daemon must (the fix of a "root writes through a symlink" report)
   by the daemon's euid, with exactly one link (a hard link to someone else's file has two);
 - rotation renames relative to the directory fd; with `backups` = 0 the file is truncated through
   the checked fd (ftruncate), never by path; a deleted file is recreated through the directory fd.
+Who may read them: files are created 0640 in a 0750 directory; with `[daemon] log_group` /
+`log_mode` every open (creation, rotation, reopen after logrotate) gives the file that group and
+mode through its fd (fchown, fchmod), and the directory the same group with the matching x bits,
+so the operators the control socket lets read logs can read the files too. `clear` (`pubmon
+clear`) empties the file through the checked fd and unlinks its rotated copies by name relative
+to the directory fd.
 A refused file counts as a failure like any other: its bytes are dropped and counted, the reason
 (with the path) is logged once, and the open is tried again every RETRY_INTERVAL.
 
@@ -189,6 +195,7 @@ class LogFile:
         self.gid = gid
         self.mode = mode
         self.cleared: tuple[list[str], str] | None = None  # the last clear: (paths, error)
+        self._access_warned: tuple[int | None, int | None] | None = None
         self.error: OSError | None = None  # why the last write or open failed; None while healthy
         self.lost_bytes = 0  # written by the writer thread only
         self.lost_lines = 0
@@ -422,10 +429,21 @@ class LogFile:
         gid, mode = self.gid, self.mode
         if gid is None and mode is None:
             return
-        if gid is not None and st.st_gid != gid:
-            os.fchown(fd, -1, gid)
-        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)
+        try:
+            # Mode first: a group the daemon may not give (EPERM when it is not root and not
+            # in that group) must not keep the file at a mode it was not asked for.
+            if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            if gid is not None and st.st_gid != gid:
+                os.fchown(fd, -1, gid)
+        except OSError as exc:  # the lines still go to the file: say so once, do not refuse it
+            if (gid, mode) != self._access_warned:
+                self._access_warned = (gid, mode)
+                logger.warning(
+                    "%s: cannot give log file %s group %s, mode %s (%s)",
+                    self.owner, self.path, gid, None if mode is None else f"{mode:04o}",
+                    exc.strerror or exc,
+                )  # fmt: skip
         directory = self.dir
         want = dir_mode(_FILE_MODE if mode is None else mode)
         if directory.gid != gid or directory.mode != want:
