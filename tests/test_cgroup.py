@@ -34,6 +34,7 @@ from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
+from supervised import supervising
 
 S = PublisherState
 _seq = itertools.count()
@@ -87,7 +88,7 @@ async def running(
     *specs: PublisherSpec, cgroup: Path | None
 ) -> AsyncIterator[tuple[Supervisor, Cgroups | None]]:
     groups = Cgroups.setup(str(cgroup)) if cgroup is not None else None
-    async with Supervisor(config(*specs), cgroups=groups) as sup:
+    async with supervising(config(*specs), cgroups=groups) as sup:
         yield sup, groups
 
 
