@@ -181,6 +181,12 @@ def test_log_group_and_mode_are_checked_at_load(tmp_path: Path) -> None:
     assert 'daemon.log_mode: expected a file mode such as "0640"' in text
     assert "publisher.p.log.stderr: expected one of 'together' | 'marked' | 'separate'" in text
     assert "publisher.p.log.timestamps: expected true or false" in text
+    unreadable = f'[daemon]\nlog_group = {gid}\nlog_mode = "0600"\n' + toml_publisher("p", ["true"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(unreadable, tmp_path / "p.toml")
+    assert "daemon.log_mode: log_group is set but log_mode 0600 does not let the group" in str(
+        err.value
+    )
 
 
 # --- pubmon clear -------------------------------------------------------------------------------

@@ -174,6 +174,12 @@ class Loader:
         log_dir = chk.string(t, "log_dir", key)  # "" = none, as for control.socket
         self._inherit_default = self._inherit(t, key, d.inherit_environment)
         self._log_access = (self._log_group(t, key), self._log_mode(t, key))
+        group, mode = self._log_access
+        if group is not None and mode is not None and not mode & 0o040:
+            chk.problem(
+                (*key, "log_mode"),
+                f'log_group is set but log_mode {mode:04o} does not let the group read: use "0640"',
+            )
         return DaemonConfig(
             cgroup=self._cgroup(t, key, d.cgroup),
             log_dir=self._path(log_dir) if log_dir else None,
