@@ -236,6 +236,8 @@ class Cgroups:
     def __init__(self, root: str, controllers: frozenset[str]) -> None:
         self.root = root
         self.controllers = controllers
+        self.moved = False  # the daemon moved itself into <root>/supervisor (release: back)
+        self.enabled: frozenset[str] = frozenset()  # the controllers setup turned on in root
 
     def __repr__(self) -> str:
         return f"<Cgroups {self.root} controllers={sorted(self.controllers)}>"
@@ -274,6 +276,7 @@ class Cgroups:
         try:
             if own == root:
                 cls._move_into_leaf(root)
+            before = frozenset(_read(os.path.join(root, "cgroup.subtree_control")).split())
             controllers = cls._enable_controllers(root)
         except OSError as exc:
             if setting == "auto":  # delegated, but not writable here (a read-only mount)
@@ -289,6 +292,8 @@ class Cgroups:
                 "and move processes there: root, or a delegated subtree)"
             ) from exc
         cgroups = cls(root, controllers)
+        cgroups.moved = own == root
+        cgroups.enabled = controllers - before
         if sweep:
             cgroups.sweep_stale()
         logger.info(
@@ -320,6 +325,41 @@ class Cgroups:
                     logger.warning("cannot enable the %s controller in %s: %s",
                                    name, root, exc.strerror)  # fmt: skip
         return frozenset(_read(control).split()) & frozenset(_CONTROLLERS)
+
+    def release(self) -> list[str]:
+        """Undo what setup did, at the end of a clean stop: remove the empty publisher groups
+        left, turn off the controllers setup enabled, move the daemon back into the root and
+        remove its `supervisor` leaf, so a standalone run leaves the directory as it found it
+        (under systemd the unit's cgroup goes with the unit anyway). Not after `pubmon
+        upgrade`: the exec never returns here. Returns what is left (logged), [] when nothing."""
+        left = []
+        for entry in sorted(Path(self.root).glob(PREFIX + "*")):
+            if not Cgroup(str(entry), self.controllers).remove():
+                left.append(str(entry))
+        if not self.moved:
+            return left
+        control = os.path.join(self.root, "cgroup.subtree_control")
+        leaf = os.path.join(self.root, SUPERVISOR)
+        try:
+            for name in sorted(self.enabled):
+                # cgroup2's no-internal-processes rule: root may hold the daemon again only
+                # once it gives no domain controller to its children.
+                _write(control, "-" + name)
+            _write(os.path.join(self.root, "cgroup.procs"), str(os.getpid()))
+            os.rmdir(leaf)
+        except OSError as exc:
+            logger.warning(
+                "cannot move pubmon %d back into %s and remove %s: %s",
+                os.getpid(),
+                self.root,
+                leaf,
+                exc.strerror or exc,
+            )
+            left.append(leaf)
+        else:
+            logger.info("pubmon %d moved back into %s and removed %s", os.getpid(), self.root, leaf)
+        self.moved = False
+        return left
 
     def publisher(self, name: str) -> Cgroup:
         return Cgroup(os.path.join(self.root, PREFIX + name), self.controllers)
