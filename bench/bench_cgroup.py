@@ -125,7 +125,8 @@ def main() -> int:
     (group / "spawn").mkdir()
     (group / "sweep").mkdir()
     try:
-        asyncio.run(bench_spawn(args.spawns, group / "spawn"))
+        if args.spawns:
+            asyncio.run(bench_spawn(args.spawns, group / "spawn"))
         asyncio.run(bench_sweep(args.publishers, args.seconds, group / "sweep"))
     finally:
         for sub in sorted(group.glob("**/"), key=lambda p: -len(p.parts)):

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,12 +29,15 @@ from procs import alive, descendants
 from pubmon.config.load import parse_config
 from pubmon.config.model import Limits, ProbeSpec, PublisherSpec
 from pubmon.core import publisher as publisher_module
+from pubmon.core import usage as usage_module
 from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
 from pubmon.core.lifecycle import PublisherState
+from pubmon.core.memsweep import MemorySweep
 from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
+from pubmon.host.cgroupfs import FileWatch
 
 S = PublisherState
 _seq = itertools.count()
@@ -486,3 +490,160 @@ def test_usage_of_a_tree_counts_the_leader_and_its_descendants() -> None:
     assert usage.tasks == 1 + len(descendants(os.getpid()))
     assert usage.memory_bytes >= own.ru_maxrss * 1024 * 0.5
     assert usage.cpu_seconds >= (own.ru_utime + own.ru_stime) * 0.9
+
+
+class _Watched:
+    """A publisher as the memory sweep sees it (memsweep.Watched, a seam we own): its memory
+    is what the test says, its cgroup a plain directory with the memory controller's files
+    (this kernel's cgroup2 has no memory controller)."""
+
+    def __init__(self, name: str, cgroup: Cgroup, **kw: Any) -> None:
+        self.name = name
+        self.spec = spec(name, **kw)
+        self.cgroup: Cgroup | None = cgroup
+        self.pid: int | None = 4242
+        self.used = 0
+        self.checks = 0
+
+    def check_memory(self, now: float) -> int | None:
+        self.checks += 1
+        return self.used
+
+
+def _memory_dir(top: Path, name: str) -> Cgroup:
+    top.joinpath(name).mkdir()
+    for file, text in (("memory.events", "high 0\n"), ("memory.current", "1000"),
+                       ("memory.high", "max")):  # fmt: skip
+        (top / name / file).write_text(text)
+    return Cgroup(str(top / name), frozenset({"memory"}))
+
+
+async def test_with_the_memory_controller_a_quiet_publisher_is_not_read_until_memory_high_trips(
+    tmp_path: Path,
+) -> None:
+    sweep = MemorySweep()
+    plain = _Watched("plain", _memory_dir(tmp_path, "plain"), memory_restart=1 << 20)
+    operator = _Watched(  # its own memory.high, at or below memory_restart, is the tripwire
+        "operator", _memory_dir(tmp_path, "operator"), memory_restart=2 << 20,
+        limits=Limits(memory_high=1 << 20),
+    )  # fmt: skip
+    above = _Watched(  # memory.high above memory_restart: not ours to lower, read each time
+        "above", _memory_dir(tmp_path, "above"), memory_restart=1 << 20,
+        limits=Limits(memory_high=4 << 20),
+    )  # fmt: skip
+    nocg = _Watched("nocg", plain.cgroup, memory_restart=1 << 20)  # type: ignore[arg-type]
+    nocg.cgroup = None
+    pubs = [plain, operator, above, nocg]
+    try:
+        await sweep.sweep(pubs)  # arms the tripwires and reads each once
+        assert [p.checks for p in pubs] == [1, 1, 1, 1]
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        assert (tmp_path / "operator" / "memory.high").read_text() == "max"  # untouched
+        assert (tmp_path / "above" / "memory.high").read_text() == "max"
+        for _ in range(3):
+            await sweep.sweep(pubs)
+        assert [p.checks for p in pubs] == [1, 1, 4, 4]  # quiet ones are not read
+        # The kernel counts a crossing of memory.high in memory.events; its change wakes us.
+        (tmp_path / "plain" / "memory.events").write_text("high 1\n")
+        async with asyncio.timeout(5):
+            await sweep.tripped.wait()
+        assert (tmp_path / "plain" / "memory.high").read_text() == "max"  # lifted at once
+        plain.used = 3 << 20
+        (tmp_path / "plain" / "memory.current").write_text(str(3 << 20))
+        await sweep.sweep(pubs)
+        await sweep.sweep(pubs)
+        assert plain.checks == 3  # hot: read each sweep while above memory_restart
+        plain.used = 1000
+        (tmp_path / "plain" / "memory.current").write_text("1000")
+        await sweep.sweep(pubs)  # below again: the tripwire is set again, quiet
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        await sweep.sweep(pubs)
+        assert plain.checks == 4 and operator.checks == 1 and sweep.trips == 1
+        plain.pid = 4243  # a new run: its spawn reset memory.high; armed again and read once
+        await sweep.sweep(pubs)
+        assert plain.checks == 5
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        # A reload that drops memory_restart takes the tripwire away.
+        plain.spec = spec("plain")
+        await sweep.sweep(pubs)
+        assert (tmp_path / "plain" / "memory.high").read_text() == "max"
+    finally:
+        sweep.close()
+
+
+@needs_cgroup
+async def test_the_kernel_reports_a_change_of_a_cgroup_file_to_the_file_watch(
+    cgroup_dir: Path,
+) -> None:
+    # memory.events and cgroup.events are notified alike (kernfs); this kernel has the latter.
+    group = Cgroup(str(cgroup_dir), frozenset())
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", f'echo $$ > "{group.procs}" && exec sleep 3600'
+    )
+    watch = FileWatch()
+    try:
+        async with asyncio.timeout(10):
+            while not group.populated():  # the child's own write, then exec
+                await asyncio.sleep(0.01)
+        wd = watch.add(str(cgroup_dir / "cgroup.events"))
+        assert watch.read() == set()
+        changed = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(watch.fd, lambda: changed.done() or
+                                              changed.set_result(watch.read()))  # fmt: skip
+        group.kill()
+        async with asyncio.timeout(10):
+            assert wd in await changed
+        assert not group.populated()
+    finally:
+        asyncio.get_running_loop().remove_reader(watch.fd)
+        watch.close()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_the_memory_read_counts_a_child_forked_since_the_last_look_within_rewalk_reads(
+    request: pytest.FixtureRequest,
+) -> None:
+    # Without the memory controller, memory() reads the statm of the processes it knew and
+    # looks at the tree again every REWALK-th read (or at once when one is gone).
+    forker = py(
+        "import os, sys, time\n"
+        "sys.stdin.readline()\n"
+        "if os.fork() == 0:\n"
+        "    blob = b'x' * (60 << 20)\n"
+        "    print('child', os.getpid(), flush=True)\n"
+        "    time.sleep(3600)\n"
+        "time.sleep(3600)\n"
+    )
+    cg = request.getfixturevalue("cgroup_dir") if PARENT is not None else None
+    procs = None if cg is None else str(cg / "cgroup.procs")
+    cmd = forker if procs is None else ("sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh",
+                                        *forker)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    group = None if cg is None else Cgroup(str(cg), frozenset())
+    reader = UsageReader(proc.pid, group)
+    try:
+        if group is not None:
+            async with asyncio.timeout(10):
+                while proc.pid not in group.pids():
+                    await asyncio.sleep(0.01)
+        before = reader.memory()
+        assert 0 < before < 40 << 20
+        proc.stdin.write(b"go\n")
+        async with asyncio.timeout(10):
+            child = int((await proc.stdout.readline()).split()[1])
+        seen = [reader.memory() for _ in range(usage_module.REWALK)]
+        assert max(seen) >= before + (60 << 20) * 0.9, seen
+        os.kill(child, signal.SIGKILL)  # a process gone: the next read looks again at once
+        async with asyncio.timeout(10):
+            while alive(child):
+                await asyncio.sleep(0.01)
+        assert reader.memory() < 40 << 20
+    finally:
+        reader.close()
+        proc.kill()
+        await proc.wait()

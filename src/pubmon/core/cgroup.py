@@ -88,7 +88,8 @@ def _read(path: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    # O_TRUNC as a shell's `>`: cgroupfs ignores it, a plain test directory needs it.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, text.encode())
     finally:
@@ -188,6 +189,14 @@ class Cgroup:
         except TimeoutError:
             return bool(done())
         return True
+
+    def memory_current(self) -> int:
+        """memory.current (the memory controller's), in bytes."""
+        return int(_read(os.path.join(self.path, "memory.current")))
+
+    def set_memory_high(self, value: int | None) -> None:
+        """memory.high: `value` bytes, or "max" for None."""
+        _write(os.path.join(self.path, "memory.high"), _bytes(value))
 
     def cpu_seconds(self) -> float:
         """cpu.stat usage_usec: CPU of every process that ever ran in it, in seconds."""

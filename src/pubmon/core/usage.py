@@ -27,6 +27,7 @@ from pubmon.core.cgroup import Cgroup
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICK = os.sysconf("SC_CLK_TCK")
+REWALK = 5  # memory(): read cgroup.procs or walk the tree every REWALK-th call, statm between
 
 
 class Usage(NamedTuple):
@@ -48,6 +49,8 @@ class UsageReader:
         self.pid = pid
         self._cgroup = cgroup
         self._fds: dict[str, int] = {}  # path -> open fd
+        self._members: list[int] | None = None  # memory(): the pids of its last look
+        self._looks = pid % REWALK  # memory() calls: staggers the looks at 1000 trees
 
     def _pread(self, path: str) -> bytes:
         fd = self._fds.get(path)
@@ -65,11 +68,12 @@ class UsageReader:
         fields = raw[raw.rfind(b")") + 2 :].split()
         return fields if len(fields) > 21 and fields[0] != b"Z" else None
 
-    def _rss(self, pid: int) -> int:
+    def _rss(self, pid: int) -> int | None:
+        """Resident bytes of `pid` (statm: one small read), None when it is gone."""
         try:
             return int(self._pread(f"/proc/{pid}/statm").split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
-            return 0
+            return None
 
     def _tree(self) -> list[tuple[int, list[bytes]]]:
         out, todo = [], [self.pid]
@@ -90,20 +94,39 @@ class UsageReader:
         return out
 
     def memory(self) -> int:
-        """Bytes in use now (0 when nothing can be read)."""
+        """Bytes in use now (0 when nothing can be read): all of what `usage()` reads with
+        the memory controller (memory.current); without it, the RSS of the processes found
+        by the last look at the tree (cgroup.procs, or the walk from the leader), which is
+        taken again every REWALK-th call (staggered by pid) or at once when one is gone: a
+        process that appeared since is counted within REWALK s."""
         cg = self._cgroup
         try:
             if cg is not None and "memory" in cg.controllers:
                 return int(self._pread(os.path.join(cg.path, "memory.current")))
+        except (OSError, ValueError):
+            return 0
+        self._looks += 1
+        if self._members is not None and self._looks % REWALK:
+            used = 0
+            for pid in self._members:
+                rss = self._rss(pid)
+                if rss is None:
+                    break  # gone: look at the tree again now
+                used += rss
+            else:
+                return used
+        try:
             if cg is not None:
                 pids = [int(p) for p in self._pread(cg.procs).split()]
-                used = sum(self._rss(pid) for pid in pids)
+                used = sum(self._rss(pid) or 0 for pid in pids)
             else:
                 tree = self._tree()
                 pids = [pid for pid, _ in tree]
                 used = sum(int(f[21]) for _, f in tree) * _PAGE
         except (OSError, ValueError):
+            self._members = None
             return 0
+        self._members = pids
         self._forget(pids)
         return used
 
