@@ -103,7 +103,8 @@ class Supervisor:
         self._index_dependents()
         self._sweep = self._tg.create_task(
             # A lambda: a reload replaces the dict.
-            self.memory_sweep.run(lambda: self.publishers.values()), name="memory sweep"
+            self.memory_sweep.run(lambda: self.publishers.values()),
+            name="memory sweep",
         )
         return self
 
