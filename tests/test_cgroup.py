@@ -16,12 +16,13 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from children import SLEEP, config, py, spec
 from daemons import daemon_header, run_daemon, toml_publisher
@@ -33,11 +34,13 @@ from pubmon.core import usage as usage_module
 from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.memsweep import MemorySweep
+from pubmon.core.procstats import ProcStats
 from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
 from pubmon.host.cgroupfs import FileWatch
+from pubmon.http.metrics import DaemonValues, MetricsWriter
 
 S = PublisherState
 _seq = itertools.count()
@@ -647,3 +650,67 @@ async def test_the_memory_read_counts_a_child_forked_since_the_last_look_within_
         reader.close()
         proc.kill()
         await proc.wait()
+
+
+class _Source:
+    """The daemon as metrics.MetricsSource (a seam we own): only its publishers matter here."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def publishers(self) -> Mapping[str, Publisher]:
+        return self.sup.publishers
+
+    def daemon_values(self) -> DaemonValues:
+        return DaemonValues(reloads=0, reload_failures=0, loop_lag_ms=0, ready=True, rpc={})
+
+    def denied(self) -> Mapping[tuple[str, str], int]:
+        return {}
+
+    def child_counters(self) -> Mapping[str, Mapping[str, float]]:
+        return {}
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """publisher -> value of metric `name` in an exposition."""
+    return {
+        s.labels["publisher"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+@pytest.mark.parametrize("where", ["cgroup", "proc"])
+async def test_metrics_give_the_accounting_of_the_whole_tree(
+    where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a cgroup, /metrics counts the setsid'd escapee (the walk from the leader cannot).
+    if where == "cgroup" and PARENT is None:
+        pytest.skip("needs a writable cgroup2 hierarchy")
+    cg = request.getfixturevalue("cgroup_dir") if where == "cgroup" else None
+    monkeypatch.setattr(publisher_module, "USAGE_TTL", 0.0)
+    async with running(spec("feed", DOUBLE_FORK), spec("burner", BURNER), cgroup=cg) as (sup, _):
+        feed, burner = sup.get("feed"), sup.get("burner")
+        escapee = int((await line_with(feed, "escapee")).split()[1])
+        await line_with(burner, "burning")
+        assert burner.pid is not None and feed.pid is not None
+        burners = [burner.pid, *descendants(burner.pid)]
+        async with asyncio.timeout(20):
+            while _proc_figures(burners)[0] < 0.3:
+                await asyncio.sleep(0.05)
+        procstats = ProcStats(min_interval=0)
+        await procstats.refresh({n: p.pid for n, p in sup.publishers.items()})
+        text = (await MetricsWriter(_Source(sup), procstats).render()).decode()
+        cpu, rss = _proc_figures(burners)
+        feed_rss = _proc_figures([feed.pid, escapee])[1]
+    processes = _samples(text, "pubmon_publisher_processes")
+    memory = _samples(text, "pubmon_publisher_resident_memory_bytes")
+    seconds = _samples(text, "pubmon_publisher_cpu_seconds_total")
+    assert processes["burner"] == 2
+    assert abs(seconds["burner"] - cpu) <= 0.1 * cpu, (seconds, cpu)
+    assert abs(memory["burner"] - rss) <= 0.1 * rss, (memory, rss)
+    if cg:  # the leader and the escapee (the walk finds the leader and its zombie child)
+        assert processes["feed"] == 2
+        assert abs(memory["feed"] - feed_rss) <= 0.1 * feed_rss, (memory, feed_rss)
+    assert set(_samples(text, "pubmon_publisher_open_fds")) == {"feed", "burner"}
