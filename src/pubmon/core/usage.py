@@ -49,7 +49,7 @@ class UsageReader:
         self.pid = pid
         self._cgroup = cgroup
         self._fds: dict[str, int] = {}  # path -> open fd
-        self._members: list[int] | None = None  # memory(): the pids of its last look
+        self._statm: list[int] = []  # memory(): statm fds of the processes of its last look
         self._looks = pid % REWALK  # memory() calls: staggers the looks at 1000 trees
 
     def _pread(self, path: str) -> bytes:
@@ -68,10 +68,10 @@ class UsageReader:
         fields = raw[raw.rfind(b")") + 2 :].split()
         return fields if len(fields) > 21 and fields[0] != b"Z" else None
 
-    def _rss(self, pid: int) -> int | None:
-        """Resident bytes of `pid` (statm: one small read), None when it is gone."""
+    def _rss(self, path: str) -> int | None:
+        """Resident bytes from a /proc/<pid>/statm, None when that process is gone."""
         try:
-            return int(self._pread(f"/proc/{pid}/statm").split()[1]) * _PAGE
+            return int(self._pread(path).split()[1]) * _PAGE
         except (OSError, IndexError, ValueError):
             return None
 
@@ -106,28 +106,33 @@ class UsageReader:
         except (OSError, ValueError):
             return 0
         self._looks += 1
-        if self._members is not None and self._looks % REWALK:
-            used = 0
-            for pid in self._members:
-                rss = self._rss(pid)
-                if rss is None:
-                    break  # gone: look at the tree again now
-                used += rss
+        if self._statm and self._looks % REWALK:
+            # The fast path (about 1.5 µs a process): held statm fds, no path, no dict.
+            pages = 0
+            try:
+                for fd in self._statm:
+                    pages += int(os.pread(fd, 128, 0).split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # one is gone: look at the tree again now
             else:
-                return used
+                return pages * _PAGE
+        self._statm = []
         try:
             if cg is not None:
                 pids = [int(p) for p in self._pread(cg.procs).split()]
-                used = sum(self._rss(pid) or 0 for pid in pids)
             else:
-                tree = self._tree()
-                pids = [pid for pid, _ in tree]
-                used = sum(int(f[21]) for _, f in tree) * _PAGE
+                pids = [pid for pid, _ in self._tree()]
         except (OSError, ValueError):
-            self._members = None
             return 0
-        self._members = pids
         self._forget(pids)
+        used, statm = 0, []
+        for pid in pids:
+            path = f"/proc/{pid}/statm"
+            rss = self._rss(path)
+            if rss is not None:
+                used += rss
+                statm.append(self._fds[path])
+        self._statm = statm
         return used
 
     def usage(self) -> Usage:
@@ -155,6 +160,7 @@ class UsageReader:
         for path in [p for p in self._fds if p.startswith("/proc/")]:
             if path[: path.index("/", 6) + 1] not in keep:
                 os.close(self._fds.pop(path))
+                self._statm = []  # it may hold that fd number, which a later open reuses
 
     def close(self) -> None:
         for fd in self._fds.values():
