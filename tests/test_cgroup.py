@@ -714,3 +714,23 @@ async def test_metrics_give_the_accounting_of_the_whole_tree(
         assert processes["feed"] == 2
         assert abs(memory["feed"] - feed_rss) <= 0.1 * feed_rss, (memory, feed_rss)
     assert set(_samples(text, "pubmon_publisher_open_fds")) == {"feed", "burner"}
+
+
+def test_release_turns_off_only_the_controllers_setup_enabled_before_moving_back(
+    tmp_path: Path,
+) -> None:
+    # cgroup2 refuses a process in a group whose subtree_control hands out a domain controller:
+    # the controllers go first, then the daemon, then its leaf. (A plain directory: this
+    # kernel's cgroup2 has no controller to turn off; the move back itself runs in
+    # test_the_daemon_moves_into_a_leaf_of_the_cgroup_it_is_in.)
+    for name in ("cgroup.subtree_control", "cgroup.procs"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "supervisor").mkdir()
+    (tmp_path / "pub-feed").mkdir()
+    groups = Cgroups(str(tmp_path), frozenset({"memory", "pids"}))
+    groups.moved, groups.enabled = True, frozenset({"memory"})  # pids was on before setup
+    assert groups.release() == []
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "-memory"
+    assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.procs", "cgroup.subtree_control"]
+    assert groups.release() == []  # once is enough: it did not move again
