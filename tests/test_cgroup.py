@@ -40,6 +40,7 @@ from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
 from pubmon.host.cgroupfs import FileWatch
+from pubmon.http import metrics as metrics_module
 from pubmon.http.metrics import DaemonValues, MetricsWriter
 
 S = PublisherState
@@ -734,3 +735,43 @@ def test_release_turns_off_only_the_controllers_setup_enabled_before_moving_back
     assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.procs", "cgroup.subtree_control"]
     assert groups.release() == []  # once is enough: it did not move again
+
+
+async def test_metrics_give_the_limit_hits_of_a_cgroup_with_the_controllers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This kernel's cgroup2 has no memory/pids/cpu controller: the groups are plain directories
+    # with the controllers' files; one publisher has all three, one none of them.
+    files = {
+        "memory.events": "low 0\nhigh 7\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "pids.events": "max 3\n",
+        "cpu.stat": "usage_usec 10\nnr_periods 5\nnr_throttled 2\nthrottled_usec 1500000\n",
+    }
+    (tmp_path / "pub-capped").mkdir()
+    for name, text in files.items():
+        (tmp_path / "pub-capped" / name).write_text(text)
+    capped = Cgroups(str(tmp_path), frozenset({"memory", "pids", "cpu"}))
+    assert capped.publisher("capped").limit_events() == {
+        "memory.events:high": 7,
+        "memory.events:max": 2,
+        "memory.events:oom_kill": 1,
+        "pids.events:max": 3,
+        "cpu.stat:throttled_usec": 1500000,
+    }
+    cfg = config(spec("capped", autostart=False), spec("bare", autostart=False))
+    async with Supervisor(cfg, cgroups=capped) as sup:
+        sup.get("bare").cgroup = Cgroup(str(tmp_path / "pub-bare"), frozenset())
+        writer = MetricsWriter(_Source(sup), ProcStats())
+        text = (await writer.render()).decode()
+        events = files["memory.events"].replace("oom_kill 1", "oom_kill 2")
+        (tmp_path / "pub-capped" / "memory.events").write_text(events)
+        monkeypatch.setattr(metrics_module, "LIMITS_TTL", 0.0)  # read again at once
+        again = (await writer.render()).decode()
+        for name in files:
+            (tmp_path / "pub-capped" / name).unlink()  # the supervisor rmdirs it at exit
+    assert _samples(text, "pubmon_publisher_memory_high_events_total") == {"capped": 7}
+    assert _samples(text, "pubmon_publisher_memory_max_events_total") == {"capped": 2}
+    assert _samples(text, "pubmon_publisher_oom_kills_total") == {"capped": 1}
+    assert _samples(text, "pubmon_publisher_pids_max_events_total") == {"capped": 3}
+    assert _samples(text, "pubmon_publisher_cpu_throttled_seconds_total") == {"capped": 1.5}
+    assert _samples(again, "pubmon_publisher_oom_kills_total") == {"capped": 2}

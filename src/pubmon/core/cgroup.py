@@ -64,6 +64,12 @@ SUPERVISOR = "supervisor"  # the daemon's own leaf
 PREFIX = "pub-"  # publisher groups: pub-feed, pub-feed:0
 CPU_PERIOD = 100_000  # µs: cpu.max "<quota> <period>", systemd's CPUQuotaPeriodSec default
 _CONTROLLERS = ("cpu", "memory", "pids")  # what limits need; enabled for publishers if offered
+# (controller, file, keys) that count limit hits: Cgroup.limit_events, /metrics
+LIMIT_EVENTS = (
+    ("memory", "memory.events", ("high", "max", "oom_kill")),
+    ("pids", "pids.events", ("max",)),
+    ("cpu", "cpu.stat", ("throttled_usec",)),
+)
 _LIMIT_CONTROLLER = {"memory_max": "memory", "memory_high": "memory", "cpu_max": "cpu",
                      "pids_max": "pids"}  # fmt: skip
 
@@ -197,6 +203,25 @@ class Cgroup:
     def set_memory_high(self, value: int | None) -> None:
         """memory.high: `value` bytes, or "max" for None."""
         _write(os.path.join(self.path, "memory.high"), _bytes(value))
+
+    def limit_events(self) -> dict[str, int]:
+        """How often its limits were hit, over the group's life (it outlives runs), from the
+        files of the controllers it has: memory.events `high` (memory.high crossed: also the
+        memory_restart tripwire), `max`, `oom_kill`; pids.events `max` (forks refused);
+        cpu.stat `throttled_usec`. Keys as in LIMIT_EVENTS; {} without those controllers."""
+        out: dict[str, int] = {}
+        for controller, file, keys in LIMIT_EVENTS:
+            if controller not in self.controllers:
+                continue
+            try:
+                text = _read(os.path.join(self.path, file))
+            except OSError:
+                continue
+            for key in keys:
+                value = _keyed(text, key)
+                if value is not None:
+                    out[f"{file}:{key}"] = value
+        return out
 
     def cpu_seconds(self) -> float:
         """cpu.stat usage_usec: CPU of every process that ever ran in it, in seconds."""

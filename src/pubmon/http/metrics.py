@@ -32,6 +32,10 @@ Per publisher:
   runs; from its cgroup when it has one (escapees included; memory.current, or the RSS of its
   processes without the memory controller), else its process tree (see core/procstats);
   open fds always from the tree
+- pubmon_publisher_memory_high_events_total, _memory_max_events_total, _oom_kills_total,
+  _pids_max_events_total, _cpu_throttled_seconds_total: its cgroup's limit hits
+  (memory.events, pids.events, cpu.stat), where the controller is enabled; they count over
+  the cgroup's life, which spans restarts
 - pubmon_child_counter{publisher,counter}  its own fb303 getCounters() (probe.export_counters)
 Daemon: pubmon_reloads_total, pubmon_reload_failures_total, pubmon_loop_lag_seconds,
 pubmon_ready, pubmon_rpc_{calls,errors,connections,rejected_frames}_total,
@@ -47,6 +51,7 @@ __all__ = ["DaemonValues", "MetricsSource", "MetricsWriter", "negotiate"]
 import asyncio
 import math
 import platform
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -54,6 +59,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from prometheus_client.exposition import choose_encoder
 
 from pubmon._version import __version__
+from pubmon.core.cgroup import LIMIT_EVENTS
 from pubmon.core.lifecycle import Health, PublisherState
 from pubmon.core.procstats import ProcFigures, ProcStats
 from pubmon.core.stats import EXIT_REASONS
@@ -165,7 +171,25 @@ _GROUP_PROC = (
     ("pubmon_publisher_open_fds", "gauge", "Open file descriptors of its process tree"),
     ("pubmon_publisher_processes", "gauge", "Processes in its cgroup or tree (with the leader)"),
 )
-_GROUPS = (_GROUP_STATE, _GROUP_PROBE, _GROUP_LOG, _GROUP_PROC)
+# Limit hits of a publisher's cgroup, where its controller is enabled (Cgroup.limit_events):
+# (family, type, help, limit_events key, scale).
+_LIMIT_FAMILIES = (
+    ("pubmon_publisher_memory_high_events", "counter",
+     "Times its cgroup went over memory.high (limits.memory_high or the memory_restart "
+     "tripwire)", "memory.events:high", 1),
+    ("pubmon_publisher_memory_max_events", "counter",
+     "Times its cgroup reached limits.memory_max", "memory.events:max", 1),
+    ("pubmon_publisher_oom_kills", "counter",
+     "Processes of its cgroup the OOM killer ended", "memory.events:oom_kill", 1),
+    ("pubmon_publisher_pids_max_events", "counter",
+     "Forks its cgroup refused at limits.pids_max", "pids.events:max", 1),
+    ("pubmon_publisher_cpu_throttled_seconds", "counter",
+     "Time its cgroup was throttled by limits.cpu_max", "cpu.stat:throttled_usec", 1e-6),
+)  # fmt: skip
+_GROUP_LIMITS = tuple((name, kind, help_) for name, kind, help_, _, _ in _LIMIT_FAMILIES)
+_LIMIT_CONTROLLERS = frozenset(c for c, _, _ in LIMIT_EVENTS)
+LIMITS_TTL = 1.0  # limit hits are read at most once a second per publisher
+_GROUPS = (_GROUP_STATE, _GROUP_PROBE, _GROUP_LOG, _GROUP_PROC, _GROUP_LIMITS)
 
 
 def _header(out: list[str], fmt: Format, name: str, kind: str, help_: str) -> None:
@@ -193,6 +217,7 @@ class MetricsWriter:
         self._src = source
         self._proc = procstats
         self._cache: dict[str, _Cached] = {}
+        self._limits: dict[str, tuple[float, dict[str, int]]] = {}  # name -> (read at, hits)
         self._les: dict[tuple[float, ...], tuple[str, ...]] = {}
 
     async def render(self, fmt: Format = "text") -> bytes:
@@ -212,6 +237,8 @@ class MetricsWriter:
                 work = 0
                 await asyncio.sleep(0)
         self._cache = fresh
+        for gone in self._limits.keys() - fresh.keys():
+            del self._limits[gone]
         parts: list[bytes] = []
         for g, group in enumerate(_GROUPS):
             for f, (name, kind, help_) in enumerate(group):
@@ -303,7 +330,29 @@ class MetricsWriter:
                     "" if key3[2] is None else f"pubmon_publisher_open_fds{lab} {key3[2]}\n",
                     f"pubmon_publisher_processes{lab} {key3[3]}\n",
                 )
+        key4 = self._limit_events(name, pub)
+        if c.keys[4] != key4 or not c.chunks[4]:
+            redone += 1
+            c.keys[4] = key4
+            lab = f'{{publisher="{name}"}}'
+            c.chunks[4] = tuple(
+                f"{family}_total{lab} {_num(key4[key] * scale)}\n" if key in key4 else ""
+                for family, _, _, key, scale in _LIMIT_FAMILIES
+            )
         return redone
+
+    def _limit_events(self, name: str, pub: Publisher) -> dict[str, int]:
+        """Its cgroup's limit hits ({} without a cgroup or its controllers), read at most
+        once per LIMITS_TTL: three small files a publisher, and only where the kernel has
+        the controllers (not this machine's cgroup2)."""
+        cg = pub.cgroup
+        if cg is None or not cg.controllers & _LIMIT_CONTROLLERS:
+            return {}
+        now = time.monotonic()
+        hit = self._limits.get(name)
+        if hit is None or now - hit[0] >= LIMITS_TTL:
+            hit = self._limits[name] = (now, cg.limit_events())
+        return hit[1]
 
     def _le(self, bounds: tuple[float, ...]) -> tuple[str, ...]:
         les = self._les.get(bounds)
