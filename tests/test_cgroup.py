@@ -537,16 +537,19 @@ async def test_with_the_memory_controller_a_quiet_publisher_is_not_read_until_me
     )  # fmt: skip
     nocg = _Watched("nocg", plain.cgroup, memory_restart=1 << 20)  # type: ignore[arg-type]
     nocg.cgroup = None
-    pubs = [plain, operator, above, nocg]
+    big = _Watched("big", _memory_dir(tmp_path, "big"), memory_restart=1 << 20)
+    big.used = 2 << 20  # above already: memory.high is not written below what is in use
+    pubs = [plain, operator, above, nocg, big]
     try:
         await sweep.sweep(pubs)  # arms the tripwires and reads each once
-        assert [p.checks for p in pubs] == [1, 1, 1, 1]
+        assert [p.checks for p in pubs] == [1, 1, 1, 1, 1]
         assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
         assert (tmp_path / "operator" / "memory.high").read_text() == "max"  # untouched
         assert (tmp_path / "above" / "memory.high").read_text() == "max"
         for _ in range(3):
             await sweep.sweep(pubs)
-        assert [p.checks for p in pubs] == [1, 1, 4, 4]  # quiet ones are not read
+        assert [p.checks for p in pubs] == [1, 1, 4, 4, 4]  # quiet ones are not read
+        assert (tmp_path / "big" / "memory.high").read_text() == "max"
         # The kernel counts a crossing of memory.high in memory.events; its change wakes us.
         (tmp_path / "plain" / "memory.events").write_text("high 1\n")
         async with asyncio.timeout(5):

@@ -11,8 +11,10 @@ reads and their parsing), and the issue wants no measurable idle CPU. So:
   in memory.events when an allocation crosses it, and reports the change of memory.events as
   a file modification (cgroup v2's own notification), which one inotify fd (`FileWatch`)
   brings to the loop. The publisher is then "hot": the tripwire is lifted at once (memory.high
-  back to "max", so it is never throttled more than a moment) and it is read each second
-  until it is at or below memory_restart again, when the tripwire is set again. Where
+  back to "max": held there, the kernel would reclaim or swap it to stay below, and it would
+  never be seen above) and it is read each second until it is at or below memory_restart
+  again, when the tripwire is set again (only then: memory.high written below the memory in
+  use makes the writer reclaim it before the write returns). Where
   `limits.memory_high` is set at or below memory_restart, that limit is the tripwire (any
   crossing of memory_restart crosses it first) and is never touched; set above it, lowering it
   is not ours to do: that publisher is read each second.
@@ -63,6 +65,7 @@ class _Trip:
     wd: int
     ours: bool  # memory.high is set by us (lifted when it trips), not the operator's limit
     hot: bool = True  # read at each sweep (it tripped, or was just armed)
+    armed: bool = False  # ours, and memory.high is at memory_restart now
 
 
 class MemorySweep:
@@ -135,8 +138,6 @@ class MemorySweep:
                 self._watch = FileWatch()
                 asyncio.get_running_loop().add_reader(self._watch.fd, self._woken)
             wd = self._watch.add(os.path.join(cg.path, "memory.events"))
-            if high is None:
-                cg.set_memory_high(limit)  # at each new run: the spawn wrote "max" there
         except OSError as exc:
             if pub.name not in self._unarmed:
                 self._unarmed.add(pub.name)
@@ -144,43 +145,53 @@ class MemorySweep:
             return None
         trip = self._trips[pub.name] = _Trip(key, cg, wd, ours=high is None)
         self._names[wd] = pub.name
-        return trip  # hot: read once now, the memory may be above already
+        # Hot: read once now. memory.high is written only once a read found the memory
+        # below memory_restart (`_rearm`): set below what is in use, the write itself would
+        # reclaim memory of the publisher's, in this thread, before it returns.
+        return trip
 
     def _woken(self) -> None:
         assert self._watch is not None
         for wd in self._watch.read():
             trip = self._trips.get(self._names.get(wd, ""))
-            if trip is None or trip.wd != wd or trip.hot:
+            if trip is None or trip.wd != wd:
                 continue
             trip.hot = True
             self.trips += 1
             self.tripped.set()
-            if trip.ours:
-                try:
-                    trip.cgroup.set_memory_high(None)  # lifted: never throttled for long
-                except OSError:
-                    pass  # the cgroup went with its publisher
+            if trip.armed:
+                # Lifted at once, even if it was hot already: held at memory.high, the kernel
+                # would reclaim (or swap) it to stay below, and it would never be seen above.
+                self._lift(trip)
 
     def _rearm(self, trip: _Trip, limit: int) -> None:
         """At or below memory_restart again: quiet until the tripwire trips."""
         try:
             if trip.ours:
                 trip.cgroup.set_memory_high(limit)
+                trip.armed = True
             # It may have crossed between the read and the write: then stay hot.
             trip.hot = trip.cgroup.memory_current() > limit
         except (OSError, ValueError):
             trip.hot = True
+        if trip.hot and trip.armed:
+            self._lift(trip)
+
+    @staticmethod
+    def _lift(trip: _Trip) -> None:
+        trip.armed = False
+        try:
+            trip.cgroup.set_memory_high(None)
+        except OSError:
+            pass  # the cgroup went with its publisher
 
     def _drop(self, name: str) -> None:
         trip = self._trips.pop(name)
         self._names.pop(trip.wd, None)
         if self._watch is not None:
             self._watch.remove(trip.wd)
-        if trip.ours:
-            try:
-                trip.cgroup.set_memory_high(None)
-            except OSError:
-                pass
+        if trip.armed:
+            self._lift(trip)
 
     def close(self) -> None:
         if self._watch is not None:
