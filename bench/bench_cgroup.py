@@ -35,6 +35,7 @@ from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
 from pubmon.core.memsweep import MemorySweep
 from pubmon.core.process import SpawnRequest, install_child_watcher, spawn
 from pubmon.core.supervisor import Supervisor
+from pubmon.daemon.reaping import reaping
 
 
 class _Null:
@@ -99,7 +100,7 @@ async def _idle_cpu(n: int, seconds: float, memory_restart: int | None, cg: Path
         publishers=specs,
     )
     groups = Cgroups.setup(str(cg)) if cg else None
-    async with Supervisor(config, cgroups=groups) as sup:
+    async with reaping() as reaper, Supervisor(config, cgroups=groups, reaper=reaper) as sup:
         await sup.wait_settled()
         await asyncio.sleep(2)
         c0, t0 = _cpu(), time.monotonic()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pubmon.thrift.wire import WireClient
+from pubmon.thrift.blocking import BlockingClient
 
 PUBMON = str(Path(sys.executable).with_name("pubmon"))
 
@@ -45,7 +45,7 @@ def _config(tmp: Path, n: int) -> Path:
 
 
 def _call(sock: str, method: str, timeout: float = 60) -> Any:
-    client = WireClient(unix_socket=sock, timeout=timeout)
+    client = BlockingClient(unix_socket=sock, timeout=timeout)
     try:
         return client.call(method)
     finally:

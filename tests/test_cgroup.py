@@ -42,6 +42,7 @@ from pubmon.errors import ConfigError, InvalidState
 from pubmon.host.cgroupfs import FileWatch
 from pubmon.http import metrics as metrics_module
 from pubmon.http.metrics import DaemonValues, MetricsWriter
+from supervised import supervising
 
 S = PublisherState
 _seq = itertools.count()
@@ -95,7 +96,7 @@ async def running(
     *specs: PublisherSpec, cgroup: Path | None
 ) -> AsyncIterator[tuple[Supervisor, Cgroups | None]]:
     groups = Cgroups.setup(str(cgroup)) if cgroup is not None else None
-    async with Supervisor(config(*specs), cgroups=groups) as sup:
+    async with supervising(config(*specs), cgroups=groups) as sup:
         yield sup, groups
 
 
@@ -762,7 +763,7 @@ async def test_metrics_give_the_limit_hits_of_a_cgroup_with_the_controllers(
         "cpu.stat:throttled_usec": 1500000,
     }
     cfg = config(spec("capped", autostart=False), spec("bare", autostart=False))
-    async with Supervisor(cfg, cgroups=capped) as sup:
+    async with supervising(cfg, cgroups=capped) as sup:
         sup.get("bare").cgroup = Cgroup(str(tmp_path / "pub-bare"), frozenset())
         writer = MetricsWriter(_Source(sup), ProcStats())
         text = (await writer.render()).decode()

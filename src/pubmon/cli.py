@@ -64,7 +64,7 @@ from __future__ import annotations
 __all__ = ["main"]
 
 # Client commands (status, start, tail, ...) must start and exit within ~100 ms: they talk to the
-# daemon through the blocking, thriftpy2-free `_wire`, and import neither asyncio nor logging
+# daemon through the thriftpy2-free `thrift.blocking`, and import neither asyncio nor logging
 # nor the daemon's modules. Those are imported inside the functions of `daemon`, `demo` and
 # `check-config`.
 import os
@@ -77,7 +77,7 @@ from docopt import docopt
 
 from pubmon._version import __version__
 from pubmon.errors import ConfigError, RpcError, StartupError
-from pubmon.thrift.wire import WireClient, WireException
+from pubmon.thrift.blocking import BlockingClient, DeclaredException
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -285,7 +285,7 @@ class Remote:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.where = f"{args.host}:{args.port}" if args.host else args.socket
-        self._client: WireClient | None = None
+        self._client: BlockingClient | None = None
         self._tls = bool(args.host and (args.tls_ca or args.tls_cert or args.tls_key))
         self.calls = 0  # answered
 
@@ -294,11 +294,11 @@ class Remote:
         try:
             if a.host:
                 ctx = _tls_context(a)
-                self._client = WireClient(
+                self._client = BlockingClient(
                     host=a.host, port=a.port, timeout=a.call_timeout, ssl_context=ctx
                 )
             else:
-                self._client = WireClient(unix_socket=a.socket, timeout=a.call_timeout)
+                self._client = BlockingClient(unix_socket=a.socket, timeout=a.call_timeout)
         except RpcError as exc:
             cause = exc.__cause__
             if isinstance(cause, PermissionError):
@@ -328,7 +328,7 @@ class Remote:
             got = self._client.call(method, *args)
             self.calls += 1
             return got
-        except WireException as exc:
+        except DeclaredException as exc:
             code, prefix = _DECLARED.get(exc.name, (EXIT_ERROR, f"{exc.name}: "))
             raise CliError(code, prefix + exc.message) from None
         except RpcError as exc:

@@ -253,13 +253,7 @@ class Loader:
     def _monitor(self) -> MonitorConfig:
         chk, key, d = self.chk, ("monitor",), MonitorConfig()
         t = self._section(self.doc, "monitor", key, _MONITOR_KEYS)
-        listen = chk.string(t, "listen", key)
-        if listen:
-            try:
-                parse_listen(listen)
-            except ValueError as e:
-                chk.problem((*key, "listen"), str(e))
-                listen = None
+        listen = self._listen(t, key)
         cert, tls_key, ca = (
             self._file(t, n, key) for n in ("tls_cert", "tls_key", "tls_client_ca")
         )
@@ -298,16 +292,21 @@ class Loader:
             ),
         )
 
-    def _http(self) -> HttpConfig:
-        chk, key, d = self.chk, ("http",), HttpConfig()
-        t = self._section(self.doc, "http", key, _HTTP_KEYS)
-        listen = chk.string(t, "listen", key)
+    def _listen(self, t: Table, key: Key) -> str | None:
+        """`listen` as given ("" too), or None (absent, or a problem reported)."""
+        listen = self.chk.string(t, "listen", key)
         if listen:
             try:
                 parse_listen(listen)
             except ValueError as e:
-                chk.problem((*key, "listen"), str(e))
+                self.chk.problem((*key, "listen"), str(e))
                 listen = None
+        return listen
+
+    def _http(self) -> HttpConfig:
+        chk, key, d = self.chk, ("http",), HttpConfig()
+        t = self._section(self.doc, "http", key, _HTTP_KEYS)
+        listen = self._listen(t, key)
         token_file = self._file(t, "token_file", key)
         if token_file is not None and os.path.isfile(token_file):
             try:

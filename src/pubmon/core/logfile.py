@@ -98,11 +98,16 @@ class LogDir:
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close(fd)
+
+
+def _close(fd: int | None) -> None:
+    """Close `fd` if there is one; a failure to close leaves nothing to do."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _refused(path: str, why: str) -> OSError:
@@ -356,8 +361,4 @@ class LogFile:
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close(fd)

@@ -1,9 +1,9 @@
 """pubmon as an init: PID 1 of a container's PID namespace, or `pubmon daemon --init`.
 
 What an init owes its namespace beyond supervising publishers:
-- reaping every zombie re-parented to it, whoever started it: the supervisor is a child
-  subreaper already, and `_reaper.OrphanReaper` reaps by pid whatever asyncio does not own, so
-  a publisher's exit status is never taken from asyncio's pidfd watcher;
+- reaping every zombie re-parented to it, whoever started it: the daemon is a child subreaper
+  already (pubmon.daemon.reaping), and its `OrphanReaper` reaps by pid whatever asyncio does
+  not own, so a publisher's exit status is never taken from asyncio's pidfd watcher;
 - handlers for every signal it is sent (the kernel drops a default-action signal sent to PID 1;
   `signals.HANDLED` covers SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 and SIGUSR2);
 - at the end, after the publishers stopped, the rest (`end_the_rest`): every other process of

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 __all__ = [
     "STATE_VERSION",
+    "DaemonState",
     "Handover",
     "UpgradeAccepted",
     "Upgrader",
@@ -57,25 +58,28 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pubmon._version import __version__
 from pubmon.core.adopted import AdoptedChild
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.reaper import _children_of
+from pubmon.core.reaper import OrphanReaper, _children_of
 from pubmon.core.ring import Ring, _Entry
 from pubmon.core.stats import EXIT_REASONS
 from pubmon.daemon.lock import DaemonLock
+from pubmon.daemon.notify import Notifier
 from pubmon.daemon.signals import HANDLED
 from pubmon.errors import InvalidState, UpgradeRefused
 from pubmon.host.inherited import offer, unclaimed
 
 if TYPE_CHECKING:
+    from pubmon.config.model import Config
     from pubmon.core.output import OutputLog, StreamSink
     from pubmon.core.process import Child
     from pubmon.core.publisher import Publisher
     from pubmon.core.supervisor import Supervisor
-    from pubmon.daemon.daemon import Daemon
+    from pubmon.http.server import HttpServer
+    from pubmon.service.handler import Listeners
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,38 @@ SPAWN_WAIT = 30.0  # how long the exec may wait for spawns and a reload in fligh
 SYNC_BOUND = 2.0  # how long the exec waits for the log writers to catch up
 STOP_BOUND = 2.0  # a child the new image cannot adopt: SIGTERM, then SIGKILL after this
 S = PublisherState
+
+
+class DaemonState(Protocol):
+    """What an upgrade reads of the daemon (pubmon.daemon.daemon.Daemon, which imports this
+    module), and the counters the new image restores."""
+
+    started_at: float
+    reloads: int
+    reload_failures: int
+    last_reload_error: str
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+    @property
+    def ready(self) -> asyncio.Event: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reload_busy(self) -> bool: ...
+    @property
+    def reaper(self) -> OrphanReaper: ...
+    @property
+    def notifier(self) -> Notifier: ...
+    @property
+    def lock(self) -> DaemonLock | None: ...
+    @property
+    def listeners(self) -> Listeners | None: ...
+    @property
+    def http(self) -> HttpServer | None: ...
+    def status_details(self) -> str: ...
 
 
 class UpgradeAccepted(NamedTuple):
@@ -148,7 +184,7 @@ def _exec_argv() -> list[str]:
 class Upgrader:
     """The daemon's upgrade requests (RPC `upgrade`, SIGUSR2) and its upgrade counters."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonState) -> None:
         self._daemon = daemon
         self.upgrades = 0
         self.failures = 0
@@ -238,7 +274,7 @@ class Upgrader:
             "--config",
             d.config.path,
         ]
-        reaper = d.supervisor.reaper
+        reaper = d.reaper
         reaper.spawning += 1  # asyncio reaps the check: no sweep may take its status
         try:
             try:
@@ -281,7 +317,7 @@ class Upgrader:
             self._busy = False
             logger.warning("upgrade abandoned: pubmon is stopping")
             return
-        if sup.reaper.spawning or d.reload_busy:
+        if d.reaper.spawning or d.reload_busy:
             # A forked child not yet recorded would be orphaned; a reload's requests lost.
             if time.monotonic() < deadline:
                 asyncio.get_running_loop().call_later(0.005, self._go, deadline)
@@ -300,7 +336,7 @@ class Upgrader:
     def _exec(self, deadline: float, t0: float, paused: list[Callable[[], None]]) -> None:
         d = self._daemon
         assert d.supervisor is not None
-        if d.supervisor.reaper.spawning or d.reload_busy or d.stopping:  # began meanwhile
+        if d.reaper.spawning or d.reload_busy or d.stopping:  # began meanwhile
             _resume_pipes(paused)
             self._go(deadline)
             return
@@ -338,7 +374,7 @@ def _resume_pipes(paused: list[Callable[[], None]]) -> None:
         resume()
 
 
-def _exec(d: Daemon, up: Upgrader, t0: float) -> None:
+def _exec(d: DaemonState, up: Upgrader, t0: float) -> None:
     """Serialize, clear O_CLOEXEC on what is handed over, execve. Returns only by raising."""
     d.notifier.reloading()
     assert d.supervisor is not None
@@ -437,7 +473,9 @@ class _Blob:
         return [at, len(data)]
 
 
-def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[bytes], list[int]]:
+def _collect(
+    d: DaemonState, up: Upgrader, t0: float
+) -> tuple[dict[str, Any], list[bytes], list[int]]:
     sup = d.supervisor
     assert sup is not None and d.lock is not None and d.lock.fd is not None
     blob = _Blob()
@@ -472,7 +510,7 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
     return header, blob.parts, fds
 
 
-def _listening_fds(d: Daemon) -> dict[str, int]:
+def _listening_fds(d: DaemonState) -> dict[str, int]:
     """key -> fd of every listening socket: "unix:<path>", "tcp:<host>:<port as configured>",
     "http:<host>:<port as configured>"."""
     out: dict[str, int] = {}
@@ -523,12 +561,9 @@ def _publisher_state(
     pub: Publisher, blob: _Blob, loop: asyncio.AbstractEventLoop
 ) -> dict[str, Any]:
     timer = None
-    handle = pub._timer
-    if handle is not None:
-        msg = getattr(handle, "_args", (None,))[0]
-        kind = getattr(msg, "kind", None)
-        if kind is not None:
-            timer = {"kind": kind, "when": handle.when()}
+    pending = pub._runner.pending_timer()
+    if pending is not None:
+        timer = {"kind": pending[0], "when": pending[1]}
     child = None
     if pub.child is not None:
         c = pub.child
@@ -684,7 +719,7 @@ class Handover:
     def from_version(self) -> str:
         return str(self.header.get("from", "?")) if self.header else "?"
 
-    def restore_daemon(self, d: Daemon, up: Upgrader) -> None:
+    def restore_daemon(self, d: DaemonState, up: Upgrader) -> None:
         if self.header is None:
             return
         saved = self.header["daemon"]
@@ -717,7 +752,8 @@ class Handover:
                 _reset_publisher(pub)
                 continue
             if child is not None:
-                sup.reaper.track(child)
+                if sup.reaper is not None:  # the daemon's (pubmon.daemon.reaping)
+                    sup.reaper.track(child)
                 self.adopted += 1
                 out.append((pub, child))
         self._marks.append(("listeners and publishers", time.monotonic()))
@@ -840,7 +876,7 @@ def _restore_publisher(
         pub._then_start = False
     timer = e["timer"]
     if timer is not None and timer["kind"] in ("backoff", "kill", "stuck"):
-        pub._set_timer(timer["kind"], float(timer["when"]) - loop.time())
+        pub._runner.set_timer(timer["kind"], float(timer["when"]) - loop.time())
     if child is not None:
         sinks = {1: out.open_stream("stdout"), 2: out.open_stream("stderr")}
         for s, (at, size) in c["tails"].items():
@@ -848,10 +884,10 @@ def _restore_publisher(
             sinks[int(s)]._tail = bytearray(tail) if tail else b""
         child.sinks = dict(sinks)
         pub.child = child
-        inbox = pub._inbox
+        post = pub._runner.post
         from pubmon.core.publisher import _Exited
 
-        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
+        child.exited.add_done_callback(lambda _: post(_Exited(child)))
         child.watch()
     return child
 

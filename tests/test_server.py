@@ -1,4 +1,7 @@
-"""pubmon.thrift.server (server, client), its codec (frames) and the IDL loader (idl).
+"""pubmon.thrift.server: the framed Thrift server (calls, errors, peers, limits, TLS).
+
+Driven by the async client (its own tests are in test_client.py), thriftpy2's stock client and
+raw sockets.
 
 Real sockets on loopback and unix sockets; the server runs in-process. Every wait is for a state
 or an event under asyncio.timeout; no sleep stands in for synchronisation (the few sleeps are the
@@ -20,7 +23,6 @@ import ssl
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,13 +31,10 @@ from typing import Any
 
 import pytest
 import thriftpy2.rpc
-from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TFramedTransportFactory
-from thriftpy2.transport.memory import TMemoryBuffer
 
 from pubmon.errors import PermissionDenied, RpcError
-from pubmon.thrift import frames as _frames
 from pubmon.thrift import idl
 from pubmon.thrift.server import Peer, ThriftClient, ThriftServer
 
@@ -154,8 +153,8 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> 
     return True
 
 
-def call_frame(name: str, args: Any, seqid: int = 1, mtype: int = TMessageType.CALL) -> bytes:
-    return _frames.encode_message(name, mtype, seqid, args, framed=True)
+def call_frame(name: str, *args: Any, seqid: int = 1) -> bytes:
+    return idl.bind(SVC).encode_call(name, seqid, args)
 
 
 def frame(body: bytes) -> bytes:
@@ -279,86 +278,6 @@ async def test_thriftpy2_sync_client_interop() -> None:
     )  # fmt: skip
 
 
-class AsyncHandler:
-    """thriftpy2's aio processor awaits every handler method."""
-
-    async def getStatus(self) -> int:
-        return 2
-
-    async def getCounters(self) -> dict[str, int]:
-        return {"a": 1}
-
-    async def listPublishers(self) -> list[Any]:
-        return [INFO_A, INFO_B]
-
-    async def getPublisher(self, name: str) -> Any:
-        raise pm.UnknownPublisher(message=name)
-
-
-@pytest.mark.parametrize("transport", ["buffered", "framed"])
-async def test_our_client_against_thriftpy2_aio_server(transport: str) -> None:
-    from thriftpy2.contrib.aio.processor import TAsyncProcessor
-    from thriftpy2.contrib.aio.server import TAsyncServer
-    from thriftpy2.contrib.aio.socket import TAsyncServerSocket
-    from thriftpy2.contrib.aio.transport import (
-        TAsyncBufferedTransportFactory,
-        TAsyncFramedTransportFactory,
-    )
-
-    framed = transport == "framed"
-    factory = TAsyncFramedTransportFactory if framed else TAsyncBufferedTransportFactory
-    # make_aio_server refuses port 0, so build it by hand (reference/thrift.md §1.1, §1.3).
-    sock = TAsyncServerSocket(host="127.0.0.1", port=0, client_timeout=None)
-    stock = TAsyncServer(
-        TAsyncProcessor(SVC, AsyncHandler()), sock, itrans_factory=factory(),
-        loop=asyncio.get_running_loop(),
-    )  # fmt: skip
-    handled = asyncio.Event()
-
-    async def handle(conn: Any) -> None:
-        try:
-            await stock.handle(conn)
-        finally:
-            handled.set()
-
-    stock.trans.listen()
-    stock.server = await stock.trans.accept(handle)
-    try:
-        port = sock.raw_sock.getsockname()[1]
-        async with await connect(port, transport=transport, timeout=5) as c:
-            assert await c.call("getStatus") == 2
-            assert await c.call("getCounters") == {"a": 1}
-            assert await c.call("listPublishers") == [INFO_A, INFO_B]
-            with pytest.raises(pm.UnknownPublisher):
-                await c.call("getPublisher", "x")
-            assert await c.call("getStatus") == 2
-        async with asyncio.timeout(5):
-            await handled.wait()  # its connection task is done, so nothing outlives the loop
-    finally:
-        await stock.close()
-
-
-async def test_client_checks_reply_name_and_seqid() -> None:
-    async def answer_wrongly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
-            result = SVC.getStatus_result(success=2)
-            writer.write(_frames.encode_message("getStatus", 2, 999, result, framed=True))
-            await closed_by_peer(reader)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(answer_wrongly, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        c = await connect(port)
-        with pytest.raises(RpcError, match="#999"):
-            await c.call("getStatus")
-        with pytest.raises(RpcError, match="closed"):
-            await c.call("getStatus")
-        await c.close()
-
-
 # --- authorization and peers --------------------------------------------------------------------
 
 
@@ -422,7 +341,7 @@ async def test_so_peercred_refuses_other_uids(caplog: pytest.LogCaptureFixture) 
     base = tempfile.mkdtemp(prefix="pubmon-rpc-", dir="/tmp")
     os.chmod(base, 0o755)
     path = os.path.join(base, "ctl.sock")
-    request = call_frame("getStatus", SVC.getStatus_args()).hex()
+    request = call_frame("getStatus").hex()
 
     async def as_nobody() -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -617,29 +536,6 @@ async def test_frames_over_max_frame_are_rejected() -> None:
         assert server.rejected_frames == 1
 
 
-async def test_client_timeout_throws_the_connection_away() -> None:
-    handler = Handler()
-    async with serving(handler) as (server, port):
-        c = await connect(port, timeout=0.2)
-        started = time.monotonic()
-        with pytest.raises(RpcError, match=r"no reply within 0\.2 s"):
-            await c.call("getCpuProfile", 3600)
-        assert time.monotonic() - started < 2
-        with pytest.raises(RpcError, match="closed"):
-            await c.call("getStatus")
-        await c.close()
-        assert handler.profile_started.is_set()
-    assert handler.profile_cancelled.is_set()  # close() cancelled the call still in progress
-    assert server.connections == 0 and not server._tasks
-
-
-async def test_connect_failures_raise_rpc_error(tmp_path: Path) -> None:
-    with pytest.raises(RpcError, match="cannot connect"):
-        await ThriftClient.connect(SVC, unix_socket=tmp_path / "missing.sock")
-    with pytest.raises(ValueError):
-        await ThriftClient.connect(SVC, host="127.0.0.1")
-
-
 async def test_close_ends_open_connections() -> None:
     async with serving() as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -677,115 +573,6 @@ async def test_mutual_tls_gives_the_peer_subject(certs: Path) -> None:
                 with pytest.raises(RpcError):
                     await c.call("getStatus")
         assert len(seen) == 1
-
-
-# --- codec ----------------------------------------------------------------------------------
-
-
-def _samples() -> list[Any]:
-    chunk = Handler().tailLog("x", 5, 3)
-    problems = pm.ConfigError(message="bad", problems=["a.b: expected int", "ü"])
-    return [INFO_A, INFO_B, chunk, problems, SVC.getCounters_result(success={"a": -(2**63)})]
-
-
-@pytest.mark.parametrize("sample", _samples(), ids=lambda s: type(s).__name__)
-def test_codec_matches_thriftpy2(sample: Any) -> None:
-    ours = _frames.encode_message("m", TMessageType.REPLY, 7, sample, framed=False)
-    theirs = TMemoryBuffer()
-    proto = TBinaryProtocol(theirs)
-    proto.write_message_begin("m", TMessageType.REPLY, 7)
-    proto.write_struct(sample)
-    assert ours == theirs.getvalue()
-    reader = _frames.Reader(ours)
-    assert reader.message_begin() == ("m", TMessageType.REPLY, 7)
-    assert vars(reader.read_struct(type(sample))) == vars(sample)  # TException compares by id
-    reader.expect_end()
-
-
-def test_decoder_refuses_hostile_lengths_quickly() -> None:
-    args = SVC.getPublisher_args
-    bodies = {
-        "2 GiB string": struct.pack(">bhi", TType.STRING, 1, 0x7FFFFFFF) + b"abc",
-        "negative string": struct.pack(">bhi", TType.STRING, 1, -1) + b"abc\0",
-        "void list": struct.pack(">bhbi", TType.LIST, 9, TType.VOID, 0x7FFFFFFF) + b"\0",
-        "empty-type list": struct.pack(">bhbi", TType.LIST, 9, 0, 0x7FFFFFFF) + b"\0",
-        "huge i8 list": struct.pack(">bhbi", TType.LIST, 9, TType.BYTE, 0x7FFFFFFF) + b"\0",
-        "unknown field type": struct.pack(">bh", 16, 9) + b"\0" * 8,
-        "deep": struct.pack(">bh", TType.LIST, 9) + struct.pack(">bi", TType.LIST, 1) * 10_000,
-    }
-    for name, body in bodies.items():
-        started = time.perf_counter()
-        with pytest.raises(_frames.ProtocolViolation):
-            _frames.Reader(body).read_struct(args)
-        assert time.perf_counter() - started < 5, name  # no loop over the declared sizes
-
-
-def test_encoder_refuses_mistyped_values() -> None:
-    bad = [
-        pm.PublisherInfo(name="x", pid="12"),
-        pm.PublisherInfo(name="x", pid=2**40),
-        pm.LogChunk(lines=[None]),
-        pm.LogChunk(lines=[INFO_A]),
-        pm.ReloadResult(added=[b"ok", 3]),
-    ]
-    for payload in bad:
-        with pytest.raises(TypeError):
-            _frames.encode_message("m", TMessageType.REPLY, 1, payload, framed=True)
-
-
-# --- IDL loader -----------------------------------------------------------------------------
-
-
-def test_idl_modules_share_fb303_and_fbstatus_mirrors_fb_status() -> None:
-    assert pm.fb303 is idl.fb303() is idl.publisher().fb303
-    assert sys.modules["pubmon_thrift"] is pm
-    assert {s.name: s.value for s in idl.FbStatus} == idl.fb303().fb_status._NAMES_TO_VALUES
-    assert set(idl.fb303().FacebookService.thrift_services) < set(SVC.thrift_services)
-    assert SVC.shutdown_result.oneway and not SVC.getStatus_result.oneway
-
-
-def _shape(modules: dict[str, Any]) -> dict[str, Any]:
-    """Everything that reaches the wire, with classes replaced by their names."""
-
-    def spec(value: Any) -> Any:
-        if isinstance(value, type):
-            return value.__name__
-        if isinstance(value, tuple | list):
-            return [spec(v) for v in value]
-        if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
-        return value
-
-    out = {}
-    for mod_name, module in modules.items():
-        for name, obj in sorted(vars(module).items()):
-            if isinstance(obj, type) and hasattr(obj, "thrift_services"):
-                for m in obj.thrift_services:
-                    for suffix in ("_args", "_result"):
-                        cls = getattr(obj, m + suffix)
-                        out[f"{mod_name}.{name}.{m}{suffix}"] = spec(cls.thrift_spec)
-                    out[f"{mod_name}.{name}.{m}.oneway"] = getattr(obj, m + "_result").oneway
-            elif isinstance(obj, type) and hasattr(obj, "thrift_spec"):
-                out[f"{mod_name}.{name}"] = spec(obj.thrift_spec)
-            elif isinstance(obj, type) and hasattr(obj, "_NAMES_TO_VALUES"):
-                out[f"{mod_name}.{name}"] = obj._NAMES_TO_VALUES
-    return out
-
-
-def test_idl_cache_round_trips_and_refuses_foreign_files(tmp_path: Path) -> None:
-    parsed = idl._modules()
-    cache = tmp_path / "pubmon" / "idl-test.pickle"
-    idl._write_cache(cache, parsed)
-    assert stat.S_IMODE(os.stat(cache.parent).st_mode) == 0o700
-    loaded = idl._read_cache(cache)
-    assert loaded is not None and loaded["pubmon_thrift"] is not pm
-    assert _shape(loaded) == _shape(parsed)
-    again = loaded["pubmon_thrift"].PublisherInfo(**vars(INFO_A))
-    assert _frames.encode_message("m", 2, 1, again, framed=True) == _frames.encode_message(
-        "m", 2, 1, INFO_A, framed=True
-    )
-    os.chmod(cache, 0o666)  # writable by others: unpickling it could run their code
-    assert idl._read_cache(cache) is None
 
 
 # --- fairness (issue 19) ---------------------------------------------------------------------
