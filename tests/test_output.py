@@ -84,7 +84,7 @@ def test_numbered_lines_in_random_chunks(logdir: Path) -> None:
     feed_randomly(sink, data, rng, [1, 7, 100, 4096, 65536, 262144])
     sink.eof()
     assert log.sync()
-    assert (logdir / "feed:0.log").read_bytes() == data
+    assert (logdir / "feed-0.log").read_bytes() == data
     assert (log.lines, log.bytes, log.dropped, log.last_seq) == (200_000, len(data), 0, 200_000)
     newest = log.last(2000)
     assert [line.seq for line in newest.lines] == list(range(198_001, 200_001))
@@ -324,7 +324,7 @@ def test_file_and_directory_modes(logdir: Path) -> None:
     log.open_stream("stdout").feed(b"x\n")
     assert log.sync()
     assert stat.S_IMODE(os.stat(logdir / "sub").st_mode) == 0o750 & ~umask
-    assert stat.S_IMODE(os.stat(logdir / "sub" / "feed:0.log").st_mode) == 0o640 & ~umask
+    assert stat.S_IMODE(os.stat(logdir / "sub" / "feed-0.log").st_mode) == 0o640 & ~umask
     log.close()
 
 

@@ -14,6 +14,7 @@ Usage:
   pubmon pid [NAME...] [options]
   pubmon reload [options]
   pubmon tail NAME... [options]
+  pubmon clear NAME... [options]
   pubmon log [options]
   pubmon counters [PREFIX] [options]
   pubmon upgrade [options]
@@ -51,7 +52,8 @@ Options:
   -h --help        Show this text.
   --version        Show the version.
 
-pause freezes a publisher's whole process tree (its cgroup) until resume.
+pause freezes a publisher's whole process tree (its cgroup) until resume. clear empties a
+publisher's log: its ring (for new readers) and its log files, rotated copies removed.
 NAME: an instance (feed:0), a program (feed: all its instances), a shell-style glob
 (feed:1*, 'f*') or all. SHELL: bash or zsh (eval "$(pubmon completion bash)").
 Exit codes: 0 ok, 1 error, 2 bad config, 3 daemon cannot start, 4 daemon not reachable,
@@ -743,6 +745,12 @@ def _one(remote: Remote, a: Args, name: str) -> _Outcome:
         if a.command == "signal":
             i = remote.call("signalPublisher", name, a.signal)
             return _Outcome(name, True, f"{name}: {a.signal} sent to pid {i.pid}", EXIT_OK)
+        if a.command == "clear":
+            r = remote.call("clearLog", name)
+            files = f", {len(r.files)} file(s)" if r.files else ""
+            if r.error:
+                return _Outcome(name, False, f"{name}: log not cleared: {r.error}", EXIT_ERROR)
+            return _Outcome(name, True, f"{name}: log cleared ({r.lines} lines{files})", EXIT_OK)
         extra_arg = (a.no_wait or None,) if a.command in _NO_WAIT else ()
         i = remote.call(_METHOD[a.command], name, *extra_arg)
     except CliError as exc:
@@ -838,7 +846,7 @@ class _Progress:
 
     def __init__(self, a: Args, total: int) -> None:
         self.verb, self.total = a.command, total
-        self.goal = "signalled" if a.command == "signal" else _GOAL[a.command]
+        self.goal = _GOAL.get(a.command) or {"signal": "signalled", "clear": "cleared"}[a.command]
         self.ok = self.failed = 0
         self.draw()
 
@@ -1104,6 +1112,7 @@ COMMANDS: dict[str, Callable[[Remote, Args], int]] = {
     "pause": cmd_action,
     "resume": cmd_action,
     "signal": cmd_action,
+    "clear": cmd_action,
     "pid": cmd_pid,
     "reload": cmd_reload,
     "tail": cmd_tail,

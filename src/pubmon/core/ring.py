@@ -124,6 +124,7 @@ class Ring:
     def __init__(self, keep_lines: int) -> None:
         self.keep_lines = keep_lines
         self.last_seq = 0
+        self.cleared = 0  # lines up to this seq were cleared by an operator (never "missed")
         self._entries: deque[_Entry] = deque()
         self._lines = 0
         self._bytes = 0
@@ -157,6 +158,16 @@ class Ring:
             self._lines -= old.nlines
             self._bytes -= old.size
 
+    def clear(self) -> int:
+        """Forget every line kept (`pubmon clear`); numbering goes on, so a follower's cursor
+        stays valid, and the lines cleared are not reported to it as missed. Returns how many
+        lines were dropped."""
+        dropped = self._lines
+        self._entries.clear()
+        self._lines = self._bytes = 0
+        self.cleared = self.last_seq
+        return dropped
+
     def read(self, after_seq: int, max_lines: int) -> tuple[list[RawLine], int, int]:
         """Up to `max_lines` lines with seq > after_seq: (lines, next_seq, missed)."""
         last = self.last_seq
@@ -164,8 +175,10 @@ class Ring:
             return [], last, 0
         after = max(after_seq, 0)
         entries = self._entries
-        start = max(after + 1, entries[0].first_seq)
-        missed = start - after - 1
+        start = max(after + 1, entries[0].first_seq if entries else last + 1)
+        missed = max(0, start - max(after, self.cleared) - 1)
+        if not entries:  # cleared, nothing new since
+            return [], last, missed
         index = bisect_right(entries, start, key=_first_seq) - 1
         out: list[RawLine] = []
         for entry in islice(entries, index, None):

@@ -406,6 +406,8 @@ class Daemon:
                 await listeners.close()
                 for task in background:
                     task.cancel()
+        if self.cgroups is not None:  # [cgroup] hook: the supervisor leaf and empty groups go
+            self.cgroups.release()
         if left:
             names = ", ".join(f"{x.name} (pid {x.pid}: {x.details})" for x in left)
             logger.error("pubmon %d stopped, leaving behind %s", os.getpid(), names)

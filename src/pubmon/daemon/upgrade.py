@@ -808,6 +808,7 @@ def _publisher_state(
             "dropped": out.dropped,
             "dropped_bytes": out.dropped_bytes,
             "last_seq": ring.last_seq,
+            "cleared": ring.cleared,  # `pubmon clear`: not "missed" for a follower
             "ring": entries,
         },
     }
@@ -1125,6 +1126,7 @@ def _restore_ring(ring: Ring, saved: dict[str, Any], data: bytes) -> None:
     ring._lines = total_lines
     ring._bytes = total_bytes
     ring.last_seq = int(saved["last_seq"])
+    ring.cleared = int(saved.get("cleared", 0))  # absent in the state of an older pubmon
     ring.trim()
 
 

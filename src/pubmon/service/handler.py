@@ -477,6 +477,19 @@ class PubmonHandler:
         self._sup()
         self._daemon.reopen_logs()
 
+    async def clearLog(self, name: str) -> Any:
+        try:
+            output = self._sup().get(name).output
+        except UnknownPublisher as exc:
+            raise self._translate(exc) from None
+        done = await output.clear()
+        logger.info(
+            "%s: log cleared by an operator: %d ring lines, files %s%s",
+            name, done.lines, ", ".join(done.files) or "none",
+            f" ({done.error})" if done.error else "",
+        )  # fmt: skip
+        return idl.pubmon().LogCleared(lines=done.lines, files=done.files, error=done.error)
+
 
 # One tailLog reply stays under ~1 MiB (the server holds at most one unsent reply per
 # connection, and 150 callers that never read must not cost a GB): lines are read from the ring

@@ -139,9 +139,6 @@ class BlockingClient:
             if spec.oneway:  # no reply comes
                 return None
             frame = self._read_frame(sock, deadline)
-            return self.service.decode_reply(frame, spec, seqid)
-        except DeclaredException:
-            raise
         except TimeoutError as e:
             self.close()
             raise RpcError(f"{self.where}: {method}: no reply within {self.timeout} s") from e
@@ -157,6 +154,12 @@ class BlockingClient:
         except BaseException:
             self.close()  # interrupted mid-call: a late reply would answer the next call
             raise
+        try:
+            return self.service.decode_reply(frame, spec, seqid)
+        except (ProtocolViolation, ApplicationError) as e:
+            self.close()
+            raise RpcError(f"{self.where}: {method}: {e}") from e
+        # a declared exception propagates: the reply was whole, the connection stays usable
 
     def _check_quiet(self, sock: socket.socket) -> None:
         # Between calls the server has nothing to say: bytes waiting now would be taken for the

@@ -209,6 +209,15 @@ SERVICES: dict[str, dict[str, MethodDef]] = {
             ),
             False,
         ),
+        "clearLog": (
+            ((1, "name", STRING, None),),
+            (
+                (1, "e1", STRUCT, "UnknownPublisher"),
+                (2, "e2", STRUCT, "PermissionDenied"),
+                (0, "success", STRUCT, "LogCleared"),
+            ),
+            False,
+        ),
         "reopenLogs": ((), ((1, "e", STRUCT, "PermissionDenied"),), False),
         "getName": ((), ((0, "success", STRING, None),), False),
         "getVersion": ((), ((0, "success", STRING, None),), False),
@@ -245,6 +254,11 @@ STRUCTS: dict[str, Fields] = {
         (1, "lines", LIST, (STRUCT, "LogLine")),
         (2, "nextSeq", I64, None),
         (3, "missed", I64, None),
+    ),
+    "LogCleared": (
+        (1, "lines", I64, None),
+        (2, "files", LIST, (STRING, None)),
+        (3, "error", STRING, None),
     ),
     "LogLine": (
         (1, "seq", I64, None),
