@@ -1,0 +1,126 @@
+"""pubmon.core.output: an OutputLog fed by a child (through a Supervisor or a subprocess
+protocol), its echo to stderr."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from children import numbered as numbered_child
+from children import py, spec
+from outputs import numbered
+from pubmon.config.model import LogSpec
+from pubmon.core.lifecycle import PublisherState
+from pubmon.core.output import MAX_TAIL_LINES, OutputLog
+from supervised import in_state, running
+
+
+def test_echo_copies_lines_to_stderr(logdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    log = OutputLog("feed:1", LogSpec(echo=True), None)
+    sink = log.open_stream("stderr")
+    sink.feed(b"one\ntw")
+    sink.feed(b"o\n")
+    log.reconfigure(LogSpec(echo=False))
+    sink.feed(b"three\n")
+    assert capfd.readouterr().err == "feed:1| one\nfeed:1| two\n"
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+async def test_every_line_of_a_fast_child_reaches_the_log_file(tmp_path: Path) -> None:
+    n = 200_000
+    async with running(spec("chatty", numbered_child(n), restart="never"), log_dir=tmp_path) as sup:
+        pub = sup.get("chatty")
+        await in_state(pub, PublisherState.EXITED)
+        assert pub.output.lines == n
+    lines = (tmp_path / "chatty.log").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert lines[:-1] == [f"line {i}".encode() for i in range(n)]
+
+
+async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'a' * (5 << 20))\n"  # 5 MiB, no newline, then the stream ends with garbage
+        "w(b'\\nbad \\xff\\xfe utf8\\nlast')\n"
+    )
+    big = spec("big", py(code), restart="never", log=replace(spec("x").log, ring_lines=200))
+    async with running(big, log_dir=tmp_path) as sup:
+        pub = sup.get("big")
+        await in_state(pub, PublisherState.EXITED)
+        assert pub.output.last_seq == 82  # 80 fragments of 64 KiB, then two lines
+        chunk = pub.output.tail(0, 10_000)
+    lines = chunk.lines
+    assert lines[-1].text == "last" and lines[-1].partial
+    assert lines[-2].text == "bad \\xff\\xfe utf8" and not lines[-2].partial
+    fragments = lines[:-2]
+    assert "".join(f.text for f in fragments) == "a" * (5 << 20)
+    assert all(f.partial for f in fragments[:-1]) and not fragments[-1].partial
+    assert all(len(f.text) <= 65536 for f in fragments)
+    raw = (tmp_path / "big.log").read_bytes()
+    assert raw.replace(b"\n", b"").startswith(b"a" * (5 << 20))
+    assert raw.endswith(b"bad \xff\xfe utf8\nlast\n")
+
+
+CHILD = (
+    "import sys\n"
+    "lines = (f'line {i:07d} of the numbered lines\\n' for i in range(1, 200001))\n"
+    "sys.stdout.write(''.join(lines))\n"
+    "sys.stdout.flush()\n"
+    "sys.stderr.write('done')\n"
+)
+
+
+class Forward(asyncio.SubprocessProtocol):
+    """What the supervisor's protocol does with output: chunks to sinks, EOF to eof()."""
+
+    def __init__(self, log: OutputLog) -> None:
+        self.sinks = {1: log.open_stream("stdout"), 2: log.open_stream("stderr")}
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._open_pipes = 2
+        self._exited = False
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.sinks[fd].feed(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.sinks[fd].eof()
+        self._open_pipes -= 1
+        self._check()
+
+    def process_exited(self) -> None:
+        self._exited = True
+        self._check()
+
+    def _check(self) -> None:
+        if not self._open_pipes and self._exited and not self.done.done():
+            self.done.set_result(None)
+
+
+async def test_a_real_child_through_a_subprocess_protocol(logdir: Path) -> None:
+    log = OutputLog("child", LogSpec(), str(logdir))
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.subprocess_exec(
+        lambda: Forward(log), sys.executable, "-c", CHILD, stdin=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(10):
+            await proto.done
+    finally:
+        transport.close()
+    assert transport.get_returncode() == 0
+    assert await log.flushed()
+    lines = (logdir / "child.log").read_bytes().splitlines(keepends=True)
+    lines.remove(b"done\n")  # stderr's partial last line, wherever it landed
+    assert b"".join(lines) == numbered(1, 200_000)
+    ring = log.tail(log.last_seq - 2000, MAX_TAIL_LINES).lines
+    assert [(x.stream, x.text, x.partial) for x in ring if x.stream == "stderr"] == [
+        ("stderr", "done", True)
+    ]
+    assert log.lines == 200_001 and log.dropped == 0
