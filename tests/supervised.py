@@ -1,10 +1,11 @@
-"""A Supervisor run in-process for tests, and waits on its publishers: each wait is for a state,
-a predicate or output lines under a timeout, never a sleep.
+"""A Supervisor run in-process for tests, set up as the daemon sets it up, and waits on its
+publishers: each wait is for a state, a predicate or output lines under a timeout, never a sleep.
 
-The Supervisor runs the daemon's way (`supervising`): the daemon makes its process a child
-subreaper, installs the pidfd child watcher and runs the orphan reaper (pubmon.daemon.reaping),
-and gives the Supervisor that reaper; a Supervisor alone does none of it (test_embedding.py).
-The core's tests run it as in production, so orphans are reaped and strays killed at the end."""
+The daemon makes its process a child subreaper, installs the pidfd child watcher and runs the
+orphan reaper (pubmon.daemon.reaping), and gives the Supervisor that reaper; a Supervisor alone
+does none of it (tests/test_embedding.py). The core's tests run it the daemon's way, so orphans
+are reaped and strays killed at the end as in production.
+"""
 
 from __future__ import annotations
 

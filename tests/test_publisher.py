@@ -1,6 +1,7 @@
 """A publisher's state machine (pubmon.core.publisher) under a real Supervisor: operator
-requests and their answers, restart policies, backoff and the crash loop, the stop sequence
-(stop signal, SIGCONT, SIGKILL after stop_timeout), and requests that race the child's exit."""
+requests and their answers, restart policies, backoff and the crash loop, and requests that race
+the child's exit. The stop's mechanics (SIGCONT, SIGKILL after stop_timeout) are in
+test_runner.py."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from children import EXIT0, EXIT1, IGNORE_TERM, SLEEP, config, spec
-from procs import alive, state
+from children import EXIT0, EXIT1, spec
+from procs import alive
 from pubmon.config.model import Backoff, CrashLoop
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.publisher import Publisher
 from pubmon.errors import InvalidState, UnknownPublisher
-from supervised import in_state, lines_seen, running, supervising, until
+from supervised import in_state, running, until
 
 S = PublisherState
 
@@ -102,40 +103,6 @@ async def test_restart_policies_on_clean_exit() -> None:
         assert onfail.restarts == 0 and onfail.last_exit == 0
         await sup.stop("never")
         assert never.state == S.STOPPED
-
-
-async def test_ignoring_sigterm_is_killed_after_stop_timeout_not_before() -> None:
-    stubborn = spec("stubborn", IGNORE_TERM, stop_timeout=0.6)
-    async with running(stubborn) as sup:
-        pub = sup.get("stubborn")
-        await in_state(pub, S.RUNNING)
-        await lines_seen(pub, 1)  # SIGTERM is now ignored
-        t0 = time.monotonic()
-        await sup.stop("stubborn")
-        took = time.monotonic() - t0
-        assert pub.last_exit == -signal.SIGKILL
-        assert 0.6 <= took < 0.6 + 10  # not before stop_timeout, not much after
-
-
-async def test_stopping_a_sigstopped_publisher_delivers_the_stop_signal() -> None:
-    # Chaos: a SIGSTOPped demo publisher failed its probes, and pubmon's SIGTERM then sat pending
-    # in the stopped process for all of stop_timeout, ending in SIGKILL (exit -9) with no chance
-    # to clean up. A stop must continue the group after the stop signal, as systemd does.
-    async with supervising(config(spec("frozen", SLEEP, stop_timeout=5.0))) as sup:
-        pub = sup.get("frozen")
-        async with asyncio.timeout(5):
-            await pub.wait_until(lambda: pub.state == S.RUNNING)
-        pid = pub.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        async with asyncio.timeout(5):
-            while state(pid) != "T":
-                await asyncio.sleep(0.01)
-        t0 = time.monotonic()
-        snap = await sup.stop("frozen")
-        assert time.monotonic() - t0 < 2.0  # not the 5 s stop_timeout
-        assert snap.state == S.STOPPED
-        assert snap.last_exit == -signal.SIGTERM
 
 
 async def _kill_and_see_the_exit(pub: Publisher) -> None:

@@ -65,8 +65,8 @@ async def test_escaped_grandchild_is_killed_at_shutdown() -> None:
 async def test_instant_exits_keep_their_status_while_spawns_overlap(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Regression: the orphan reaper's deferred sweep ran before a fresh child was tracked and
-    # reaped it, so asyncio reported "exit status already read" and returncode 255.
+    # The orphan reaper's deferred sweep never reaps a child spawned but not tracked yet: when
+    # it did, asyncio reported "exit status already read" and returncode 255.
     specs = [spec(f"e{i}", ("sh", "-c", "exit 3"), restart="never") for i in range(40)]
     async with running(*specs) as sup:
         for pub in sup.publishers.values():
@@ -75,11 +75,12 @@ async def test_instant_exits_keep_their_status_while_spawns_overlap(
     assert "already read" not in caplog.text
 
 
-async def test_a_thousand_exits_at_once_do_not_drown_an_operators_signal() -> None:
-    # Profiling a stop of 1000 publishers: every exit raised SIGCHLD, which the orphan reaper
-    # handled through the loop's signal wakeup socket. A few hundred one-byte writes fill that
-    # socket; past that, signal numbers are dropped (an operator's second SIGTERM among them),
-    # and CPython 3.11 once spun for ever reporting the overflow. Exits no longer signal the loop.
+async def test_an_operators_signal_gets_through_hundreds_of_exits_at_once() -> None:
+    # Child exits do not signal the loop. When every exit raised SIGCHLD and the orphan reaper
+    # handled it through the loop's signal wakeup socket, a few hundred one-byte writes filled
+    # that socket; past that, signal numbers were dropped (an operator's second SIGTERM among
+    # them), and CPython 3.11 once spun for ever reporting the overflow. Found by profiling a
+    # stop of 1000 publishers.
     n = 400
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0, restart="never") for i in range(n)]
     loop = asyncio.get_running_loop()

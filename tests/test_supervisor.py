@@ -88,9 +88,10 @@ async def test_shutdown_with_many_publishers_is_concurrent() -> None:
 
 
 async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
-    # Bench, 1000 publishers: every runner forked in the same loop pass (~5 ms each), so for
-    # seconds no signal, RPC or watchdog ping was served. A ticker that yields on every pass
-    # must see the spawn count move by at most one between its turns.
+    # Forks take turns with the rest of the loop: a ticker that yields on every pass sees the
+    # spawn count move by at most one between its turns. Found by the bench (1000 publishers):
+    # every runner forked in the same loop pass (~5 ms each), so for seconds no signal, RPC or
+    # watchdog ping was served.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
     seen: list[int] = []
@@ -110,8 +111,9 @@ async def test_the_first_round_forks_one_publisher_per_loop_pass() -> None:
 
 
 async def test_a_stop_during_the_first_round_skips_the_forks_still_queued() -> None:
-    # Bench: SIGTERM during the first round of 1000 still forked every queued publisher, then
-    # stopped each: 9.5 s. Those not forked yet must not be forked at all.
+    # Publishers not forked yet when a stop comes are not forked at all. Found by the bench:
+    # SIGTERM during the first round of 1000 still forked every queued publisher, then stopped
+    # each: 9.5 s.
     n = 150
     specs = [spec(f"p{i:03d}", SLEEP, start_timeout=0.0) for i in range(n)]
     async with supervising(config(*specs)) as sup:

@@ -99,7 +99,7 @@ _LOGS = ("tailLog", "tailDaemonLog")
 _CONTROL = (
     "startPublisher", "stopPublisher", "restartPublisher", "signalPublisher", "reloadConfig",
     "diffConfig", "reopenLogs", "setOption", "shutdown", "reinitialize", "getCpuProfile",
-    "pausePublisher", "resumePublisher", "upgrade",
+    "pausePublisher", "resumePublisher", "upgrade", "clearLog",
 )  # fmt: skip
 _METHOD_LEVELS = {
     **dict.fromkeys(_STATUS, Level.STATUS),

@@ -351,28 +351,29 @@ class Publisher:
             self._reader = UsageReader(child.pid, self.cgroup)
         return self._reader
 
-    def check_memory(self, now: float) -> None:
+    def check_memory(self, now: float) -> int | None:
         """The memory sweep's visit (about once a second): post a verdict to the runner once
         the memory stayed above memory_restart for memory_restart_after seconds. Reads one
         file (memory.current) or the RSS of its processes, and only when memory_restart is
-        set and it runs."""
+        set and it runs. Returns the bytes read, None when it did not read."""
         spec = self.spec
         if spec.memory_restart is None or self.state not in _LIVE:
             self._above_since = None
-            return
+            return None
         reader = self._usage_reader()
         if reader is None:
             self._above_since = None
-            return
+            return None
         used = reader.memory()
         if used <= spec.memory_restart:
             self._above_since = None
-            return
+            return used
         if self._above_since is None:
             self._above_since = now
         if now - self._above_since >= spec.memory_restart_after:
             self._above_since = None
             self._runner.post(_MemoryHigh(self._runs, used))
+        return used
 
     def halted(self) -> bool:
         """Not running, and not about to be: no child, idle, no spawn due."""

@@ -35,6 +35,7 @@ from pubmon.config.diff import ConfigDiff, diff_configs
 from pubmon.config.model import Config, PublisherSpec
 from pubmon.core.cgroup import Cgroups
 from pubmon.core.lifecycle import Health, PublisherState
+from pubmon.core.memsweep import MemorySweep
 from pubmon.core.publisher import KILL_BOUND, Outcome, Publisher, PublisherSnapshot, Pulse
 from pubmon.core.reaper import OrphanReaper
 from pubmon.errors import InvalidState, UnknownPublisher
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 S = PublisherState
 _TERMINAL = (S.BACKOFF, S.EXITED, S.FATAL)
 REQUEST_GRACE = 5.0  # how long an operator's request waits beyond the publisher's own timeouts
-MEMORY_SWEEP = 1.0  # seconds between two looks at the memory of publishers with memory_restart
 
 
 class SupervisorState(enum.StrEnum):
@@ -87,6 +87,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
         self._sweep: asyncio.Task[None] | None = None
+        self.memory_sweep = MemorySweep()  # memory_restart: who is read each second, and when
         # Called when a publisher ends for good (EXITED or FATAL): the daemon's critical check.
         self.on_ended: Callable[[Publisher], None] = lambda _: None
 
@@ -103,7 +104,11 @@ class Supervisor:
         for spec in self.config.publishers:
             self._add(spec)
         self._index_dependents()
-        self._sweep = self._tg.create_task(self._memory_sweep(), name="memory sweep")
+        self._sweep = self._tg.create_task(
+            # A lambda: a reload replaces the dict.
+            self.memory_sweep.run(lambda: self.publishers.values()),
+            name="memory sweep",
+        )
         return self
 
     async def __aexit__(
@@ -356,19 +361,6 @@ class Supervisor:
                 p.shutdown()
             await self._all_halted(level)
             remaining.difference_update(level)
-
-    async def _memory_sweep(self) -> None:
-        """Once a second, each publisher with memory_restart looks at its memory (one file,
-        or the RSS of its processes) and posts a verdict to its runner when it stayed too
-        high. 100 at a time between yields: 1000 never hold the loop for long."""
-        while True:
-            await asyncio.sleep(MEMORY_SWEEP)
-            now = time.monotonic()
-            watched = [p for p in self.publishers.values() if p.spec.memory_restart is not None]
-            for i, pub in enumerate(watched):
-                pub.check_memory(now)
-                if i % 100 == 99:
-                    await asyncio.sleep(0)
 
     def kill_all(self) -> None:
         """SIGKILL every publisher's group now (the second SIGTERM)."""

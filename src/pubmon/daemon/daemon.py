@@ -145,6 +145,11 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def reload_queued(self) -> bool:
+        """[upgrade] hook: a reload asked for (SIGHUP, reloadConfig) and not begun yet."""
+        return not self._reloads.empty()
+
     def request_reload(self) -> None:
         """SIGHUP or `reinitialize`: reload soon; several before it runs are one reload."""
         if self.stopping:
@@ -368,10 +373,12 @@ class Daemon:
                         # Only now: what connected meanwhile waits in the handed-over
                         # listeners' backlog, and is answered by the adopted state.
                         await start_listeners()
+                        self._handover.serving()  # the pause ends: RPC answered, pipes read
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)
-                    await _first(sup.wait_settled(), self._stop.wait())
+                    if self._handover is None:  # [upgrade] hook: taken over = ready again
+                        await _first(sup.wait_settled(), self._stop.wait())
                     if not self.stopping:
                         self.ready.set()
                         self.notifier.ready(self.status_details())
@@ -399,6 +406,8 @@ class Daemon:
                 await listeners.close()
                 for task in background:
                     task.cancel()
+        if self.cgroups is not None:  # [cgroup] hook: the supervisor leaf and empty groups go
+            self.cgroups.release()
         if left:
             names = ", ".join(f"{x.name} (pid {x.pid}: {x.details})" for x in left)
             logger.error("pubmon %d stopped, leaving behind %s", os.getpid(), names)

@@ -91,8 +91,10 @@ class _ExitLog:
     """Recent exits per publisher, recorded as `exits` counts go up (the daemon keeps only
     the last one)."""
 
+    kept = _EXITS_KEPT  # per publisher
+
     def __init__(self) -> None:
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, int] = {}  # carried over by an upgrade, with `exits`
         self.exits: dict[str, deque[dict[str, object]]] = {}
 
     def update(self, pubs: Mapping[str, Publisher]) -> None:

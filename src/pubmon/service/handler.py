@@ -29,6 +29,7 @@ import os
 import ssl
 import stat
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pubmon._version import __version__
@@ -59,7 +60,7 @@ from pubmon.errors import (
 )
 from pubmon.service import daemonlog as _daemonlog
 from pubmon.thrift import idl
-from pubmon.thrift.frames import Encoded, encode_struct, field_encoder
+from pubmon.thrift.codec import Encoded, encode_struct, field_encoder
 from pubmon.thrift.server import Peer, ThriftServer, fair_turn
 
 if TYPE_CHECKING:
@@ -88,6 +89,14 @@ class UpgradeAnswer(Protocol):
 class Upgrades(Protocol):
     async def upgrade(self) -> UpgradeAnswer:
         """Upgrade in place; InvalidState or UpgradeRefused when it will not."""
+        ...
+
+    def admit(self) -> None:
+        """InvalidState("pubmon is upgrading: retry") once an upgrade began, else the calling
+        task is tracked until its answer went out."""
+
+    def cuttable(self, accepted: str | None) -> AbstractAsyncContextManager[None]:
+        """A wait that an upgrade ends early (InvalidState naming `accepted`, unless None)."""
         ...
 
 
@@ -191,6 +200,23 @@ class PubmonHandler:
         if self._daemon.stopping:
             raise idl.pubmon().InvalidState(message="the daemon is stopping")
         return self._sup()
+
+    def _admit(self, *, declared: bool = True) -> Any:
+        """[upgrade] hook, first thing in every mutating or waiting call: refused with
+        InvalidState("pubmon is upgrading: retry") once an upgrade began (as a
+        TApplicationException of that text where the method declares no InvalidState), else
+        tracked so that the exec waits for its answer. Returns the daemon's Upgrader."""
+        up = self._daemon.upgrader
+        try:
+            up.admit()
+        except InvalidState as exc:
+            if declared:
+                raise self._translate(exc) from None
+            from thriftpy2.thrift import TApplicationException
+
+            kind = TApplicationException.UNKNOWN
+            raise TApplicationException(kind, f"InvalidState: {exc}") from None
+        return up
 
     @staticmethod
     def _translate(exc: Exception) -> Exception:
@@ -300,19 +326,24 @@ class PubmonHandler:
         return await self._request("resume", name, False)
 
     async def _request(self, what: str, name: str, no_wait: bool) -> Any:
+        up = self._admit()
         sup = self._mutable()
+        # An upgrade answers a request it finds posted: the exec waits until its publisher
+        # took it, and the new image carries it out.
+        accepted = f"the {what} of {name} was accepted and goes on (see pubmon status)"
         try:
             pub = sup.get(name)
-            if no_wait:
-                # The request is shielded in the publisher: giving up the wait leaves it in
-                # force. NO_WAIT is for a refusal (already RUNNING) to come back as one.
-                try:
-                    async with asyncio.timeout(NO_WAIT):
-                        await getattr(sup, what)(name)
-                except TimeoutError:
-                    pass
-            else:
-                await getattr(sup, what)(name)
+            async with up.cuttable(accepted):
+                if no_wait:
+                    # The request is shielded in the publisher: giving up the wait leaves it
+                    # in force. NO_WAIT is for a refusal (already RUNNING) to come back as one.
+                    try:
+                        async with asyncio.timeout(NO_WAIT):
+                            await getattr(sup, what)(name)
+                    except TimeoutError:
+                        pass
+                else:
+                    await getattr(sup, what)(name)
         except (UnknownPublisher, InvalidState) as exc:
             raise self._translate(exc) from None
         return _publisher_info(pub.snapshot(), pub=pub)
@@ -320,6 +351,7 @@ class PubmonHandler:
     async def signalPublisher(self, name: str, signal: str) -> Any:
         import signal as signals
 
+        self._admit()
         self._mutable()
         m = idl.pubmon()
         try:
@@ -372,6 +404,7 @@ class PubmonHandler:
         return m.LogChunk(lines=lines, nextSeq=next_seq, missed=missed)
 
     async def reloadConfig(self, noWait: bool | None = None) -> Any:
+        self._admit()  # one in flight is not cut: the exec waits for its reload
         self._mutable()
         preview = await self.diffConfig() if noWait else None  # a bad file: ConfigError now
         try:
@@ -422,14 +455,16 @@ class PubmonHandler:
         )
 
     async def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
+        up = self._admit(declared=False)
         try:
             output = self._sup().get(name).output
         except UnknownPublisher as exc:
             raise self._translate(exc) from None
         if 0 <= afterSeq == output.last_seq and maxLines > 0:
-            # Nothing new yet: wait a little for it, so `tail -f` need not spin.
+            # Nothing new yet: wait a little for it, so `tail -f` need not spin. (An upgrade
+            # ends the wait: the answer goes out before the exec.)
             try:
-                async with asyncio.timeout(TAIL_WAIT):
+                async with asyncio.timeout(TAIL_WAIT), up.cuttable(None):
                     await output.wait_beyond(afterSeq)
             except TimeoutError:
                 pass
@@ -441,6 +476,19 @@ class PubmonHandler:
     def reopenLogs(self) -> None:
         self._sup()
         self._daemon.reopen_logs()
+
+    async def clearLog(self, name: str) -> Any:
+        try:
+            output = self._sup().get(name).output
+        except UnknownPublisher as exc:
+            raise self._translate(exc) from None
+        done = await output.clear()
+        logger.info(
+            "%s: log cleared by an operator: %d ring lines, files %s%s",
+            name, done.lines, ", ".join(done.files) or "none",
+            f" ({done.error})" if done.error else "",
+        )  # fmt: skip
+        return idl.pubmon().LogCleared(lines=done.lines, files=done.files, error=done.error)
 
 
 # One tailLog reply stays under ~1 MiB (the server holds at most one unsent reply per
