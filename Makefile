@@ -47,9 +47,10 @@ demo: $(STAMP)
 	$(VENV)/bin/pubmon demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
 	$(VENV)/bin/mypy --strict src
+	$(VENV)/bin/lint-imports
 
 # The log storage tests mount a FUSE file system of their own (mfusepy, from the test extras,
 # loads libfuse3): install Debian's fuse3 once, when libfuse3 or fusermount3 is missing.

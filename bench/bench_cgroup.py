@@ -7,7 +7,12 @@ Prints one JSON line per figure:
          p10, p90
   sweep  the daemon's own CPU (utime + stime, % of one core) over `--seconds` with N idle
          `sleep` publishers, without memory_restart and with it on every one (the memory
-         sweep reads each once a second): in process groups, and in cgroups
+         sweep reads each once a second): in process groups, and in cgroups (without the
+         memory controller here: the RSS of cgroup.procs)
+  tripwire  the memory sweep's CPU (% of one core at one sweep a second) over N publishers
+         whose memory.high tripwire is armed and quiet, the memory controller's path: their
+         cgroups are plain directories with the controller's files (this kernel's cgroup2
+         has no memory controller), so this is pubmon's own cost, not the kernel's
 
     python bench/bench_cgroup.py [--spawns 300] [--publishers 1000] [--seconds 10]
 """
@@ -21,13 +26,16 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from pubmon.config.model import Config, ControlConfig, DaemonConfig, MonitorConfig, PublisherSpec
-from pubmon.core.cgroup import Cgroups, own_cgroup
+from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
+from pubmon.core.memsweep import MemorySweep
 from pubmon.core.process import SpawnRequest, install_child_watcher, spawn
 from pubmon.core.supervisor import Supervisor
+from pubmon.daemon.reaping import reaping
 
 
 class _Null:
@@ -92,7 +100,7 @@ async def _idle_cpu(n: int, seconds: float, memory_restart: int | None, cg: Path
         publishers=specs,
     )
     groups = Cgroups.setup(str(cg)) if cg else None
-    async with Supervisor(config, cgroups=groups) as sup:
+    async with reaping() as reaper, Supervisor(config, cgroups=groups, reaper=reaper) as sup:
         await sup.wait_settled()
         await asyncio.sleep(2)
         c0, t0 = _cpu(), time.monotonic()
@@ -107,6 +115,42 @@ async def bench_sweep(n: int, seconds: float, group: Path) -> None:
         print(json.dumps({
             "figure": "sweep", "publishers": n, "in": where,
             "idle_cpu_pct": round(base, 2), "idle_cpu_pct_memory_restart": round(watched, 2),
+        }), flush=True)  # fmt: skip
+
+
+class _Quiet:
+    """A publisher as memsweep.Watched sees it, whose memory stays below memory_restart."""
+
+    def __init__(self, i: int, top: Path) -> None:
+        self.name = f"p{i}"
+        self.spec = PublisherSpec(name=self.name, program=self.name, command=("true",),
+                                  memory_restart=1 << 30)  # fmt: skip
+        (top / self.name).mkdir()
+        for file, text in (("memory.events", "high 0\n"), ("memory.current", "1000"),
+                           ("memory.high", "max")):  # fmt: skip
+            (top / self.name / file).write_text(text)
+        self.cgroup: Cgroup | None = Cgroup(str(top / self.name), frozenset({"memory"}))
+        self.pid: int | None = 1000 + i
+
+    def check_memory(self, now: float) -> int | None:
+        return 1000
+
+
+async def bench_tripwire(n: int, sweeps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pubs = [_Quiet(i, Path(tmp)) for i in range(n)]
+        sweep = MemorySweep()
+        await sweep.sweep(pubs)  # arms every tripwire (and reads each once)
+        reads = sweep.reads
+        c0 = _cpu()
+        for _ in range(sweeps):
+            await sweep.sweep(pubs)
+        per_sweep = (_cpu() - c0) / sweeps
+        sweep.close()
+        print(json.dumps({
+            "figure": "tripwire", "publishers": n,
+            "reads_per_sweep": (sweep.reads - reads) / sweeps,
+            "sweep_us": round(per_sweep * 1e6), "idle_cpu_pct": round(per_sweep * 100, 3),
         }), flush=True)  # fmt: skip
 
 
@@ -125,7 +169,9 @@ def main() -> int:
     (group / "spawn").mkdir()
     (group / "sweep").mkdir()
     try:
-        asyncio.run(bench_spawn(args.spawns, group / "spawn"))
+        asyncio.run(bench_tripwire(args.publishers, 200))
+        if args.spawns:
+            asyncio.run(bench_spawn(args.spawns, group / "spawn"))
         asyncio.run(bench_sweep(args.publishers, args.seconds, group / "sweep"))
     finally:
         for sub in sorted(group.glob("**/"), key=lambda p: -len(p.parts)):

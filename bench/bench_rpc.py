@@ -9,7 +9,12 @@ Fields: calls/s, latency percentiles (µs, per call as the client sees it) and t
 time per call (utime + stime from /proc, µs), the best measure of server cost on a small box
 where the client process is the bottleneck.
 
-    python bench/bench_rpc.py [--seconds 3]
+``--codec`` instead prints the codec's own cost, in process (best of 9 repeats, CPU time):
+  codec  a getStatus request decoded and its reply encoded (the server's part of a call), a
+         listPublishers reply of 1000 PublisherInfo encoded from thriftpy2 objects, and decoded
+         into the CLI's plain classes and into thriftpy2's (the async client's)
+
+    python bench/bench_rpc.py [--seconds 3] [--codec]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pubmon.thrift import idl
@@ -125,6 +131,56 @@ async def _run_all(pid: int, port: int, sock: str, seconds: float) -> None:
     await _scenario("seq-tcp-async", pid, seconds, 1, "getName", host="127.0.0.1", port=port)
 
 
+def _codec() -> None:
+    import timeit
+
+    from pubmon.thrift.codec import Service
+
+    pm = idl.pubmon()
+    bound, plain = idl.bind(pm.PubmonService), Service("PubmonService")
+    infos = [
+        pm.PublisherInfo(
+            name=f"feed:{i}", program="feed", state="RUNNING", pid=4242 + i, health="HEALTHY",
+            restarts=2, lastExit=-9, lastExitReason="killed by SIGKILL", uptime=12.5, port=9101,
+            statusDetails="ok", cpuSeconds=1.5, memoryBytes=1 << 20, openFds=5, startedAt=1.0,
+            stateSince=2.0, probe="none",
+        )
+        for i in range(1000)
+    ]  # fmt: skip
+    call = bound.encode_call("getStatus", 1, ())[4:]
+    listing = bound.method("listPublishers")
+
+    def serve_get_status() -> None:
+        _, _, seqid, method, reader = bound.decode_call(call)
+        assert method is not None
+        bound.decode_args(reader, method)
+        bound.encode_reply(method, seqid, "success", 2)
+
+    def encode_1000() -> bytes:
+        return bound.encode_reply(listing, 1, "success", infos)
+
+    reply = encode_1000()[4:]
+
+    def best_us(fn: Callable[[], object], number: int) -> float:
+        timer = timeit.Timer(fn, timer=time.process_time)
+        return min(timer.repeat(number=number, repeat=9)) / number * 1e6
+
+    record = {
+        "scenario": "codec",
+        "getStatus_serve_us": round(best_us(serve_get_status, 2000), 2),
+        "encode_1000_infos_ms": round(best_us(encode_1000, 5) / 1000, 2),
+        "decode_1000_infos_plain_ms": round(
+            best_us(lambda: plain.decode_reply(reply, plain.method("listPublishers"), 1), 5) / 1000,
+            2,
+        ),
+        "decode_1000_infos_thriftpy2_ms": round(
+            best_us(lambda: bound.decode_reply(reply, listing, 1), 5) / 1000, 2
+        ),
+        "reply_bytes": len(reply),
+    }
+    print(json.dumps(record), flush=True)
+
+
 def _main(seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "bench.sock")
@@ -146,9 +202,12 @@ def _main(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--codec", action="store_true", help="the codec's cost, in process")
     parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.serve:
+    if opts.codec:
+        _codec()
+    elif opts.serve:
         asyncio.run(_serve(opts.serve))
     else:
         _main(opts.seconds)

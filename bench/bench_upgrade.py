@@ -3,10 +3,13 @@
 For each N: a daemon with N `sleep 3600` publishers (control socket, log files), then
 `--runs` upgrades in a row over the control socket. The pause is what the new image reports
 (getCounters `daemon.last_upgrade_pause_ms`): from the moment the old image stopped reading
-the pipes to READY=1 in the new one, on the same CLOCK_MONOTONIC. Also measured from outside:
-the wall time from the `upgrade` answer until a new connection gets a getCounters answer that
-counts it. Checks on the way: every publisher keeps its pid, 0 restarts. Prints one JSON line
-per N.
+the pipes until the new one reads them and answers RPC again (its listeners serve), on the same
+CLOCK_MONOTONIC; READY=1 follows after its first round (`ready_after_ms`). Also measured from
+outside: the wall time from the `upgrade` answer until a new connection gets a getCounters
+answer that counts it. Checks on the way: every publisher keeps its pid, 0 restarts. Prints
+one JSON line per N, with where the pause went (medians of the steps the new image logs: the
+state written and the execve, the interpreter's start and imports, the publishers rebuilt, the
+adoption, the listeners serving; then READY=1 after the first round).
 
     .venv/bin/python bench/bench_upgrade.py [--sizes 200,1000] [--runs 5]
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -27,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pubmon.thrift.wire import WireClient
+from pubmon.thrift.blocking import BlockingClient
 
 PUBMON = str(Path(sys.executable).with_name("pubmon"))
 
@@ -45,7 +49,7 @@ def _config(tmp: Path, n: int) -> Path:
 
 
 def _call(sock: str, method: str, timeout: float = 60) -> Any:
-    client = WireClient(unix_socket=sock, timeout=timeout)
+    client = BlockingClient(unix_socket=sock, timeout=timeout)
     try:
         return client.call(method)
     finally:
@@ -61,11 +65,12 @@ def measure(n: int, runs: int) -> dict[str, Any]:
         tmp = Path(d)
         config = _config(tmp, n)
         sock = str(tmp / "pubmon.sock")
+        log = tmp / "daemon.log"
         proc = subprocess.Popen(
             [PUBMON, "daemon", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=log.open("wb"),
         )
         try:
             deadline = time.monotonic() + 120
@@ -99,6 +104,7 @@ def measure(n: int, runs: int) -> dict[str, Any]:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
+        steps = _steps(log.read_text(errors="replace"))
     return {
         "publishers": n,
         "upgrades": runs,
@@ -108,7 +114,19 @@ def measure(n: int, runs: int) -> dict[str, Any]:
         "answer_to_counted_ms_median": round(statistics.median(outside)),
         "pids_unchanged": before == after,
         "restarts": restarts,
+        "steps_ms_median": steps,
     }
+
+
+def _steps(log: str) -> dict[str, float]:
+    """Median ms of each step named in the new images' "paused N ms (step ms, ...)" lines."""
+    seen: dict[str, list[float]] = {}
+    for m in re.finditer(r"paused \d+ ms \(([^)]*)\), READY=1 (\d+) ms later", log):
+        for part in m.group(1).split(", "):
+            what, _, ms = part.rpartition(" ")
+            seen.setdefault(what, []).append(float(ms))
+        seen.setdefault("ready_after_ms", []).append(float(m.group(2)))
+    return {k: statistics.median(v) for k, v in seen.items()}
 
 
 def main() -> None:

@@ -127,6 +127,16 @@ struct LogChunk {
   3: i64 missed,
 }
 
+/** What clearLog did (supervisorctl's clear). */
+struct LogCleared {
+  /** Lines dropped from the ring buffer. */
+  1: i64 lines,
+  /** Log files emptied (<name>.log, <name>.err.log) or removed (their rotated copies). */
+  2: list<string> files,
+  /** "" or why the files could not (all) be cleared. */
+  3: string error,
+}
+
 /** No publisher instance has this name. */
 exception UnknownPublisher {
   1: string message,
@@ -222,14 +232,14 @@ service PubmonService extends fb303.FacebookService {
   LogChunk tailLog(1: string name, 2: i64 afterSeq, 3: i32 maxLines)
       throws (1: UnknownPublisher e, 2: PermissionDenied e2),
 
+  /** The daemon's pid, version, start time, config file and last reload error. */
+  DaemonInfo getDaemonInfo(),
+
   /**
    * What reloadConfig would do now, with nothing applied: the file is loaded and checked,
    * the publishers' changes and the daemon-level lines are those a reload would report.
    * Needs the control level: the daemon-level lines show pending allow-list changes.
    */
-  /** The daemon's pid, version, start time, config file and last reload error. */
-  DaemonInfo getDaemonInfo(),
-
   ReloadResult diffConfig() throws (1: ConfigError e1, 2: PermissionDenied e2),
 
   /**
@@ -253,6 +263,13 @@ service PubmonService extends fb303.FacebookService {
    * [mutating]
    */
   UpgradeResult upgrade() throws (1: UpgradeRefused e1, 2: InvalidState e2, 3: PermissionDenied e3),
+
+  /**
+   * Clear an instance's log: empty its ring buffer (new readers see nothing from before;
+   * a `tail -f` cursor stays valid and reports no lines missed), empty its log file(s) and
+   * remove their rotated copies. The process is not touched. [mutating]
+   */
+  LogCleared clearLog(1: string name) throws (1: UnknownPublisher e1, 2: PermissionDenied e2),
 
   /** Reopen every publisher's log file (after rotation by an outside tool). [mutating] */
   void reopenLogs() throws (1: PermissionDenied e),

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from thriftpy2.thrift import TMessageType
 
 from pubmon.thrift import idl
-from pubmon.thrift.frames import encode_message, methods
 from pubmon.thrift.server import ThriftClient
 
 
@@ -39,11 +37,7 @@ async def poll(check: Callable[[], Any], what: str, timeout: float = 10, step: f
 
 def call_frame(method: str, *args: object, seqid: int = 1) -> bytes:
     """One framed binary-protocol CALL of a PubmonService method, as a client sends it."""
-    spec = methods(idl.pubmon().PubmonService)[method]
-    payload = spec.args_cls()
-    for name, value in zip(spec.arg_names, args, strict=False):
-        setattr(payload, name, value)
-    return encode_message(method, TMessageType.CALL, seqid, payload, framed=True)
+    return idl.bind("PubmonService").encode_call(method, seqid, args)
 
 
 @contextmanager

@@ -14,17 +14,40 @@ from pathlib import Path
 
 from procs import alive, descendants, environ
 
+# Commands for toml_publisher: one that sleeps, one that ignores SIGTERM once it printed "x".
+SLEEP = ["sleep", "3600"]
+IGNORE_TERM = [
+    sys.executable,
+    "-c",
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
+    "while True: time.sleep(3600)",
+]
+
+
+def write_config(tmp: Path, body: str, name: str = "pubmon.toml") -> Path:
+    path = tmp / name
+    path.write_text(daemon_header(tmp) + body)
+    return path
+
+
+async def wait_file_lines(path: Path, n: int, timeout: float = 10) -> None:
+    """Until the file at `path` holds `n` lines."""
+    async with asyncio.timeout(timeout):
+        while not path.exists() or path.read_text().count("\n") < n:
+            await asyncio.sleep(0.01)
+
 
 def toml_publisher(name: str, command: list[str], **keys: object) -> str:
-    lines = [f"[publisher.{name}]", f"command = {_toml(command)}"]
+    lines = [f"[publisher.{name}]", f"command = {toml_value(command)}"]
     keys.setdefault("start_timeout", 0)
     keys.setdefault("stop_timeout", 2)
     for key, value in keys.items():
-        lines.append(f"{key} = {_toml(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml(value: object) -> str:
+def toml_value(value: object) -> str:
+    """`value` as a TOML value: bool, number, string, list or inline table."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -32,9 +55,9 @@ def _toml(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 
@@ -45,6 +68,19 @@ def daemon_header(tmp: Path, *, log_dir: bool = True, socket: bool = False) -> s
     text += f'[control]\nsocket = "{tmp / "pubmon.sock" if socket else ""}"\n'
     text += '[monitor]\nlisten = ""\n'
     return text
+
+
+async def wait_line(seen: list[str], coming: asyncio.Queue[str], text: str, timeout: float) -> str:
+    """The first line containing `text`: among the lines `seen` so far, else the next one to
+    come through `coming` (a queue fed with every line as it is appended to `seen`)."""
+    for line in seen:
+        if text in line:
+            return line
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await coming.get()
+            if text in line:
+                return line
 
 
 @dataclass
@@ -63,14 +99,7 @@ class RunningDaemon:
 
     async def wait_log(self, text: str, timeout: float = 10) -> str:
         """Wait for a stderr line containing `text` (lines already seen count)."""
-        for line in self.stderr:
-            if text in line:
-                return line
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self._lines.get()
-                if text in line:
-                    return line
+        return await wait_line(self.stderr, self._lines, text, timeout)
 
     def publisher_pids(self) -> dict[str, int]:
         """The daemon's publishers, by PUBMON_PUBLISHER in their environment."""
@@ -99,12 +128,39 @@ class RunningDaemon:
             return await self.proc.wait()
 
 
-async def _pump(d: RunningDaemon) -> None:
-    assert d.proc.stderr is not None
-    async for raw in d.proc.stderr:
+async def start_daemon(
+    config: Path,
+    *extra: str,
+    wrap: tuple[str, ...] = (),
+    stdout: int = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """`pubmon daemon --config config` behind `wrap`, its stderr a pipe (for `pump_stderr`)."""
+    return await asyncio.create_subprocess_exec(
+        *wrap,
+        sys.executable,
+        "-m",
+        "pubmon",
+        "daemon",
+        "--config",
+        str(config),
+        *extra,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+async def pump_stderr(
+    proc: asyncio.subprocess.Process, seen: list[str], coming: asyncio.Queue[str]
+) -> None:
+    """Each line of `proc`'s stderr appended to `seen` and put to `coming` (for `wait_line`)."""
+    assert proc.stderr is not None
+    async for raw in proc.stderr:
         line = raw.decode(errors="replace").rstrip("\n")
-        d.stderr.append(line)
-        d._lines.put_nowait(line)
+        seen.append(line)
+        coming.put_nowait(line)
 
 
 @asynccontextmanager
@@ -117,22 +173,9 @@ async def run_daemon(
 ) -> AsyncIterator[RunningDaemon]:
     """Start `pubmon daemon --config config` (behind `wrap`, e.g. setpriv; with `env` added to
     ours); on exit make sure it and its children are gone."""
-    proc = await asyncio.create_subprocess_exec(
-        *wrap,
-        sys.executable,
-        "-m",
-        "pubmon",
-        "daemon",
-        "--config",
-        str(config),
-        *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=None if env is None else {**os.environ, **env},
-    )
+    proc = await start_daemon(config, *extra, wrap=wrap, env=env)
     d = RunningDaemon(proc, config)
-    pump = asyncio.ensure_future(_pump(d))
+    pump = asyncio.ensure_future(pump_stderr(proc, d.stderr, d._lines))
     try:
         if ready:
             await d.wait_log("ready:", timeout=30)

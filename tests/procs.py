@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, pgid) of a pid, or None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -19,7 +19,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 
 
 def state(pid: int) -> str | None:
-    st = _stat(pid)
+    st = proc_stat(pid)
     return st[0] if st else None
 
 
@@ -59,7 +59,7 @@ def in_group(pgid: int) -> set[int]:
     out = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            st = _stat(int(entry))
+            st = proc_stat(int(entry))
             if st and st[2] == pgid and st[0] != "Z":
                 out.add(int(entry))
     return out

@@ -24,7 +24,6 @@ from daemons import RunningDaemon, run_daemon, toml_publisher
 from pubmon.config.access import _METHOD_LEVELS, AccessList, Level, level_of, unix_principal
 from pubmon.errors import RpcError
 from pubmon.thrift import idl
-from pubmon.thrift.frames import methods
 from pubmon.thrift.server import ThriftClient
 from test_service import free_port, nobody_python
 
@@ -46,7 +45,7 @@ needs_python = pytest.mark.skipif(
 def test_every_method_of_the_service_has_a_level() -> None:
     # A method added to the IDL without a decision would fall back to control (closed); the
     # table must still name every one, so the docs say what each needs.
-    served = set(methods(idl.pubmon().PubmonService))
+    served = set(idl.bind(idl.pubmon().PubmonService).methods)
     assert served == set(_METHOD_LEVELS)
     assert level_of("tailLog") == Level.LOGS
     assert {level_of(m) for m in ("getStatus", "getCounters", "listPublishers")} == {Level.STATUS}
@@ -203,16 +202,16 @@ async def counters(sock: Path) -> dict[str, int]:
 # `pubmon tail -f` does, as another user.
 HOLDER = """
 import json, sys
-from pubmon.thrift.wire import WireClient
+from pubmon.thrift.blocking import BlockingClient
 from pubmon.errors import RpcError
-from pubmon.thrift.wire import WireException
-client = WireClient(unix_socket=sys.argv[1], timeout=10)
+from pubmon.thrift.blocking import DeclaredException
+client = BlockingClient(unix_socket=sys.argv[1], timeout=10)
 for line in sys.stdin:
     method, *args = json.loads(line)
     try:
         got = client.call(method, *args)
         out = {"ok": repr(got)[:200]}
-    except (WireException, RpcError) as e:
+    except (DeclaredException, RpcError) as e:
         out = {"err": str(e)}
     print(json.dumps(out), flush=True)
 """

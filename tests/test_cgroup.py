@@ -16,11 +16,13 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from children import SLEEP, config, py, spec
 from daemons import daemon_header, run_daemon, toml_publisher
@@ -28,12 +30,19 @@ from procs import alive, descendants
 from pubmon.config.load import parse_config
 from pubmon.config.model import Limits, ProbeSpec, PublisherSpec
 from pubmon.core import publisher as publisher_module
+from pubmon.core import usage as usage_module
 from pubmon.core.cgroup import Cgroup, Cgroups, own_cgroup
 from pubmon.core.lifecycle import PublisherState
+from pubmon.core.memsweep import MemorySweep
+from pubmon.core.procstats import ProcStats
 from pubmon.core.publisher import Publisher
 from pubmon.core.supervisor import Supervisor
 from pubmon.core.usage import UsageReader
 from pubmon.errors import ConfigError, InvalidState
+from pubmon.host.cgroupfs import FileWatch
+from pubmon.http import metrics as metrics_module
+from pubmon.http.metrics import DaemonValues, MetricsWriter
+from supervised import supervising
 
 S = PublisherState
 _seq = itertools.count()
@@ -87,7 +96,7 @@ async def running(
     *specs: PublisherSpec, cgroup: Path | None
 ) -> AsyncIterator[tuple[Supervisor, Cgroups | None]]:
     groups = Cgroups.setup(str(cgroup)) if cgroup is not None else None
-    async with Supervisor(config(*specs), cgroups=groups) as sup:
+    async with supervising(config(*specs), cgroups=groups) as sup:
         yield sup, groups
 
 
@@ -186,7 +195,9 @@ async def test_the_daemon_moves_into_a_leaf_of_the_cgroup_it_is_in(
         d.signal(signal.SIGTERM)
         assert await d.wait_exit() == 0
     assert not any(alive(int(p)) for p in escapees)
-    assert not (cgroup_dir / "pub-feed").exists()
+    # A clean stop leaves the directory as the daemon found it: no pub-* groups, no
+    # supervisor leaf (it moved back into cgroup_dir before it exited).
+    assert [p.name for p in cgroup_dir.iterdir() if p.is_dir()] == []
 
 
 async def _cli(*args: str) -> str:
@@ -484,3 +495,287 @@ def test_usage_of_a_tree_counts_the_leader_and_its_descendants() -> None:
     assert usage.tasks == 1 + len(descendants(os.getpid()))
     assert usage.memory_bytes >= own.ru_maxrss * 1024 * 0.5
     assert usage.cpu_seconds >= (own.ru_utime + own.ru_stime) * 0.9
+
+
+class _Watched:
+    """A publisher as the memory sweep sees it (memsweep.Watched, a seam we own): its memory
+    is what the test says, its cgroup a plain directory with the memory controller's files
+    (this kernel's cgroup2 has no memory controller)."""
+
+    def __init__(self, name: str, cgroup: Cgroup, **kw: Any) -> None:
+        self.name = name
+        self.spec = spec(name, **kw)
+        self.cgroup: Cgroup | None = cgroup
+        self.pid: int | None = 4242
+        self.used = 0
+        self.checks = 0
+
+    def check_memory(self, now: float) -> int | None:
+        self.checks += 1
+        return self.used
+
+
+def _memory_dir(top: Path, name: str) -> Cgroup:
+    top.joinpath(name).mkdir()
+    for file, text in (("memory.events", "high 0\n"), ("memory.current", "1000"),
+                       ("memory.high", "max")):  # fmt: skip
+        (top / name / file).write_text(text)
+    return Cgroup(str(top / name), frozenset({"memory"}))
+
+
+async def test_with_the_memory_controller_a_quiet_publisher_is_not_read_until_memory_high_trips(
+    tmp_path: Path,
+) -> None:
+    sweep = MemorySweep()
+    plain = _Watched("plain", _memory_dir(tmp_path, "plain"), memory_restart=1 << 20)
+    operator = _Watched(  # its own memory.high, at or below memory_restart, is the tripwire
+        "operator", _memory_dir(tmp_path, "operator"), memory_restart=2 << 20,
+        limits=Limits(memory_high=1 << 20),
+    )  # fmt: skip
+    above = _Watched(  # memory.high above memory_restart: not ours to lower, read each time
+        "above", _memory_dir(tmp_path, "above"), memory_restart=1 << 20,
+        limits=Limits(memory_high=4 << 20),
+    )  # fmt: skip
+    nocg = _Watched("nocg", plain.cgroup, memory_restart=1 << 20)  # type: ignore[arg-type]
+    nocg.cgroup = None
+    big = _Watched("big", _memory_dir(tmp_path, "big"), memory_restart=1 << 20)
+    big.used = 2 << 20  # above already: memory.high is not written below what is in use
+    pubs = [plain, operator, above, nocg, big]
+    try:
+        await sweep.sweep(pubs)  # arms the tripwires and reads each once
+        assert [p.checks for p in pubs] == [1, 1, 1, 1, 1]
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        assert (tmp_path / "operator" / "memory.high").read_text() == "max"  # untouched
+        assert (tmp_path / "above" / "memory.high").read_text() == "max"
+        for _ in range(3):
+            await sweep.sweep(pubs)
+        assert [p.checks for p in pubs] == [1, 1, 4, 4, 4]  # quiet ones are not read
+        assert (tmp_path / "big" / "memory.high").read_text() == "max"
+        # The kernel counts a crossing of memory.high in memory.events; its change wakes us.
+        (tmp_path / "plain" / "memory.events").write_text("high 1\n")
+        async with asyncio.timeout(5):
+            await sweep.tripped.wait()
+        assert (tmp_path / "plain" / "memory.high").read_text() == "max"  # lifted at once
+        plain.used = 3 << 20
+        (tmp_path / "plain" / "memory.current").write_text(str(3 << 20))
+        await sweep.sweep(pubs)
+        await sweep.sweep(pubs)
+        assert plain.checks == 3  # hot: read each sweep while above memory_restart
+        plain.used = 1000
+        (tmp_path / "plain" / "memory.current").write_text("1000")
+        await sweep.sweep(pubs)  # below again: the tripwire is set again, quiet
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        await sweep.sweep(pubs)
+        assert plain.checks == 4 and operator.checks == 1 and sweep.trips == 1
+        plain.pid = 4243  # a new run: its spawn reset memory.high; armed again and read once
+        await sweep.sweep(pubs)
+        assert plain.checks == 5
+        assert (tmp_path / "plain" / "memory.high").read_text() == str(1 << 20)
+        # A reload that drops memory_restart takes the tripwire away.
+        plain.spec = spec("plain")
+        await sweep.sweep(pubs)
+        assert (tmp_path / "plain" / "memory.high").read_text() == "max"
+    finally:
+        sweep.close()
+
+
+@needs_cgroup
+async def test_the_kernel_reports_a_change_of_a_cgroup_file_to_the_file_watch(
+    cgroup_dir: Path,
+) -> None:
+    # memory.events and cgroup.events are notified alike (kernfs); this kernel has the latter.
+    group = Cgroup(str(cgroup_dir), frozenset())
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", f'echo $$ > "{group.procs}" && exec sleep 3600'
+    )
+    watch = FileWatch()
+    try:
+        async with asyncio.timeout(10):
+            while not group.populated():  # the child's own write, then exec
+                await asyncio.sleep(0.01)
+        wd = watch.add(str(cgroup_dir / "cgroup.events"))
+        assert watch.read() == set()
+        changed = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(watch.fd, lambda: changed.done() or
+                                              changed.set_result(watch.read()))  # fmt: skip
+        group.kill()
+        async with asyncio.timeout(10):
+            assert wd in await changed
+        assert not group.populated()
+    finally:
+        asyncio.get_running_loop().remove_reader(watch.fd)
+        watch.close()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_the_memory_read_counts_a_child_forked_since_the_last_look_within_rewalk_reads(
+    request: pytest.FixtureRequest,
+) -> None:
+    # Without the memory controller, memory() reads the statm of the processes it knew and
+    # looks at the tree again every REWALK-th read (or at once when one is gone).
+    forker = py(
+        "import os, sys, time\n"
+        "sys.stdin.readline()\n"
+        "if os.fork() == 0:\n"
+        "    blob = b'x' * (60 << 20)\n"
+        "    print('child', os.getpid(), flush=True)\n"
+        "    time.sleep(3600)\n"
+        "time.sleep(3600)\n"
+    )
+    cg = request.getfixturevalue("cgroup_dir") if PARENT is not None else None
+    procs = None if cg is None else str(cg / "cgroup.procs")
+    cmd = forker if procs is None else ("sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh",
+                                        *forker)  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    group = None if cg is None else Cgroup(str(cg), frozenset())
+    reader = UsageReader(proc.pid, group)
+    try:
+        if group is not None:
+            async with asyncio.timeout(10):
+                while proc.pid not in group.pids():
+                    await asyncio.sleep(0.01)
+        before = reader.memory()
+        assert 0 < before < 40 << 20
+        proc.stdin.write(b"go\n")
+        async with asyncio.timeout(10):
+            child = int((await proc.stdout.readline()).split()[1])
+        seen = [reader.memory() for _ in range(usage_module.REWALK)]
+        assert max(seen) >= before + (60 << 20) * 0.9, seen
+        os.kill(child, signal.SIGKILL)  # a process gone: the next read looks again at once
+        async with asyncio.timeout(10):
+            while alive(child):
+                await asyncio.sleep(0.01)
+        assert reader.memory() < 40 << 20
+    finally:
+        reader.close()
+        proc.kill()
+        await proc.wait()
+
+
+class _Source:
+    """The daemon as metrics.MetricsSource (a seam we own): only its publishers matter here."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def publishers(self) -> Mapping[str, Publisher]:
+        return self.sup.publishers
+
+    def daemon_values(self) -> DaemonValues:
+        return DaemonValues(reloads=0, reload_failures=0, loop_lag_ms=0, ready=True, rpc={})
+
+    def denied(self) -> Mapping[tuple[str, str], int]:
+        return {}
+
+    def child_counters(self) -> Mapping[str, Mapping[str, float]]:
+        return {}
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """publisher -> value of metric `name` in an exposition."""
+    return {
+        s.labels["publisher"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+@pytest.mark.parametrize("where", ["cgroup", "proc"])
+async def test_metrics_give_the_accounting_of_the_whole_tree(
+    where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a cgroup, /metrics counts the setsid'd escapee (the walk from the leader cannot).
+    if where == "cgroup" and PARENT is None:
+        pytest.skip("needs a writable cgroup2 hierarchy")
+    cg = request.getfixturevalue("cgroup_dir") if where == "cgroup" else None
+    monkeypatch.setattr(publisher_module, "USAGE_TTL", 0.0)
+    async with running(spec("feed", DOUBLE_FORK), spec("burner", BURNER), cgroup=cg) as (sup, _):
+        feed, burner = sup.get("feed"), sup.get("burner")
+        escapee = int((await line_with(feed, "escapee")).split()[1])
+        await line_with(burner, "burning")
+        assert burner.pid is not None and feed.pid is not None
+        burners = [burner.pid, *descendants(burner.pid)]
+        async with asyncio.timeout(20):
+            while _proc_figures(burners)[0] < 0.3:
+                await asyncio.sleep(0.05)
+        procstats = ProcStats(min_interval=0)
+        await procstats.refresh({n: p.pid for n, p in sup.publishers.items()})
+        text = (await MetricsWriter(_Source(sup), procstats).render()).decode()
+        cpu, rss = _proc_figures(burners)
+        feed_rss = _proc_figures([feed.pid, escapee])[1]
+    processes = _samples(text, "pubmon_publisher_processes")
+    memory = _samples(text, "pubmon_publisher_resident_memory_bytes")
+    seconds = _samples(text, "pubmon_publisher_cpu_seconds_total")
+    assert processes["burner"] == 2
+    assert abs(seconds["burner"] - cpu) <= 0.1 * cpu, (seconds, cpu)
+    assert abs(memory["burner"] - rss) <= 0.1 * rss, (memory, rss)
+    if cg:  # the leader and the escapee (the walk finds the leader and its zombie child)
+        assert processes["feed"] == 2
+        assert abs(memory["feed"] - feed_rss) <= 0.1 * feed_rss, (memory, feed_rss)
+    assert set(_samples(text, "pubmon_publisher_open_fds")) == {"feed", "burner"}
+
+
+def test_release_turns_off_only_the_controllers_setup_enabled_before_moving_back(
+    tmp_path: Path,
+) -> None:
+    # cgroup2 refuses a process in a group whose subtree_control hands out a domain controller:
+    # the controllers go first, then the daemon, then its leaf. (A plain directory: this
+    # kernel's cgroup2 has no controller to turn off; the move back itself runs in
+    # test_the_daemon_moves_into_a_leaf_of_the_cgroup_it_is_in.)
+    for name in ("cgroup.subtree_control", "cgroup.procs"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "supervisor").mkdir()
+    (tmp_path / "pub-feed").mkdir()
+    groups = Cgroups(str(tmp_path), frozenset({"memory", "pids"}))
+    groups.moved, groups.enabled = True, frozenset({"memory"})  # pids was on before setup
+    assert groups.release() == []
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "-memory"
+    assert (tmp_path / "cgroup.procs").read_text() == str(os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.procs", "cgroup.subtree_control"]
+    assert groups.release() == []  # once is enough: it did not move again
+
+
+async def test_metrics_give_the_limit_hits_of_a_cgroup_with_the_controllers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This kernel's cgroup2 has no memory/pids/cpu controller: the groups are plain directories
+    # with the controllers' files; one publisher has all three, one none of them.
+    files = {
+        "memory.events": "low 0\nhigh 7\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "pids.events": "max 3\n",
+        "cpu.stat": "usage_usec 10\nnr_periods 5\nnr_throttled 2\nthrottled_usec 1500000\n",
+    }
+    (tmp_path / "pub-capped").mkdir()
+    for name, text in files.items():
+        (tmp_path / "pub-capped" / name).write_text(text)
+    capped = Cgroups(str(tmp_path), frozenset({"memory", "pids", "cpu"}))
+    assert capped.publisher("capped").limit_events() == {
+        "memory.events:high": 7,
+        "memory.events:max": 2,
+        "memory.events:oom_kill": 1,
+        "pids.events:max": 3,
+        "cpu.stat:throttled_usec": 1500000,
+    }
+    cfg = config(spec("capped", autostart=False), spec("bare", autostart=False))
+    async with supervising(cfg, cgroups=capped) as sup:
+        sup.get("bare").cgroup = Cgroup(str(tmp_path / "pub-bare"), frozenset())
+        writer = MetricsWriter(_Source(sup), ProcStats())
+        text = (await writer.render()).decode()
+        events = files["memory.events"].replace("oom_kill 1", "oom_kill 2")
+        (tmp_path / "pub-capped" / "memory.events").write_text(events)
+        monkeypatch.setattr(metrics_module, "LIMITS_TTL", 0.0)  # read again at once
+        again = (await writer.render()).decode()
+        for name in files:
+            (tmp_path / "pub-capped" / name).unlink()  # the supervisor rmdirs it at exit
+    assert _samples(text, "pubmon_publisher_memory_high_events_total") == {"capped": 7}
+    assert _samples(text, "pubmon_publisher_memory_max_events_total") == {"capped": 2}
+    assert _samples(text, "pubmon_publisher_oom_kills_total") == {"capped": 1}
+    assert _samples(text, "pubmon_publisher_pids_max_events_total") == {"capped": 3}
+    assert _samples(text, "pubmon_publisher_cpu_throttled_seconds_total") == {"capped": 1.5}
+    assert _samples(again, "pubmon_publisher_oom_kills_total") == {"capped": 2}

@@ -419,6 +419,7 @@ def test_bash_completion_completes_commands_and_names(tmp_path: Path) -> None:
         'COMP_WORDS=(pubmon re); COMP_CWORD=1; _pubmon; echo "${COMPREPLY[*]}"\n'
         'COMP_WORDS=(pubmon status --js); COMP_CWORD=2; _pubmon; echo "${COMPREPLY[*]}"\n'
         'COMP_WORDS=(pubmon stop fe); COMP_CWORD=2; _pubmon; echo "${COMPREPLY[*]}"\n'
+        'COMP_WORDS=(pubmon clear feed:); COMP_CWORD=2; _pubmon; echo "${COMPREPLY[*]}"\n'
     )
     config = tmp_path / "pubmon.toml"
     config.write_text(
@@ -437,7 +438,10 @@ def test_bash_completion_completes_commands_and_names(tmp_path: Path) -> None:
             return done.stdout
 
     out = asyncio.run(go()).splitlines()
-    assert out == ["complete -F _pubmon pubmon", "restart reload", "--json", "feed:0 feed:1 feed"]
+    assert out == [
+        "complete -F _pubmon pubmon", "restart resume reload", "--json", "feed:0 feed:1 feed",
+        "feed:0 feed:1",
+    ]  # fmt: skip
 
 
 def test_man_page_is_current_and_man_renders_it_without_warnings(tmp_path: Path) -> None:

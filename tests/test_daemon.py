@@ -1,4 +1,6 @@
-"""`pubmon daemon` as a real process: kill -9, SIGTERM, SIGHUP reloads, the lock, log reopening."""
+"""`pubmon daemon` as a real process: kill -9, SIGTERM with many publishers, SIGHUP reloads,
+a bad config, operations that interleave with a shutdown. Its signal table is tested in
+test_signals.py, its lock in test_lock.py."""
 
 from __future__ import annotations
 
@@ -7,27 +9,18 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
-import pytest
-
-from daemons import daemon_header, run_daemon, toml_publisher
+from daemons import (
+    IGNORE_TERM,
+    SLEEP,
+    daemon_header,
+    run_daemon,
+    toml_publisher,
+    wait_file_lines,
+    write_config,
+)
 from procs import alive, wait_gone
-
-SLEEP = ["sleep", "3600"]
-IGNORE_TERM = [
-    sys.executable,
-    "-c",
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
-    "while True: time.sleep(3600)",
-]
-
-
-def write_config(tmp: Path, body: str, name: str = "pubmon.toml") -> Path:
-    path = tmp / name
-    path.write_text(daemon_header(tmp) + body)
-    return path
 
 
 async def test_kill_9_of_the_daemon_takes_every_publisher_with_it(tmp_path: Path) -> None:
@@ -46,31 +39,6 @@ async def test_sigterm_with_100_publishers_stops_all_and_exits_0(tmp_path: Path)
         d.signal(signal.SIGTERM)
         assert await d.wait_exit() == 0
         assert not any(alive(p) for p in pids.values())
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF])
-async def test_every_stop_signal_stops_gracefully(tmp_path: Path, sig: signal.Signals) -> None:
-    async with run_daemon(write_config(tmp_path, toml_publisher("a", SLEEP))) as d:
-        pids = await d.wait_publishers(1)
-        d.signal(sig)
-        assert await d.wait_exit() == 0
-        assert not alive(pids["a"])
-        await d.wait_log(f"{sig.name}: stopping gracefully")
-
-
-async def test_second_sigterm_kills_at_once(tmp_path: Path) -> None:
-    body = toml_publisher("stubborn", IGNORE_TERM, stop_timeout=60)
-    async with run_daemon(write_config(tmp_path, body)) as d:
-        pids = await d.wait_publishers(1)
-        await _wait_file_lines(tmp_path / "logs" / "stubborn.log", 1)
-        d.signal(signal.SIGTERM)
-        await d.wait_log("stopping gracefully")
-        t0 = time.monotonic()
-        d.signal(signal.SIGTERM)
-        assert await d.wait_exit() == 0
-        assert time.monotonic() - t0 < 5  # not the 60 s stop_timeout
-        assert not alive(pids["stubborn"])
-        await d.wait_log("killing every publisher now")
 
 
 async def test_sighup_touches_only_what_changed(tmp_path: Path) -> None:
@@ -114,25 +82,6 @@ async def test_broken_config_on_sighup_leaves_everything_running(tmp_path: Path)
         assert await d.wait_exit() == 0
 
 
-async def test_a_second_daemon_on_the_same_config_refuses(tmp_path: Path) -> None:
-    config = write_config(tmp_path, toml_publisher("a", SLEEP))
-    async with run_daemon(config) as d:
-        await d.wait_publishers(1)
-        second = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pubmon",
-            "daemon",
-            "--config",
-            str(config),
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await asyncio.wait_for(second.communicate(), 30)
-        assert second.returncode == 3
-        assert b"another pubmon daemon is already running" in err
-        assert str(config).encode() in err
-
-
 async def test_bad_config_at_start_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, "[publisher.a]\ncommand = []\nbogus = 1\n")
     proc = await asyncio.create_subprocess_exec(
@@ -143,75 +92,6 @@ async def test_bad_config_at_start_exits_2_naming_file_and_key(tmp_path: Path) -
     assert proc.returncode == 2
     assert str(config).encode() in err
     assert b"publisher.a.bogus" in err and b"publisher.a.command" in err
-
-
-async def test_sigusr1_reopens_log_files(tmp_path: Path) -> None:
-    talker = [
-        sys.executable,
-        "-c",
-        "import sys, time\n"
-        "for line in sys.stdin: pass\n"  # stdin is /dev/null: ends at once
-        "i = 0\n"
-        "while True:\n"
-        "    print(i, flush=True); i += 1; time.sleep(0.01)\n",
-    ]
-    async with run_daemon(write_config(tmp_path, toml_publisher("t", talker))) as d:
-        log = tmp_path / "logs" / "t.log"
-        await _wait_file_lines(log, 3)
-        log.rename(tmp_path / "logs" / "t.log.old")
-        d.signal(signal.SIGUSR1)
-        await d.wait_log("log files reopened")
-        await _wait_file_lines(log, 3)
-        old = (tmp_path / "logs" / "t.log.old").read_text().split()
-        new = log.read_text().split()
-        # nothing lost or repeated across the reopen
-        numbers = [int(x) for x in old + new]
-        assert numbers[: len(numbers) - 1] == list(range(numbers[0], numbers[0] + len(numbers) - 1))
-
-
-async def test_inherited_ignored_signals_do_not_reach_publishers(tmp_path: Path) -> None:
-    sigign = ["sh", "-c", "grep SigIgn /proc/self/status"]
-    config = write_config(tmp_path, toml_publisher("s", sigign, restart="never"))
-    # A daemon started by a shell with SIGINT and SIGTERM ignored, like a background job.
-    daemon = f"{sys.executable} -m pubmon daemon --config {config}"
-    script = f"trap '' INT TERM USR1 HUP QUIT 40; exec {daemon}"
-    proc = await asyncio.create_subprocess_exec("sh", "-c", script, stderr=asyncio.subprocess.PIPE)
-    try:
-        await _wait_file_lines(tmp_path / "logs" / "s.log", 1)
-        text = (tmp_path / "logs" / "s.log").read_text()
-        ignored = int(text.split()[1], 16)
-        # Signals 32 and 33 belong to glibc (make starts recipes with them ignored; nothing
-        # but a raw syscall could reset them, and nothing but glibc uses them).
-        assert ignored & ~((1 << 31) | (1 << 32)) == 0, text
-        proc.send_signal(signal.SIGTERM)  # handled, though it was ignored at exec
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await proc.communicate()
-
-
-async def _wait_file_lines(path: Path, n: int, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not path.exists() or path.read_text().count("\n") < n:
-            await asyncio.sleep(0.01)
-
-
-async def test_the_lock_survives_an_editor_replacing_the_file(tmp_path: Path) -> None:
-    config = write_config(tmp_path, toml_publisher("a", SLEEP))
-    async with run_daemon(config) as d:
-        await d.wait_publishers(1)
-        fresh = tmp_path / "pubmon.toml.new"
-        fresh.write_text(config.read_text())
-        fresh.rename(config)  # a new inode under the same name, as editors save
-        second = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pubmon", "daemon", "--config", str(config),
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await asyncio.wait_for(second.communicate(), 30)
-        assert second.returncode == 3 and b"already running" in err
-        assert d.proc.returncode is None
 
 
 # --- operations that interleave with a shutdown ------------------------------------------------
@@ -226,7 +106,7 @@ async def test_sigterm_during_a_reload_that_removes_and_adds_stops_in_order(
     config = write_config(tmp_path, old)
     async with run_daemon(config) as d:
         await d.wait_publishers(2)
-        await _wait_file_lines(tmp_path / "logs" / "slow.log", 1)
+        await wait_file_lines(tmp_path / "logs" / "slow.log", 1)
         config.write_text(
             daemon_header(tmp_path) + toml_publisher("keep", SLEEP) + toml_publisher("new", SLEEP)
         )
@@ -251,7 +131,7 @@ async def test_reload_and_start_are_refused_once_stopping(tmp_path: Path) -> Non
         )
     ) as d:
         await d.wait_publishers(2)
-        await _wait_file_lines(tmp_path / "logs" / "stubborn.log", 1)
+        await wait_file_lines(tmp_path / "logs" / "stubborn.log", 1)
         d.signal(signal.SIGTERM)
         await d.wait_log("stopping gracefully")
         d.signal(signal.SIGHUP)

@@ -23,6 +23,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
+from procs import descendants
 from pubmon.config.load import parse_config
 from pubmon.demo import free_ports
 from pubmon.errors import ConfigError
@@ -138,20 +139,30 @@ async def test_health_ready_and_metrics_need_no_credential(tmp_path: Path) -> No
         status, _, text = await get(url + "/readyz")
         assert (status, text) == (200, "ready: 2/2 publishers running, 0 fatal\n")
 
-        status, headers, text = await get(url + "/metrics")
+        # RUNNING says the shell started, not that it forked its sleeps yet: wait for both, then
+        # for a scrape whose (cached) /proc figures were taken after the forks.
+        tree_key = ("pubmon_publisher_processes", (("publisher", "tree"),))
+        async with asyncio.timeout(10):
+            while len(descendants(d.publisher_pids()["tree"])) < 2:
+                await asyncio.sleep(0.01)
+            while True:
+                status, headers, text = await get(url + "/metrics")
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in parse_text(text)
+                    for s in f.samples
+                }
+                if samples.get(tree_key) == 3:
+                    break
+                await asyncio.sleep(0.05)
         assert status == 200
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in parse_text(text)
-            for s in f.samples
-        }
         for name in ("a", "tree"):
             assert samples[("pubmon_publisher_up", (("program", name), ("publisher", name)))] == 1
             state = (("publisher", name), ("state", "RUNNING"))
             assert samples[("pubmon_publisher_state", state)] == 1
         # The tree is the shell and its two sleeps, each with its own memory.
-        assert samples[("pubmon_publisher_processes", (("publisher", "tree"),))] == 3
+        assert samples[tree_key] == 3
         pids = d.publisher_pids()
         page = os.sysconf("SC_PAGE_SIZE")
         rss = int(Path(f"/proc/{pids['a']}/statm").read_text().split()[1]) * page

@@ -1,5 +1,6 @@
-"""The single-daemon lock (lock.py): nobody else can take or block it; a second daemon on the
-same config exits 3 naming the first one's pid."""
+"""The single-daemon lock (pubmon.daemon.lock): nobody else can take or block it; a second
+daemon on the same config exits 3 naming the first one's pid, also after an editor replaced
+the config file."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import daemon_header, run_daemon, toml_publisher
+from daemons import daemon_header, run_daemon, toml_publisher, write_config
 from pubmon.daemon.lock import acquire_lock, lock_dir
 from pubmon.errors import StartupError
 
@@ -44,9 +45,10 @@ time.sleep(3600)
 """
 
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as nobody needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as nobody or chown needs root")
 
 
+@needs_root
 async def test_the_daemon_starts_while_nobody_squats_its_lock(tmp_path: Path) -> None:
     config = tmp_path / "pubmon.toml"
     config.write_text(daemon_header(tmp_path) + toml_publisher("a", SLEEP))
@@ -86,9 +88,27 @@ async def test_a_second_daemon_exits_3_naming_the_first(tmp_path: Path) -> None:
         text = err.decode()
         assert "another pubmon daemon is already running" in text
         assert f"pid {d.pid} holds the lock" in text
+        assert str(config) in text
         assert d.proc.returncode is None
 
 
+async def test_the_lock_survives_an_editor_replacing_the_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, toml_publisher("a", SLEEP))
+    async with run_daemon(config) as d:
+        await d.wait_publishers(1)
+        fresh = tmp_path / "pubmon.toml.new"
+        fresh.write_text(config.read_text())
+        fresh.rename(config)  # a new inode under the same name, as editors save
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pubmon", "daemon", "--config", str(config),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == 3 and b"already running" in err
+        assert d.proc.returncode is None
+
+
+@needs_root
 def test_a_lock_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     where = tmp_path / "locks"
     where.mkdir(mode=0o700)
@@ -101,6 +121,7 @@ def test_a_lock_directory_others_can_write_is_refused(tmp_path: Path) -> None:
         acquire_lock(str(tmp_path / "pubmon.toml"), str(where))
 
 
+@needs_root
 def test_a_symlink_in_place_of_the_lock_file_is_not_followed(tmp_path: Path) -> None:
     where = tmp_path / "locks"
     where.mkdir(mode=0o700)
@@ -123,6 +144,7 @@ def test_a_symlink_in_place_of_the_lock_file_is_not_followed(tmp_path: Path) -> 
     acquire_lock(config, str(where)).close()
 
 
+@needs_root
 def test_a_lock_directory_that_cannot_be_made_is_a_startup_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     where = tmp_path / "file" / "locks"

@@ -71,6 +71,8 @@ async def prometheus(tmp: Path, target: str) -> AsyncIterator[str]:
 async def query(session: aiohttp.ClientSession, base: str, promql: str) -> list[dict[str, Any]]:
     try:
         async with session.get(f"{base}/api/v1/query?{urlencode({'query': promql})}") as r:
+            if r.status == 503:  # listening, but its storage is not open yet ("not ready")
+                return []
             body = await r.json()
     except aiohttp.ClientConnectionError:
         return []  # still starting

@@ -1,203 +1,22 @@
-"""pubmon.core.output: framing, the ring and its cursors, the rotating file and its failures."""
+"""pubmon.core.output: an OutputLog fed by a child (through a Supervisor or a subprocess
+protocol), its echo to stderr."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import random
-import shutil
-import signal
-import stat
 import sys
-import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from children import numbered as numbered_child
+from children import py, spec
+from outputs import numbered
 from pubmon.config.model import LogSpec
-from pubmon.core import logfile as _logfile
-from pubmon.core import ring as _ring
-from pubmon.core.output import MAX_TAIL_LINES, LogLine, OutputLog, StreamSink
-from pubmon.core.ring import extra_pieces
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def frame(stream: bytes, max_line: int) -> list[tuple[bytes, bool]]:
-    """Reference framing, the plain splitter of asyncio-gotchas §4.2 run over a whole stream."""
-    out = []
-    i, n = 0, len(stream)
-    while i < n:
-        j = stream.find(b"\n", i, i + max_line + 1)
-        if j >= 0:
-            out.append((stream[i:j], False))
-            i = j + 1
-        else:
-            k = min(n, i + max_line)
-            out.append((stream[i:k], True))
-            i = k
-    return out
-
-
-def feed_randomly(sink: StreamSink, data: bytes, rng: random.Random, sizes: list[int]) -> None:
-    i = 0
-    while i < len(data):
-        k = rng.randint(1, rng.choice(sizes))
-        sink.feed(data[i : i + k])
-        i += k
-
-
-def numbered(first: int, last: int, tag: str = "line") -> bytes:
-    return "".join(
-        f"{tag} {i:07d} of the numbered lines\n" for i in range(first, last + 1)
-    ).encode()
-
-
-def texts(lines: list[LogLine]) -> list[str]:
-    return [line.text for line in lines]
-
-
-def log_files_oldest_first(path: Path) -> list[Path]:
-    backups = sorted(path.parent.glob(path.name + ".*"), key=lambda p: int(p.suffix[1:]))
-    return [*reversed(backups), path]
-
-
-@pytest.fixture
-def logdir(tmp_path: Path) -> Path:
-    return tmp_path / "logs"
-
-
-# -- framing -------------------------------------------------------------------------------------
-
-
-def test_numbered_lines_in_random_chunks(logdir: Path) -> None:
-    rng = random.Random(200_000)
-    data = numbered(1, 200_000)
-    log = OutputLog("feed:0", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    feed_randomly(sink, data, rng, [1, 7, 100, 4096, 65536, 262144])
-    sink.eof()
-    assert log.sync()
-    assert (logdir / "feed:0.log").read_bytes() == data
-    assert (log.lines, log.bytes, log.dropped, log.last_seq) == (200_000, len(data), 0, 200_000)
-    newest = log.last(2000)
-    assert [line.seq for line in newest.lines] == list(range(198_001, 200_001))
-    assert texts(newest.lines) == numbered(198_001, 200_000).decode().splitlines()
-    assert not any(line.partial for line in newest.lines)
-    assert {line.stream for line in newest.lines} == {"stdout"}
-
-
-def test_extra_pieces_fast_and_slow_paths() -> None:
-    # Fast path: every max_line/2 window holds a newline, nothing to add.
-    short = numbered(1, 5000)
-    assert extra_pieces(short, 0, len(short), 64) == 0
-    # A run between max_line/2 and max_line misses a window but needs no cut: exactly 0.
-    middle = b"x" * 50 + b"\n" + b"y" * 64 + b"\n" + b"z\n"
-    assert extra_pieces(middle, 0, len(middle), 64) == 0
-    # Slow path, exact at the boundaries: 65 bytes -> 2 pieces, 128 -> 2, 129 -> 3.
-    for size, extra in [(64, 0), (65, 1), (128, 1), (129, 2), (1000, 15)]:
-        data = b"ab\n" + b"q" * size + b"\ncd\n"
-        assert extra_pieces(data, 0, len(data), 64) == extra, size
-        assert extra_pieces(data, 3, len(data), 64) == extra, size
-    rng = random.Random(7)
-    for _ in range(500):
-        cut = rng.choice([1, 2, 3, 5, 64, 100])
-        lines = [b"w" * rng.choice([0, cut - 1, cut, cut + 1, rng.randint(0, 4 * cut)])]
-        lines += [b"v" * rng.randint(0, 3 * cut) for _ in range(rng.randint(0, 20))]
-        data = b"\n".join(lines) + b"\n"
-        assert data.count(b"\n") + extra_pieces(data, 0, len(data), cut) == len(frame(data, cut))
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_framing_matches_reference_for_any_chunking(tmp_path: Path, seed: int) -> None:
-    rng = random.Random(seed)
-    for trial in range(150):
-        cut = rng.choice([64, 100, 256])
-        pieces = []
-        for _ in range(rng.randint(0, 40)):
-            size = rng.choice([0, 1, cut - 1, cut, cut + 1, 2 * cut, 2 * cut + 1])
-            size = rng.choice([size, rng.randint(0, 5 * cut)])
-            pieces.append(bytes(rng.choice(b"ab\xc3\xa9\xff") for _ in range(size)))
-        stream = b"\n".join(pieces) + rng.choice([b"", b"\n"])
-        log = OutputLog("p", LogSpec(max_line=cut, ring_lines=10**9), str(tmp_path / str(trial)))
-        sink = log.open_stream("stderr")
-        feed_randomly(sink, stream, rng, [1, 3, cut, 4 * cut, 20 * cut])
-        sink.eof()
-        got = log.tail(0, MAX_TAIL_LINES).lines
-        want = [(t.decode("utf-8", "backslashreplace"), p) for t, p in frame(stream, cut)]
-        assert [(line.text, line.partial) for line in got] == want
-        assert [line.seq for line in got] == list(range(1, len(want) + 1))
-        assert log.lines == len(want)
-        assert log.sync()
-        log.close()
-        written = (tmp_path / str(trial) / "p.log").read_bytes()
-        assert written.replace(b"\n", b"") == stream.replace(b"\n", b"")
-        assert not written or written.endswith(b"\n")
-
-
-def test_a_5mib_line_without_newline_comes_back_whole(logdir: Path) -> None:
-    letters = bytes(97 + i % 26 for i in range(256))
-    line = random.Random(5).randbytes(5 << 20).translate(letters)
-    log = OutputLog("big", LogSpec(max_line=65536, ring_lines=10**6), str(logdir))
-    sink = log.open_stream("stdout")
-    for i in range(0, len(line), 65536):
-        sink.feed(line[i : i + 65536])
-    sink.eof()
-    frags = log.tail(0, MAX_TAIL_LINES).lines
-    assert len(frags) == log.lines == 80 and all(f.partial for f in frags)
-    assert "".join(f.text for f in frags).encode() == line
-    assert {len(f.text) for f in frags} == {65536}
-    assert log.sync()
-    written = (logdir / "big.log").read_bytes()
-    assert written.replace(b"\n", b"") == line
-    assert max(map(len, written.split(b"\n"))) <= 65536
-
-
-def test_long_lines_in_one_chunk_are_cut_in_the_ring_but_whole_in_the_file(logdir: Path) -> None:
-    log = OutputLog("p", LogSpec(max_line=100), str(logdir))
-    sink = log.open_stream("stdout")
-    data = b"short\n" + b"L" * 250 + b"\n" + b"M" * 100 + b"\nend\n"
-    sink.feed(data)
-    got = [(len(x.text), x.partial) for x in log.tail(0, 100).lines]
-    assert got == [(5, False), (100, True), (100, True), (50, False), (100, False), (3, False)]
-    assert [x.seq for x in log.tail(0, 100).lines] == [1, 2, 3, 4, 5, 6]
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == data
-
-
-def test_invalid_utf8_and_a_last_line_without_newline_survive(logdir: Path) -> None:
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"ok\n\xff\xfebad\ncaf\xc3")
-    sink.eof()
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"ok\n\xff\xfebad\ncaf\xc3\n"
-    got = [(x.text, x.partial) for x in log.tail(0, 10).lines]
-    assert got == [("ok", False), ("\\xff\\xfebad", False), ("caf\\xc3", True)]
-
-
-def test_streams_interleave_in_the_file_only_at_line_boundaries(logdir: Path) -> None:
-    rng = random.Random(3)
-    log = OutputLog("p", LogSpec(max_line=64, ring_lines=10**6), str(logdir))
-    data = {
-        "stdout": b"".join(b"out%d:%s\n" % (i, b"o" * rng.randint(0, 40)) for i in range(3000)),
-        "stderr": b"".join(b"err%d:%s\n" % (i, b"e" * rng.randint(0, 40)) for i in range(3000)),
-    }
-    sinks = {name: log.open_stream(name) for name in ("stdout", "stderr")}
-    pos = {"stdout": 0, "stderr": 0}
-    while any(pos[s] < len(data[s]) for s in pos):
-        name = rng.choice([s for s in pos if pos[s] < len(data[s])])
-        k = rng.randint(1, 150)
-        sinks[name].feed(data[name][pos[name] : pos[name] + k])
-        pos[name] += k
-    assert log.sync()
-    lines = (logdir / "p.log").read_bytes().splitlines(keepends=True)
-    assert b"".join(x for x in lines if x.startswith(b"out")) == data["stdout"]
-    assert b"".join(x for x in lines if x.startswith(b"err")) == data["stderr"]
-    assert len(lines) == 6000
-    ring = log.tail(0, MAX_TAIL_LINES).lines
-    assert all(x.text.startswith("out" if x.stream == "stdout" else "err") for x in ring)
+from pubmon.core.lifecycle import PublisherState
+from pubmon.core.output import MAX_TAIL_LINES, OutputLog
+from supervised import in_state, running
 
 
 def test_echo_copies_lines_to_stderr(logdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -210,271 +29,44 @@ def test_echo_copies_lines_to_stderr(logdir: Path, capfd: pytest.CaptureFixture[
     assert capfd.readouterr().err == "feed:1| one\nfeed:1| two\n"
 
 
-# -- the ring and its cursors --------------------------------------------------------------------
-
-
-def ring_of(n: int, ring_lines: int) -> OutputLog:
-    log = OutputLog("p", LogSpec(ring_lines=ring_lines), None)
-    sink = log.open_stream("stdout")
-    for i in range(1, n + 1):
-        sink.feed(b"%d\n" % i)
-    return log
-
-
-def test_tail_cursor_semantics() -> None:
-    log = ring_of(100, ring_lines=10)
-    assert log.path is None and log.last_seq == 100
-    chunk = log.tail(0, 100)
-    assert texts(chunk.lines) == [str(i) for i in range(91, 101)]
-    assert (chunk.next_seq, chunk.missed) == (100, 90)
-    chunk = log.tail(95, 2)
-    assert ([x.seq for x in chunk.lines], chunk.next_seq, chunk.missed) == ([96, 97], 97, 0)
-    chunk = log.tail(100, 5)
-    assert (chunk.lines, chunk.next_seq, chunk.missed) == ([], 100, 0)
-    future = log.tail(5000, 5)  # the daemon restarted: resync to the present
-    assert (future.lines, future.next_seq, future.missed) == ([], 100, 0)
-    assert [x.seq for x in log.tail(50, 0).lines] == [91]  # max_lines clamped to >= 1
-    assert log.tail(-3, 1).missed == 90
-    last = log.last(3)
-    assert ([x.seq for x in last.lines], last.next_seq, last.missed) == ([98, 99, 100], 100, 0)
-    assert (log.last(0).lines, log.last(0).next_seq) == ([], 100)
-    assert log.last(15).missed == 5
-
-
-def test_tail_clamps_max_lines_and_empty_ring() -> None:
-    empty = OutputLog("p", LogSpec(), None)
-    assert (empty.tail(0, 10).lines, empty.tail(0, 10).next_seq, empty.last(5).lines) == ([], 0, [])
-    log = OutputLog("p", LogSpec(ring_lines=20_000), None)
-    log.open_stream("stdout").feed(numbered(1, 20_000))
-    chunk = log.tail(0, 10**9)
-    assert len(chunk.lines) == MAX_TAIL_LINES and chunk.next_seq == MAX_TAIL_LINES
-    assert chunk.lines[-1].text == numbered(10_000, 10_000).decode().strip()
-    assert len(log.last(10**9).lines) == MAX_TAIL_LINES
-
-
-def test_ring_evicts_whole_chunks_and_keeps_at_least_ring_lines() -> None:
-    log = OutputLog("p", LogSpec(ring_lines=1000), None)
-    sink = log.open_stream("stdout")
-    sink.feed(numbered(1, 600))
-    sink.feed(numbered(601, 1200))
-    sink.feed(numbered(1201, 1800))
-    chunk = log.tail(0, MAX_TAIL_LINES)  # the first chunk went, the other two hold >= 1000 lines
-    assert (chunk.lines[0].seq, chunk.missed, len(chunk.lines)) == (601, 600, 1200)
-
-
-def test_ring_byte_cap() -> None:
-    log = OutputLog("p", LogSpec(ring_lines=10**9, max_line=2 << 20), None)
-    sink = log.open_stream("stdout")
-    for i in range(20):
-        sink.feed(b"%d" % i + b"x" * (1 << 20) + b"\n")
-    chunk = log.tail(0, MAX_TAIL_LINES)
-    assert chunk.missed == 20 - len(chunk.lines) > 0
-    assert log._ring.nbytes <= _ring.BYTE_CAP
-    assert chunk.lines[-1].text.startswith("19x")
-
-
-def test_reconfigure_shrinks_ring_and_changes_max_line(logdir: Path) -> None:
-    log = ring_of(50, ring_lines=50)
-    log.reconfigure(LogSpec(ring_lines=5, max_line=64))
-    assert log.tail(0, 100).missed == 45
-    sink = log.open_stream("stdout")
-    sink.feed(b"y" * 100 + b"\n")
-    assert [(len(x.text), x.partial) for x in log.last(2).lines] == [(64, True), (36, False)]
-
-
-async def test_wait_beyond_wakes_on_feed_and_cancels_cleanly() -> None:
-    log = OutputLog("p", LogSpec(), None)
-    sink = log.open_stream("stdout")
-    await log.wait_beyond(-1)  # already true: returns at once
-    waiter = asyncio.create_task(log.wait_beyond(0))
-    await asyncio.sleep(0)  # let it block (a scheduling step, not a timing guess)
-    assert not waiter.done()
-    sink.feed(b"partial")  # no complete line yet
-    await asyncio.sleep(0)
-    assert not waiter.done()
-    sink.feed(b" line\n")
-    async with asyncio.timeout(5):
-        await waiter
-    doomed = asyncio.create_task(log.wait_beyond(1))
-    await asyncio.sleep(0)
-    doomed.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await doomed
-    assert not log._waiters
-    many = [asyncio.create_task(log.wait_beyond(1)) for _ in range(3)]
-    await asyncio.sleep(0)
-    sink.feed(b"x\n")
-    async with asyncio.timeout(5):
-        await asyncio.gather(*many)
-    assert not log._waiters
-
-
-# -- the file ------------------------------------------------------------------------------------
-
-
-def test_file_and_directory_modes(logdir: Path) -> None:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    log = OutputLog("feed:0", LogSpec(), str(logdir / "sub"))
-    log.open_stream("stdout").feed(b"x\n")
-    assert log.sync()
-    assert stat.S_IMODE(os.stat(logdir / "sub").st_mode) == 0o750 & ~umask
-    assert stat.S_IMODE(os.stat(logdir / "sub" / "feed:0.log").st_mode) == 0o640 & ~umask
-    log.close()
-
-
-def test_rotation_keeps_every_line_once_in_order(logdir: Path) -> None:
-    rng = random.Random(11)
-    data = numbered(1, 20_000)
-    log = OutputLog("p", LogSpec(max_bytes=50_000, backups=100), str(logdir))
-    sink = log.open_stream("stdout")
-    feed_randomly(sink, data, rng, [1, 100, 10_000, 40_000])
-    assert log.sync()
-    files = log_files_oldest_first(logdir / "p.log")
-    assert len(files) > 10
-    contents = [f.read_bytes() for f in files]
-    assert b"".join(contents) == data
-    assert all(len(c) <= 50_000 and c.endswith(b"\n") for c in contents)
-
-
-def test_rotation_keeps_only_backups_and_truncates_with_zero(logdir: Path) -> None:
-    data = numbered(1, 10_000)
-    for backups in (2, 0):
-        log = OutputLog(f"b{backups}", LogSpec(max_bytes=20_000, backups=backups), str(logdir))
-        sink = log.open_stream("stdout")
-        for i in range(0, len(data), 3000):
-            sink.feed(data[i : i + 3000])
-        assert log.sync()
-        files = log_files_oldest_first(logdir / f"b{backups}.log")
-        names = [f"b{backups}.log.{i}" for i in range(backups, 0, -1)]
-        assert [f.name for f in files] == [*names, f"b{backups}.log"]
-        kept = b"".join(f.read_bytes() for f in files)
-        assert data.endswith(kept) and (len(data) == len(kept) or data[-len(kept) - 1] == 10)
-        assert 0 < len(files[-1].read_bytes()) <= 20_000
-        log.close()
-
-
-def test_a_write_larger_than_max_bytes_goes_whole_to_a_fresh_file(logdir: Path) -> None:
-    log = OutputLog("p", LogSpec(max_bytes=1000, backups=3), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"small\n")
-    big = numbered(1, 100)
-    sink.feed(big)
-    sink.feed(b"after\n")
-    assert log.sync()
-    assert (logdir / "p.log.2").read_bytes() == b"small\n"
-    assert (logdir / "p.log.1").read_bytes() == big
-    assert (logdir / "p.log").read_bytes() == b"after\n"
-
-
-def test_reopen_after_the_file_was_renamed_away(logdir: Path) -> None:
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"one\n")
-    assert log.sync()
-    os.rename(logdir / "p.log", logdir / "p.log.moved")
-    sink.feed(b"two\n")  # still the old inode, as logrotate expects until it signals
-    log.reopen()
-    sink.feed(b"three\n")
-    assert log.sync()
-    assert (logdir / "p.log.moved").read_bytes() == b"one\ntwo\n"
-    assert (logdir / "p.log").read_bytes() == b"three\n"
-    assert log.dropped == 0
-
-
-def test_a_deleted_file_or_directory_is_recreated(logdir: Path) -> None:
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"one\n")
-    assert log.sync()
-    os.unlink(logdir / "p.log")
-    sink.feed(b"two\n")
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"two\n"
-    shutil.rmtree(logdir)
-    sink.feed(b"three\n")
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"three\n"
-    assert log.dropped == 0
-
-
-def test_dropping_is_counted_logged_once_rate_limited_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr(_logfile, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    caplog.set_level(logging.INFO, logger="pubmon")
-    logdir = tmp_path / "a" / "logs"
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"1\n")
-    assert log.sync()
-    shutil.rmtree(tmp_path / "a")
-    (tmp_path / "a").write_text("a path component replaced by a regular file")
-    sink.feed(b"2\n3\n4")  # reopen attempted at once, fails
-    sink.feed(b"\n5\n")  # within the second: no new attempt
-    assert log.sync()
-    (tmp_path / "a").unlink()
-    sink.feed(b"6\n")  # the path is fine again, but the next attempt is not due yet
-    assert log.sync()
-    assert (log.dropped, log.last_seq) == (6 - 1, 6)
-    assert log.dropped_bytes == len(b"2\n3\n4\n5\n6\n")
-    clock[0] += 1.0
-    sink.feed(b"7\n")
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"7\n"
-    assert (log.dropped, log.lines) == (5, 7)
-    assert texts(log.tail(0, 10).lines) == ["1", "2", "3", "4", "5", "6", "7"]
-    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pubmon")]
-    assert [level for level, _ in records] == [logging.WARNING, logging.INFO]
-    assert "p:" in records[0][1] and "Not a directory" in records[0][1]
-    assert "10 bytes (5 lines)" in records[1][1]
-
-
-def test_a_symlink_in_place_of_the_file_is_refused_until_reopen(
-    logdir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="pubmon")
-    logdir.mkdir()
-    (logdir / "p.log").symlink_to("/dev/full")
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"a\nb\n")
-    sink.feed(b"c\n")
-    assert log.sync()
-    assert (log.dropped, log.dropped_bytes) == (3, 6)
-    (logdir / "p.log").unlink()
-    log.reopen()
-    sink.feed(b"d\n")
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"d\n" and log.dropped == 3
-    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("pubmon")]
-    assert [level for level, _ in records] == [logging.WARNING, logging.INFO]
-    assert str(logdir / "p.log") in records[0][1] and "symbolic link" in records[0][1]
-
-
-def test_short_writes_are_completed(logdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_writev = os.writev
-    monkeypatch.setattr(os, "writev", lambda fd, bufs: real_writev(fd, [bufs[0][:3]]))
-    log = OutputLog("p", LogSpec(), str(logdir))
-    sink = log.open_stream("stdout")
-    sink.feed(b"hello\nwor")
-    sink.feed(b"ld\n")
-    assert log.sync()
-    assert (logdir / "p.log").read_bytes() == b"hello\nworld\n"
-
-
-def test_close_counts_later_lines_as_dropped_and_no_file(tmp_path: Path) -> None:
-    log = OutputLog("p", LogSpec(), str(tmp_path))
-    sink = log.open_stream("stdout")
-    log.close()
-    sink.feed(b"x\ny\n")
-    assert log.sync()
-    assert (log.dropped, log.last_seq, (tmp_path / "p.log").read_bytes()) == (2, 2, b"")
-    assert "last_seq=2" in repr(log)
-
-
 # -- end to end ----------------------------------------------------------------------------------
+
+
+async def test_every_line_of_a_fast_child_reaches_the_log_file(tmp_path: Path) -> None:
+    n = 200_000
+    async with running(spec("chatty", numbered_child(n), restart="never"), log_dir=tmp_path) as sup:
+        pub = sup.get("chatty")
+        await in_state(pub, PublisherState.EXITED)
+        assert pub.output.lines == n
+    lines = (tmp_path / "chatty.log").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert lines[:-1] == [f"line {i}".encode() for i in range(n)]
+
+
+async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'a' * (5 << 20))\n"  # 5 MiB, no newline, then the stream ends with garbage
+        "w(b'\\nbad \\xff\\xfe utf8\\nlast')\n"
+    )
+    big = spec("big", py(code), restart="never", log=replace(spec("x").log, ring_lines=200))
+    async with running(big, log_dir=tmp_path) as sup:
+        pub = sup.get("big")
+        await in_state(pub, PublisherState.EXITED)
+        assert pub.output.last_seq == 82  # 80 fragments of 64 KiB, then two lines
+        chunk = pub.output.tail(0, 10_000)
+    lines = chunk.lines
+    assert lines[-1].text == "last" and lines[-1].partial
+    assert lines[-2].text == "bad \\xff\\xfe utf8" and not lines[-2].partial
+    fragments = lines[:-2]
+    assert "".join(f.text for f in fragments) == "a" * (5 << 20)
+    assert all(f.partial for f in fragments[:-1]) and not fragments[-1].partial
+    assert all(len(f.text) <= 65536 for f in fragments)
+    raw = (tmp_path / "big.log").read_bytes()
+    assert raw.replace(b"\n", b"").startswith(b"a" * (5 << 20))
+    assert raw.endswith(b"bad \xff\xfe utf8\nlast\n")
+
 
 CHILD = (
     "import sys\n"
@@ -532,20 +124,3 @@ async def test_a_real_child_through_a_subprocess_protocol(logdir: Path) -> None:
         ("stderr", "done", True)
     ]
     assert log.lines == 200_001 and log.dropped == 0
-
-
-def test_the_log_writer_thread_never_takes_a_signal_meant_for_the_loop(tmp_path: Path) -> None:
-    # A signal the kernel hands to the writer (its fd table is private) would have its wakeup
-    # byte written to /dev/null and be lost: SIGHUP + SIGTERM back to back lost the SIGTERM.
-    from pubmon.core import logwriter as _logwriter
-
-    writer = _logwriter.acquire(str(tmp_path))
-    try:
-        tid = writer._thread.native_id
-        status = Path(f"/proc/self/task/{tid}/status").read_text()
-        line = next(x for x in status.splitlines() if x.startswith("SigBlk:"))
-        blocked = int(line.split()[1], 16)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1):
-            assert blocked & (1 << (sig - 1)), sig.name
-    finally:
-        _logwriter.release(writer)

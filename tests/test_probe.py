@@ -1,4 +1,4 @@
-"""Probes (fb303, tcp, exec) and the demo publisher, in-process and under a real Supervisor.
+"""Probes (fb303, tcp, exec), in-process and under a real Supervisor.
 
 The supervised children are real demo publishers (`python -m pubmon.demo`). Every wait is for a
 state, an event or a counter under asyncio.timeout; probe rounds are counted by the demo's own
@@ -8,36 +8,30 @@ state, an event or a counter under asyncio.timeout; probe rounds are counted by 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
-import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 
-from children import SLEEP, config, py, spec
+from children import SLEEP, py, spec
+from demos import client, in_process_demo, option_is
 from procs import alive
-from pubmon.config.load import parse_config
 from pubmon.config.model import ProbeSpec, PublisherSpec
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.probe import ExecProbe, Fb303Probe, TcpProbe, make_probe
+from pubmon.core.probe import ExecProbe, Fb303Probe, TcpProbe, _by, make_probe
 from pubmon.core.publisher import Publisher
-from pubmon.core.supervisor import Supervisor
-from pubmon.demo import DEMO_DATA_SOURCE, Demo, demo_config, free_ports, serve
+from pubmon.demo import free_ports
 from pubmon.errors import RpcError
-from pubmon.thrift import idl
 from pubmon.thrift.idl import FbStatus
-from pubmon.thrift.server import ThriftClient, ThriftServer
+from supervised import running, until
 
 S = PublisherState
-SVC = idl.publisher().PublisherService
 DEMO = (sys.executable, "-m", "pubmon.demo")
 INTERVAL, TIMEOUT, THRESHOLD, STOP_TIMEOUT = 0.2, 0.2, 3, 1.0
 FAST_FB303 = ProbeSpec(
@@ -59,33 +53,9 @@ def demo_spec(
     return spec(name, command, port=port, probe=replace(probe, port=port), **kw)
 
 
-@asynccontextmanager
-async def running(*specs: PublisherSpec) -> AsyncIterator[Supervisor]:
-    async with Supervisor(config(*specs)) as sup:
-        yield sup
-
-
-@asynccontextmanager
-async def client(
-    port: int, transport: Literal["framed", "buffered"] = "framed"
-) -> AsyncIterator[ThriftClient]:
-    c = await ThriftClient.connect(
-        SVC, host="127.0.0.1", port=port, timeout=2.0, transport=transport
-    )
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 async def tell(port: int, key: str, value: str) -> None:
     async with client(port) as c:
         await c.call("setOption", key, value)
-
-
-async def until(pub: Publisher, predicate: Callable[[], bool], timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        await pub.wait_until(predicate)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10) -> None:
@@ -109,26 +79,6 @@ async def counter_reaches(port: int, key: str, n: int, timeout: float = 10) -> i
             if value >= n:
                 return value
             await asyncio.sleep(0.02)
-
-
-async def option_is(port: int, key: str, want: str, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout), client(port) as c:
-        while await c.call("getOption", key) != want:
-            await asyncio.sleep(0.02)
-
-
-@asynccontextmanager
-async def in_process_demo(
-    demo: Demo | None = None, **server_kw: Any
-) -> AsyncIterator[tuple[Demo, ThriftServer, int]]:
-    """A Demo handler served in this process by ThriftServer on a free port."""
-    demo = demo or Demo("inproc", out=io.StringIO())
-    server = ThriftServer(SVC, demo, name="inproc", **server_kw)
-    port = await server.start_tcp("127.0.0.1", 0)
-    try:
-        yield demo, server, port
-    finally:
-        await server.close()
 
 
 def output_of(pub: Publisher) -> list[str]:
@@ -353,6 +303,57 @@ async def test_fb303_probe_failures_name_the_cause() -> None:
             await probe.close()
 
 
+async def test_a_stall_of_our_own_loop_does_not_fail_the_probe_of_a_child_that_answered() -> None:
+    # The daemon's loop stalls now and then (a spawn under load waits for the child's exec: up
+    # to ~1 s measured). When a stall outlasts the probe's timeout with a getStatus in flight,
+    # the timer and the child's answer are read in the same loop turn: the answer must win.
+    # Found by the chaos soak: healthy demo publishers were judged unhealthy and killed.
+    (port,) = free_ports(1)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pubmon.demo", f"--pub_port={port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    probe = Fb303Probe("127.0.0.1", port, timeout=0.3)
+    try:
+        async with asyncio.timeout(20):
+            while await probe.check() != Health.HEALTHY:
+                await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            # Block our loop for twice the timeout just after the request goes out.
+            loop.call_soon(time.sleep, 0.6)
+            assert await probe.check() == Health.HEALTHY, probe.last_error
+        # A child that really is wedged still fails within the timeout (plus a short grace).
+        child.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert await probe.check() == Health.UNHEALTHY
+        assert time.monotonic() - t0 < 5  # gave up at its timeout, did not hang
+        assert "no answer within 0.3 s" in probe.last_error
+    finally:
+        await probe.close()
+        child.kill()
+        await child.wait()
+
+
+async def test_a_probe_call_that_fails_as_its_check_is_cancelled_is_not_reported_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A getStatus whose connect is refused in the same loop turn as its check is cancelled (the
+    # child has just died and the runner stops watching it) must not be logged as "Task
+    # exception was never retrieved". Found by the chaos run.
+    async def refused() -> None:
+        raise RpcError("cannot connect")
+
+    check = asyncio.ensure_future(_by(asyncio.get_running_loop().time() + 5, refused()))
+    await asyncio.sleep(0)  # the check started its call, which has not run yet
+    check.cancel()  # the call fails, then the check is cancelled: both in the next turn
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    del check
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
 async def test_fb303_probe_start_publishers_success_and_refusal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -386,41 +387,6 @@ async def test_fb303_probe_start_publishers_success_and_refusal(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [f"fed probe: {note}; it keeps running without its data source until it "
                       "is restarted"]  # fmt: skip
-
-
-async def test_demo_serves_buffered_in_process_and_stops_on_shutdown() -> None:
-    demo = Demo("buffered", out=io.StringIO(), startup_delay=30)
-    (port,) = free_ports(1)
-    server = asyncio.ensure_future(serve(demo, port, "buffered"))
-    try:
-        probe = Fb303Probe("127.0.0.1", port, 1.0, "buffered")
-        try:
-            async with asyncio.timeout(5):
-                while probe.status is None:  # until it listens
-                    assert await probe.check() == Health.UNHEALTHY
-                    await asyncio.sleep(0.01)
-            assert probe.status == FbStatus.STARTING
-            assert probe.last_error.startswith("child reports STARTING: STARTING: warming up")
-        finally:
-            await probe.close()
-        async with client(port, "buffered") as c:
-            assert await c.call("getName") == "buffered"
-            counters = await c.call("getCounters")
-            assert isinstance(counters, dict)
-            assert set(counters) >= {"demo.ticks", "demo.messages", "demo.status_calls"}
-            await c.call("shutdown")
-        async with asyncio.timeout(5):
-            await server
-    finally:
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
-
-
-async def test_demo_refuses_an_unknown_status() -> None:
-    async with in_process_demo() as (demo, _, port), client(port) as c:
-        with pytest.raises(RpcError, match="status must be one of"):
-            await c.call("setOption", "status", "SLEEPY")
-    assert "status" not in demo.options
 
 
 # --- tcp and exec probes ------------------------------------------------------------------------
@@ -515,23 +481,3 @@ async def test_make_probe_builds_each_kind() -> None:
 
 
 # --- the demo config ---------------------------------------------------------------------------
-
-
-async def test_demo_config_runs_three_healthy_publishers(tmp_path: Path) -> None:
-    ports = free_ports(4)
-    text = demo_config(tmp_path, ports)
-    cfg = parse_config(text, tmp_path / "demo.toml")
-    assert [p.name for p in cfg.publishers] == ["quotes", "trades", "news"]
-    assert [p.port for p in cfg.publishers] == ports[:3]
-    assert all(p.probe.kind == "fb303" and p.probe.interval == 1 for p in cfg.publishers)
-    assert all(p.probe.timeout == 0.5 and p.probe.failure_threshold == 3 for p in cfg.publishers)
-    assert cfg.control.socket == str(tmp_path / "pubmon.sock")
-    assert cfg.daemon.log_dir is not None and cfg.daemon.log_dir.startswith(str(tmp_path))
-    assert cfg.monitor.listen == f"127.0.0.1:{ports[3]}"
-    assert parse_config(demo_config(tmp_path, ports[:3]), tmp_path / "d.toml").monitor.listen == ""
-    async with Supervisor(cfg) as sup:
-        for name in ("quotes", "trades", "news"):
-            pub = sup.get(name)
-            await until(pub, lambda p=pub: p.state == S.RUNNING and p.health == Health.HEALTHY)
-        await option_is(ports[0], "data_source", DEMO_DATA_SOURCE)
-    assert os.path.exists(tmp_path / "logs" / "quotes.log")

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import sys
@@ -435,27 +434,3 @@ async def test_tail_n_0_prints_no_old_line(tmp_path: Path) -> None:
         assert (rc, out) == (0, ""), err
         rc, out, err = await cli("tail", "five", "-n", "2", "--socket", sock)
         assert (rc, out) == (0, "3\n4\n"), err
-
-
-async def test_demo_removes_its_temp_dir_when_stopped() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pubmon", "demo",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        first = (await proc.stdout.readline()).decode()
-        folder = Path(first.split("config ", 1)[1].strip()).parent
-        async with asyncio.timeout(30):
-            while b"ready:" not in await proc.stderr.readline():
-                pass
-        assert folder.is_dir()
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            await proc.communicate()
-        assert proc.returncode == 0
-        assert not folder.exists()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -1,6 +1,6 @@
-"""Who may change what a root daemon runs, obeys or writes in (_trust.py, _config_trust.py):
-the rules for one path, then the daemon refusing, with the path and the fix named, files and
-directories that uid 65534 (nobody) made or can change."""
+"""Who may change what a root daemon runs, obeys or writes in: the rules for one path
+(pubmon.host.trust), then the daemon refusing (pubmon.config.trust), with the path and the fix
+named, files and directories that uid 65534 (nobody) made or can change."""
 
 from __future__ import annotations
 

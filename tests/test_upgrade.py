@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from children import py
+from children import IGNORE_TERM, py
 from control import control, poll
 from daemons import RunningDaemon, daemon_header, run_daemon, toml_publisher
 from procs import alive, children, wait_gone
@@ -336,15 +336,149 @@ async def test_backoff_and_counters_carry_over(tmp_path: Path) -> None:
         await upgrade(d, sock)
         async with control(sock) as c:
             info = await c.call("getPublisher", "crash")
-            chunk = await c.call("tailLog", "crash", -1, 1)
-        # Still waiting for the same deadline: not respawned by the new image, not reset.
-        assert info.state == "BACKOFF" and info.restarts == before.restarts, info
-        assert info.lastExit == 3 and chunk.nextSeq == seq
+        if info.restarts == before.restarts:  # the upgrade took less than the backoff
+            # Still waiting for the same deadline: not respawned by the new image, not reset.
+            assert info.state == "BACKOFF" and info.backoffUntil == before.backoffUntil, info
+            assert info.stateSince == before.stateSince  # not the upgrade's time
+            assert info.lastExit == 3
 
         async def restarted() -> Any:
             async with control(sock) as c:
                 got = await c.call("getPublisher", "crash")
-            return got if got.restarts > before.restarts else None
+                chunk = await c.call("tailLog", "crash", seq, 10)
+            return (got, chunk) if got.restarts > before.restarts and chunk.lines else None
 
-        after = await poll(restarted, "the backoff timer fired in the new image", timeout=20)
+        after, chunk = await poll(restarted, "the backoff timer fired", timeout=20)
         assert after.restarts == before.restarts + 1
+        # Its next run began when the backoff said, not at the upgrade (nor was it forgotten).
+        assert chunk.lines[0].seq == seq + 1 and chunk.lines[0].text == "crashing"
+        assert chunk.lines[0].time >= before.backoffUntil - 0.05, (chunk, before)
+
+
+async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> None:
+    # A stop waiting for a child that ignores SIGTERM, and a `tail -f` long poll, are in
+    # flight when the upgrade execs: both are answered on their connections (the stop with
+    # "pubmon is upgrading: ... accepted and goes on"), and the stop goes on in the new image.
+    body = toml_publisher("stubborn", IGNORE_TERM, stop_timeout=4) + toml_publisher(
+        "quiet", SLEEPER
+    )
+    sock = tmp_path / "pubmon.sock"
+    async with run_daemon(write_config(tmp_path, body)) as d:
+        pids = await d.wait_publishers(2)
+
+        async def ignoring() -> bool:
+            async with control(sock) as c:
+                chunk = await c.call("tailLog", "stubborn", 0, 10)
+            return any("ignoring SIGTERM" in x.text for x in chunk.lines)
+
+        await poll(ignoring, "stubborn ignores SIGTERM")
+        m = idl.pubmon()
+        async with control(sock) as stopper, control(sock) as tailer, control(sock) as c:
+            stop = asyncio.ensure_future(stopper.call("stopPublisher", "stubborn"))
+
+            async def stopping() -> bool:
+                return (await c.call("getPublisher", "stubborn")).state == "STOPPING"
+
+            await poll(stopping, "stubborn STOPPING")
+            seq = (await c.call("tailLog", "quiet", -1, 1)).nextSeq
+            await c.call("upgrade")
+            # Long polls one after the other: the one in flight at the cut is answered early;
+            # one sent after the cut is refused ("retry"); none is dropped before the exec.
+            outcomes = []
+            while not stop.done():
+                try:
+                    chunk = await tailer.call("tailLog", "quiet", seq, 10)
+                except RpcError as exc:
+                    outcomes.append(str(exc))
+                    break
+                assert chunk.lines == [] and chunk.nextSeq == seq
+                outcomes.append("answered")
+            with pytest.raises(m.InvalidState) as caught:
+                await stop
+        for outcome in outcomes[:-1]:
+            assert outcome == "answered", outcomes
+        assert outcomes[-1] == "answered" or "pubmon is upgrading: retry" in outcomes[-1], outcomes
+        text = caught.value.message
+        assert text.startswith("pubmon is upgrading: the stop of stubborn was accepted"), text
+
+        async def upgraded() -> bool:
+            return (await counters(sock)).get("daemon.upgrades") == 1
+
+        await poll(upgraded, "the new image counted the upgrade", timeout=30)
+
+        async def stopped() -> Any:
+            async with control(sock) as c:
+                info = await c.call("getPublisher", "stubborn")
+            return info if info.state == "STOPPED" else None
+
+        info = await poll(stopped, "the stop carried on by the new image", timeout=20)
+        assert info.lastExit == -signal.SIGKILL, info
+        assert d.publisher_pids()["quiet"] == pids["quiet"]
+        assert not alive(pids["stubborn"])
+
+
+async def test_the_dashboards_recent_exits_carry_over(tmp_path: Path) -> None:
+    import json
+
+    import aiohttp
+
+    from pubmon.demo import free_ports
+
+    (port,) = free_ports(1)
+    # Its runs last 1 s: the dashboard's recorder (it starts at READY=1) sees every exit.
+    body = toml_publisher(
+        "crash", ["sh", "-c", "sleep 1; exit 3"], backoff={"initial": 0.1, "max": 0.1, "jitter": 0}
+    )
+    config = write_config(tmp_path, f'[http]\nlisten = "127.0.0.1:{port}"\n' + body)
+    sock = tmp_path / "pubmon.sock"
+
+    async def recent() -> list[Any]:
+        url = f"http://127.0.0.1:{port}/events/crash"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            async for line in r.content:
+                if line.startswith(b"data: ") and b'"recent_exits"' in line:
+                    got: list[Any] = json.loads(line[6:])["recent_exits"]
+                    return got
+        raise AssertionError("no state event")
+
+    async with run_daemon(config) as d:
+
+        async def exited_twice() -> bool:
+            return (await counters(sock)).get("publisher.crash.exits", 0) >= 2
+
+        await poll(exited_twice, "crash exited twice", timeout=30)
+        async with control(sock) as c:
+            await c.call("stopPublisher", "crash")
+        exits = (await counters(sock))["publisher.crash.exits"]
+
+        async def recorded() -> list[Any] | None:
+            got = await recent()
+            return got if sum(x["count"] for x in got) == exits else None
+
+        before = await poll(recorded, "the dashboard recorded every exit", timeout=30)
+        got = await upgrade(d, sock)
+        assert got["publisher.crash.exits"] == exits
+        assert await recent() == before
+        assert before[0]["status"] == 3
+
+
+@pytest.mark.parametrize("reads", ["1", "0"])
+async def test_an_older_pubmon_on_disk_gets_a_state_format_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: str
+) -> None:
+    # The code on disk reads only format 1 (an operator going back): the daemon writes that;
+    # it reads none of ours: refused, and nothing changes.
+    monkeypatch.setenv("PUBMON_TEST_UPGRADE_READS", reads)
+    sock = tmp_path / "pubmon.sock"
+    async with run_daemon(small_config(tmp_path)) as d:
+        pids = await d.wait_publishers(3)
+        if reads == "0":
+            async with control(sock) as c:
+                with pytest.raises(idl.pubmon().UpgradeRefused) as caught:
+                    await c.call("upgrade")
+            assert "cannot read state format 1 (it reads 0)" in caught.value.message
+        else:
+            got = await upgrade(d, sock)
+            assert got["daemon.last_upgrade_adopted"] == 3 and got["daemon.last_upgrade_lost"] == 0
+            await d.wait_log("accepts the state (format 1)")
+        assert d.publisher_pids() == pids

@@ -29,7 +29,7 @@ async def test_installed_wheel_serves_the_idl_from_package_data(tmp_path: Path) 
         assert f"pubmon/idl/{idl}" in names
     assert "pubmon/py.typed" in names
     for asset in ("index.html", "publisher.html", "login.html", "dashboard.js", "dashboard.css"):
-        assert f"pubmon/dashboard/{asset}" in names  # the HTTP dashboard needs no CDN
+        assert f"pubmon/http/dashboard/{asset}" in names  # the HTTP dashboard needs no CDN
     for data in ("pubmon.1", "pubmon.bash", "_pubmon"):  # man page, bash and zsh completion
         assert f"pubmon/data/{data}" in names
     assert any(n.endswith(".data/data/share/man/man1/pubmon.1") for n in names), names

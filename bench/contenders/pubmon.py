@@ -141,7 +141,8 @@ class Pubmon(Contender):
     def log_path(self, instance: str) -> Path:
         program = instance.rsplit(":", 1)[0]
         single = any(p.name == program and p.numprocs == 1 for p in self._programs)
-        return self.logs / f"{program if single else instance}.log"
+        name = program if single else instance.replace(":", "-")  # feed:0 writes feed-0.log
+        return self.logs / f"{name}.log"
 
     def status(self) -> Status:
         if not thrift_available():

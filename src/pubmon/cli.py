@@ -14,6 +14,7 @@ Usage:
   pubmon pid [NAME...] [options]
   pubmon reload [options]
   pubmon tail NAME... [options]
+  pubmon clear NAME... [options]
   pubmon log [options]
   pubmon counters [PREFIX] [options]
   pubmon upgrade [options]
@@ -51,12 +52,15 @@ Options:
   -h --help        Show this text.
   --version        Show the version.
 
-pause freezes a publisher's whole process tree (its cgroup) until resume.
+pause freezes a publisher's whole process tree (its cgroup) until resume. clear empties a
+publisher's log: its ring (for new readers) and its log files, rotated copies removed.
 NAME: an instance (feed:0), a program (feed: all its instances), a shell-style glob
 (feed:1*, 'f*') or all. SHELL: bash or zsh (eval "$(pubmon completion bash)").
 Exit codes: 0 ok, 1 error, 2 bad config, 3 daemon cannot start, 4 daemon not reachable,
 5 permission denied, 6 unknown publisher, 7 invalid state for the request, 8 --timeout
-reached (the operation goes on), 64 usage error.
+reached (the operation goes on), 9 the daemon upgraded in place while the request was
+waiting (it was accepted and goes on: see pubmon status), 64 usage error. A request the
+daemon refuses because it is upgrading is retried until --timeout.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from __future__ import annotations
 __all__ = ["main"]
 
 # Client commands (status, start, tail, ...) must start and exit within ~100 ms: they talk to the
-# daemon through the blocking, thriftpy2-free `_wire`, and import neither asyncio nor logging
+# daemon through the thriftpy2-free `thrift.blocking`, and import neither asyncio nor logging
 # nor the daemon's modules. Those are imported inside the functions of `daemon`, `demo` and
 # `check-config`.
 import os
@@ -77,7 +81,7 @@ from docopt import docopt
 
 from pubmon._version import __version__
 from pubmon.errors import ConfigError, RpcError, StartupError
-from pubmon.thrift.wire import WireClient, WireException
+from pubmon.thrift.blocking import BlockingClient, DeclaredException
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -88,6 +92,7 @@ EXIT_DENIED = 5
 EXIT_UNKNOWN = 6
 EXIT_INVALID_STATE = 7
 EXIT_TIMEOUT = 8
+EXIT_UPGRADING = 9
 EXIT_USAGE = 64  # EX_USAGE of sysexits.h
 
 DEFAULT_SOCKET = "/run/pubmon/pubmon.sock"
@@ -270,6 +275,11 @@ def run_demo(debug: bool) -> int:
 # --- talking to a running daemon ------------------------------------------------------------
 
 
+# How the daemon answers a call an in-place upgrade refused (nothing done) or cut short
+# (pubmon.daemon.upgrade.UPGRADING; not imported: the CLI must not load the daemon's modules).
+_UPGRADING = "pubmon is upgrading"
+_UPGRADING_RETRY = f"{_UPGRADING}: retry"
+
 # What the daemon's declared IDL exceptions mean to an operator: (exit code, message prefix).
 _DECLARED = {
     "UnknownPublisher": (EXIT_UNKNOWN, ""),
@@ -285,7 +295,7 @@ class Remote:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.where = f"{args.host}:{args.port}" if args.host else args.socket
-        self._client: WireClient | None = None
+        self._client: BlockingClient | None = None
         self._tls = bool(args.host and (args.tls_ca or args.tls_cert or args.tls_key))
         self.calls = 0  # answered
 
@@ -294,11 +304,11 @@ class Remote:
         try:
             if a.host:
                 ctx = _tls_context(a)
-                self._client = WireClient(
+                self._client = BlockingClient(
                     host=a.host, port=a.port, timeout=a.call_timeout, ssl_context=ctx
                 )
             else:
-                self._client = WireClient(unix_socket=a.socket, timeout=a.call_timeout)
+                self._client = BlockingClient(unix_socket=a.socket, timeout=a.call_timeout)
         except RpcError as exc:
             cause = exc.__cause__
             if isinstance(cause, PermissionError):
@@ -323,16 +333,35 @@ class Remote:
         self._client.timeout = seconds
 
     def call(self, method: str, *args: object) -> Any:
+        """`method`'s answer. Refused because the daemon is upgrading ("pubmon is upgrading:
+        retry"; nothing was done): asked again on a new connection, which the new image
+        answers, until --timeout."""
+        deadline = time.monotonic() + self.args.call_timeout
+        while True:
+            try:
+                return self._call(method, *args)
+            except CliError as exc:
+                if not str(exc).endswith(_UPGRADING_RETRY) or time.monotonic() >= deadline:
+                    raise
+            self.__exit__()
+            time.sleep(0.05)
+            self.__enter__()
+
+    def _call(self, method: str, *args: object) -> Any:
         assert self._client is not None, "call() outside `with Remote(...)`"
         try:
             got = self._client.call(method, *args)
             self.calls += 1
             return got
-        except WireException as exc:
+        except DeclaredException as exc:
             code, prefix = _DECLARED.get(exc.name, (EXIT_ERROR, f"{exc.name}: "))
+            if exc.message.startswith(_UPGRADING) and not exc.message.endswith(_UPGRADING_RETRY):
+                code = EXIT_UPGRADING  # accepted, then cut short by the upgrade
             raise CliError(code, prefix + exc.message) from None
         except RpcError as exc:
             text = str(exc)
+            if text.endswith(_UPGRADING_RETRY):
+                raise CliError(EXIT_INVALID_STATE, text) from None
             if self._tls and self.calls == 0 and "closed" in text:
                 # Under TLS 1.3 the daemon judges our certificate after our side of the
                 # handshake is done, and asyncio drops a refused one without an alert: all we
@@ -716,6 +745,12 @@ def _one(remote: Remote, a: Args, name: str) -> _Outcome:
         if a.command == "signal":
             i = remote.call("signalPublisher", name, a.signal)
             return _Outcome(name, True, f"{name}: {a.signal} sent to pid {i.pid}", EXIT_OK)
+        if a.command == "clear":
+            r = remote.call("clearLog", name)
+            files = f", {len(r.files)} file(s)" if r.files else ""
+            if r.error:
+                return _Outcome(name, False, f"{name}: log not cleared: {r.error}", EXIT_ERROR)
+            return _Outcome(name, True, f"{name}: log cleared ({r.lines} lines{files})", EXIT_OK)
         extra_arg = (a.no_wait or None,) if a.command in _NO_WAIT else ()
         i = remote.call(_METHOD[a.command], name, *extra_arg)
     except CliError as exc:
@@ -811,7 +846,7 @@ class _Progress:
 
     def __init__(self, a: Args, total: int) -> None:
         self.verb, self.total = a.command, total
-        self.goal = "signalled" if a.command == "signal" else _GOAL[a.command]
+        self.goal = _GOAL.get(a.command) or {"signal": "signalled", "clear": "cleared"}[a.command]
         self.ok = self.failed = 0
         self.draw()
 
@@ -1077,6 +1112,7 @@ COMMANDS: dict[str, Callable[[Remote, Args], int]] = {
     "pause": cmd_action,
     "resume": cmd_action,
     "signal": cmd_action,
+    "clear": cmd_action,
     "pid": cmd_pid,
     "reload": cmd_reload,
     "tail": cmd_tail,

@@ -33,6 +33,12 @@ from pubmon.thrift.server import ThriftClient
 _HEAD = re.compile(r"C (\d+\.\d+) ([oe]) (\d+) ")
 _READY_BIT = 1 << (signal.SIGUSR2 - 1)  # in SigIgn: the chaos child takes commands
 SETTLE = 30.0  # seconds an action may take to show its consequence
+# A status call on the TCP listener: its peer (127.0.0.1, every burst's client) is rate-limited
+# to 0.1 s of handler time a second, and a burst of 30 clients on a loaded host, or one that
+# meets an upgrade's pause and reconnects, waits for its turn well beyond 10 s.
+STATUS_TIMEOUT = 30.0
+UPGRADING = "pubmon is upgrading"  # answers cut short by an upgrade (pubmon.daemon.upgrade)
+RETRY = f"{UPGRADING}: retry"  # ... refused: nothing was done
 
 
 def _svc() -> Any:
@@ -70,9 +76,18 @@ class Driver:
         self._removed_line_pubs: list[str] = []
         self._tg: asyncio.TaskGroup | None = None
         self._rng = {
-            lane: random.Random(f"{seed}/{lane}") for lane in ("faults", "ops", "reloads", "status")
+            lane: random.Random(f"{seed}/{lane}")
+            for lane in ("faults", "ops", "reloads", "status", "upgrades")
         }
         self._followers_done = asyncio.Event()
+        # Upgrades: the config file must be what runs when one is asked for (else refused), so
+        # a reload holds this from writing the file until the daemon applied it.
+        self._config_lock = asyncio.Lock()
+        self.upgrades = 0  # accepted and counted by the new image
+        self.upgrading = 0  # upgrades under way now
+        self.upgrades_begun = 0  # a connection made before one began may be closed by it
+        self.reloading = 0  # reloads under way (for "upgrade during a reload")
+        self.last_burst = 0.0  # loop time of the last burst or spew fault (a flood)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -81,11 +96,30 @@ class Driver:
 
     @asynccontextmanager
     async def client(self, timeout: float = 60) -> AsyncIterator[Any]:
-        """A connection to the control socket of its own (calls on one connection queue)."""
-        async with await ThriftClient.connect(
+        """A connection to the control socket of its own (calls on one connection queue),
+        which survives upgrades (see `Conn`)."""
+        conn = Conn(self, lambda: ThriftClient.connect(
             _svc(), unix_socket=str(self.env.socket), timeout=timeout
-        ) as c:
-            yield c
+        ))  # fmt: skip
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    def retriable(self, exc: Exception, since: int) -> bool:
+        """A call an upgrade refused ("pubmon is upgrading: retry": nothing was done), or one
+        on a connection made before an upgrade began (`since`: `upgrades_begun` then) that
+        the exec closed (its call had not been taken: calls taken are answered before the
+        exec): make it again. Any other dropped connection is a failure."""
+        text = getattr(exc, "message", None) or str(exc)
+        if RETRY in text:
+            self.stats["upgrade.refused_calls"] += 1
+            return True
+        upgraded = since < self.upgrades_begun
+        if isinstance(exc, RpcError) and upgraded and "no reply within" not in text:
+            self.stats["upgrade.dropped_calls"] += 1
+            return True
+        return False
 
     def _spawn(self, coro: Any) -> None:
         assert self._tg is not None
@@ -159,6 +193,7 @@ class Driver:
             tg.create_task(self._lane(until, 2.0, self._rng["ops"], self._pick_op))
             tg.create_task(self._reload_lane(until))
             tg.create_task(self._status_lane(until))
+            tg.create_task(self._upgrade_lane(until))
         self._tg = None
 
     async def _lane(
@@ -242,6 +277,7 @@ class Driver:
     def _busy(self, pub: Pub, what: str, act: Callable[[Any], Awaitable[None]]) -> None:
         """Run `act(control client)` in the background with `pub` marked busy meanwhile."""
         pub.busy = True
+        pub.actions += 1
 
         async def run() -> None:
             try:
@@ -295,6 +331,7 @@ class Driver:
         self.stats[f"fault.{kind}"] += 1
         pub.faults.append(kind)
         if kind in ("burst", "spew"):
+            self.last_burst = asyncio.get_running_loop().time()
             return  # no exit: only lines, checked at the end
         unhealthy = kind in ("stop", "hang")
         if unhealthy:
@@ -368,22 +405,46 @@ class Driver:
             self.problem(f"{pub.name}: idle and expected {pub.expect}, but {before.state}")
             return
         method = {"start": "startPublisher", "stop": "stopPublisher", "restart": "restartPublisher"}
+        cut = False
         if via_cli:
             self.stats["op.cli"] += 1
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pubmon", action, pub.name, "--socket", str(self.env.socket),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            out, err = await proc.communicate()
-            if proc.returncode != 0:
-                self.problem(f"pubmon {action} {pub.name} exited {proc.returncode}: {err!r}")
+            while True:
+                since = self.upgrades_begun - self.upgrading
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pubmon", action, pub.name,
+                    "--socket", str(self.env.socket),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, err = await proc.communicate()
+                if proc.returncode == 4 and since < self.upgrades_begun:  # closed by an exec
+                    self.stats["upgrade.dropped_calls"] += 1
+                    continue
+                if proc.returncode == 9 and UPGRADING.encode() in err:  # taken, then cut short
+                    self.stats["upgrade.cut_requests"] += 1
+                    cut = True
+                elif proc.returncode == 1 and action != "stop" and pub.expect != "RUNNING":
+                    pass  # a doomed one: the CLI says it did not reach RUNNING
+                elif proc.returncode != 0:
+                    self.problem(f"pubmon {action} {pub.name} exited {proc.returncode}: {err!r}")
+                break
         else:
             try:
                 await c.call(method[action], pub.name)
             except (idl.pubmon().InvalidState, idl.pubmon().UnknownPublisher) as exc:
-                self.problem(f"{pub.name}: {action} from {before.state}: {exc.message}")
-                return
+                if exc.message.startswith(UPGRADING):  # taken, then cut short: it goes on
+                    self.stats["upgrade.cut_requests"] += 1
+                    cut = True
+                else:
+                    self.problem(f"{pub.name}: {action} from {before.state}: {exc.message}")
+                    return
         self.stats[f"op.{action}"] += 1
+        if cut:  # answered before its publisher acted on it: wait for that first
+            await self._wait(
+                c,
+                pub.name,
+                lambda i: i.stateSince != before.stateSince,
+                f"{action} taken after an upgrade cut its call short",
+            )
         if before.state == "RUNNING" and action in ("stop", "restart"):
             pub.exits += 1
         if action == "stop":
@@ -429,16 +490,17 @@ class Driver:
         return True
 
     async def _broken_reload(self) -> None:
-        good = render_config(self.env, list(self.pubs.values()))
-        write_config(self.env, good + "[publisher.broken]\ncommand = 42\n")
-        async with self.client() as c:
-            os.kill(self.daemon_pid, signal.SIGHUP)
-            self.reload_failures += 1
-            self.stats["reload.broken"] += 1
-            await self._wait_counter(
-                c, "daemon.reload_failures", self.reload_failures, "broken reload"
-            )
-        write_config(self.env, good)
+        async with self._config_lock:
+            good = render_config(self.env, list(self.pubs.values()))
+            write_config(self.env, good + "[publisher.broken]\ncommand = 42\n")
+            async with self.client() as c:
+                os.kill(self.daemon_pid, signal.SIGHUP)
+                self.reload_failures += 1
+                self.stats["reload.broken"] += 1
+                await self._wait_counter(
+                    c, "daemon.reload_failures", self.reload_failures, "broken reload"
+                )
+            write_config(self.env, good)
 
     async def _reload(self, rng: random.Random) -> None:
         idle = self._idle()
@@ -453,12 +515,15 @@ class Driver:
         touched = [*removed, *changed, *policy, *added]
         for p in touched:
             p.busy = True
+            p.actions += 1
+        self.reloading += 1
         try:
             async with self.client() as c:
                 await self._apply_reload(c, rng, removed, changed, policy, added)
         except RpcError as exc:
             self.problem(f"reload: control call failed: {exc}")
         finally:
+            self.reloading -= 1
             for p in touched:
                 p.busy = False
 
@@ -511,24 +576,25 @@ class Driver:
                 self.ever.add(p.name)
             elif p.kind == "demo":
                 self.ever_demo.add(p.name)
-        write_config(self.env, render_config(self.env, list(self.pubs.values())))
-        self.reloads += 1
-        if rng.random() < 0.3:
-            self.stats["reload.rpc"] += 1
-            result = await c.call("reloadConfig")
-            want = (
-                sorted(p.name for p in added),
-                sorted(p.name for p in removed),
-                sorted(p.name for p in changed),
-            )
-            got = (sorted(result.added), sorted(result.removed), sorted(result.changed))
-            if got != want:
-                self.problem(f"reloadConfig answered {got}, expected {want}")
-        else:
-            self.stats["reload.sighup"] += 1
-            os.kill(self.daemon_pid, signal.SIGHUP)
-            if not await self._wait_counter(c, "daemon.reloads", self.reloads, "SIGHUP reload"):
-                return
+        async with self._config_lock:  # until the daemon runs what the file says
+            write_config(self.env, render_config(self.env, list(self.pubs.values())))
+            self.reloads += 1
+            if rng.random() < 0.3:
+                self.stats["reload.rpc"] += 1
+                result = await c.call("reloadConfig")
+                want = (
+                    sorted(p.name for p in added),
+                    sorted(p.name for p in removed),
+                    sorted(p.name for p in changed),
+                )
+                got = (sorted(result.added), sorted(result.removed), sorted(result.changed))
+                if got != want:
+                    self.problem(f"reloadConfig answered {got}, expected {want}")
+            else:
+                self.stats["reload.sighup"] += 1
+                os.kill(self.daemon_pid, signal.SIGHUP)
+                if not await self._wait_counter(c, "daemon.reloads", self.reloads, "SIGHUP reload"):
+                    return
         self.stats["reload.added"] += len(added)
         self.stats["reload.removed"] += len(removed)
         self.stats["reload.changed"] += len(changed)
@@ -555,6 +621,92 @@ class Driver:
         for w in waits:
             await w
 
+    # --- in-place upgrades -----------------------------------------------------------------------
+
+    _MOMENTS = ("any", "reload", "stopping", "backoff", "flood")
+
+    async def _upgrade_lane(self, until: float) -> None:
+        rng = self._rng["upgrades"]
+        # 2-4 in a 60 s run: each costs the host a check and a new interpreter (~0.5 s of CPU
+        # each on a loaded 2-core host) and holds spawns back while it waits for its moment.
+        while await _pace(until, rng.uniform(10, 20) / self.scale):
+            await self._upgrade(rng.choice(self._MOMENTS))
+
+    async def _moment(self, c: Any, moment: str) -> bool:
+        """Wait (up to 3 s) for a moment of this kind: a reload under way, a publisher
+        STOPPING or in BACKOFF, a flood of lines just injected. True if it came."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while loop.time() < deadline:
+            if moment == "any":
+                return True
+            if moment == "reload" and self.reloading:
+                return True
+            if moment == "flood" and loop.time() - self.last_burst < 0.5:
+                return True
+            if moment in ("stopping", "backoff"):
+                state = moment.upper()
+                if any(i.state == state for i in await c.call("listPublishers")):
+                    return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def _upgrade(self, moment: str) -> None:
+        """One `upgrade` at a moment of the kind asked for; then the books: the new image
+        counted it, carried every publisher over (none lost), and every publisher the driver
+        did not touch meanwhile kept its pid and its run (lines across the seam are checked
+        with the log files and by the followers)."""
+        async with self.client() as c:
+            met = await self._moment(c, moment)
+            async with self._config_lock:  # the file is what runs: else refused as edited
+                before = {i.name: i for i in await c.call("listPublishers")}
+                actions = {p.name: p.actions for p in self.pubs.values() if not p.busy}
+                self.upgrading += 1
+                self.upgrades_begun += 1
+                try:
+                    try:
+                        r = await c.call("upgrade")
+                    except idl.pubmon().UpgradeRefused as exc:
+                        self.problem(f"upgrade ({moment}) refused: {exc.message}")
+                        return
+                    got = await self._upgraded(c, r.upgradesBefore)
+                finally:
+                    self.upgrading -= 1
+            after = {i.name: i for i in await c.call("listPublishers")}
+        self.upgrades += 1
+        self.stats[f"upgrade.{moment if met else 'any'}"] += 1
+        if got is None:
+            return
+        self.stats["upgrade.adopted"] += got.get("daemon.last_upgrade_adopted", 0)
+        if got.get("daemon.last_upgrade_lost"):
+            self.problem(f"upgrade: {got['daemon.last_upgrade_lost']} publishers not carried over")
+        for name, pub in self.pubs.items():
+            a, b = before.get(name), after.get(name)
+            if a is None or b is None or pub.actions != actions.get(name) or pub.busy:
+                continue
+            if pub.kind not in LINE_KINDS:  # a probe may kill a demo one under load
+                continue
+            if a.state == "RUNNING" and a.pid and (b.pid, b.startedAt) != (a.pid, a.startedAt):
+                self.problem(
+                    f"{name}: untouched across an upgrade, yet pid {a.pid} -> {b.pid} "
+                    f"({b.state}; last exit: {b.lastExitReason})"
+                )
+            else:
+                self.stats["upgrade.pids_checked"] += bool(a.pid)
+
+    async def _upgraded(self, c: Any, before: int) -> dict[str, int] | None:
+        """The new image's counters once it counted the upgrade."""
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    got: dict[str, int] = await c.call("getCounters")
+                    if got.get("daemon.upgrades", 0) > before:
+                        return got
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            self.problem("upgrade: the new image did not count it within 60 s")
+            return None
+
     # --- status bursts on the TCP listener ------------------------------------------------------
 
     async def _status_lane(self, until: float) -> None:
@@ -567,24 +719,26 @@ class Driver:
     async def _status_client(self, try_mutating: bool) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        c = Conn(self, lambda: ThriftClient.connect(
+            _svc(), host="127.0.0.1", port=self.env.monitor_port, timeout=STATUS_TIMEOUT
+        ))  # fmt: skip
         try:
-            async with await ThriftClient.connect(
-                _svc(), host="127.0.0.1", port=self.env.monitor_port, timeout=10
-            ) as c:
-                await c.call("getStatus")
-                await c.call("listPublishers")
-                await c.call("getCounters")
-                await c.call("getStatusDetails")
-                self.stats["status.calls"] += 4
-                if try_mutating:
-                    try:
-                        await c.call("stopPublisher", next(iter(self.pubs)))
-                    except idl.pubmon().PermissionDenied:
-                        self.stats["status.denied"] += 1
-                    else:
-                        self.problem("stopPublisher was allowed on the TCP monitor listener")
+            await c.call("getStatus")
+            await c.call("listPublishers")
+            await c.call("getCounters")
+            await c.call("getStatusDetails")
+            self.stats["status.calls"] += 4
+            if try_mutating:
+                try:
+                    await c.call("stopPublisher", next(iter(self.pubs)))
+                except idl.pubmon().PermissionDenied:
+                    self.stats["status.denied"] += 1
+                else:
+                    self.problem("stopPublisher was allowed on the TCP monitor listener")
         except RpcError as exc:
             self.problem(f"status burst: {exc}")
+        finally:
+            await c.close()
         self.status_max_latency = max(self.status_max_latency, loop.time() - t0)
 
     # --- followers ------------------------------------------------------------------------------
@@ -627,6 +781,36 @@ class Driver:
 
     def stop_followers(self) -> None:
         self._followers_done.set()
+
+
+class Conn:
+    """A control connection that is made again when an upgrade refuses a call or closes it
+    (`Driver.retriable`); the call is then made again on the new one."""
+
+    def __init__(self, driver: Driver, connect: Callable[[], Awaitable[Any]]) -> None:
+        self._driver = driver
+        self._connect = connect
+        self._client: Any = None
+        self._since = 0  # driver.upgrades_begun when it connected
+
+    async def call(self, method: str, *args: Any) -> Any:
+        while True:
+            try:
+                if self._client is None:
+                    # Made while one is under way: the exec of that one may close it too.
+                    self._since = self._driver.upgrades_begun - self._driver.upgrading
+                    self._client = await self._connect()
+                return await self._client.call(method, *args)
+            except (RpcError, idl.pubmon().InvalidState) as exc:
+                if not self._driver.retriable(exc, self._since):
+                    raise
+            await self.close()
+            await asyncio.sleep(0.02)  # the new image answers once it has taken over
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
 
 async def _pace(until: float, delay: float) -> bool:

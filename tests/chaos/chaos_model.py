@@ -114,6 +114,7 @@ class Pub:
     restarts: int = 0
     exits: int = 0
     busy: bool = False
+    actions: int = 0  # driver actions begun on it (an upgrade's pid check skips those touched)
     faults: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chaos_child import bad_bytes, checksum, long_payload
 
-from procs import alive, descendants, state
+from procs import alive, children, descendants, state
 
 _HEAD = re.compile(rb"C (\d+\.\d+) ([oe]) (\d+) ")
 
@@ -213,6 +213,10 @@ class Usage:
 
     fds: Counter[str]
     rss_kib: int
+    # Pidfds beyond what the daemon's live children explain: one whose process is gone or is
+    # not a child of the daemon, or a third one for the same child. (Each spawned child has two,
+    # ours and asyncio's watcher's; one adopted by an upgrade has one.)
+    stray_pidfds: int = 0
 
     @property
     def total(self) -> int:
@@ -233,28 +237,35 @@ def fd_kind(target: str) -> str:
 
 def usage(pid: int) -> Usage:
     fds: Counter[str] = Counter()
+    targets: Counter[int] = Counter()  # what the pidfds refer to (-1: a process reaped)
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            fds[fd_kind(os.readlink(f"/proc/{pid}/fd/{fd}"))] += 1
-        except FileNotFoundError:
+            kind = fd_kind(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            fds[kind] += 1
+            if kind == "pidfd":
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                targets[int(info.split("\nPid:", 1)[1].split()[0])] += 1
+        except (FileNotFoundError, IndexError, ValueError):
             pass
+    live = children(pid)
+    stray = sum(n if p not in live else max(0, n - 2) for p, n in targets.items())
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
-    return Usage(fds, rss)
+    return Usage(fds, rss, stray)
 
 
 def residual(u: Usage, live_children: int, live_probed: int, configured: int) -> dict[str, int]:
     """Open fds by kind minus those the publishers explain: what should not grow over a run.
 
-    Each live child costs two pipes and two pidfds (ours and asyncio's watcher's), each live
-    child with an fb303 probe a socket (the probe's connection), and each configured publisher
-    one log file.
+    Each live child costs two pipes and one or two pidfds (`Usage.stray_pidfds` counts those
+    it does not explain), each live child with an fb303 probe a socket (the probe's
+    connection), and each configured publisher one log file.
     """
     out = dict(u.fds)
     out["pipe"] = out.get("pipe", 0) - 2 * live_children
-    out["pidfd"] = out.get("pidfd", 0) - 2 * live_children
+    out["pidfd"] = u.stray_pidfds
     out["socket"] = out.get("socket", 0) - live_probed
     out["logfile"] = out.get("logfile", 0) - configured
     return out

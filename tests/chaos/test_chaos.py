@@ -328,6 +328,8 @@ def check_counters(driver: Driver, counters: dict[str, int], report: dict[str, A
         ("daemon.reloads", driver.reloads),
         ("daemon.reload_failures", driver.reload_failures),
         ("rpc.errors", 0),
+        ("daemon.upgrades", driver.upgrades),
+        ("daemon.upgrade_failures", 0),
     ):
         if counters.get(key) != want:
             driver.problem(f"counter {key} is {counters.get(key)}, expected {want}")
@@ -420,6 +422,13 @@ def summarize(driver: Driver, r: dict[str, Any]) -> str:
             f" then max {r['loop_lag_ms']['max']} ms,"
             f" p90 {r['loop_lag_ms']['p90']} ms, {r['loop_lag_ms']['over_500']} of"
             f" {r['loop_lag_ms']['samples']} samples over 500 ms",
+            f"  upgrades {driver.upgrades} in place ("
+            + ", ".join(
+                f"{k.split('.', 1)[1]} {v}"
+                for k, v in sorted(s.items())
+                if k.startswith("upgrade.")
+            )
+            + ")",
             f"  status bursts {s['status.bursts']} on TCP ({s['status.calls']} calls, max latency"
             f" {driver.status_max_latency:.3f} s, {s['status.denied']} mutations refused);"
             f" followers: tailLog {s['follow.lines']} lines ({s['follow.missed']} missed),"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from control import control
+from daemons import toml_value
 from pubmon.errors import RpcError
 
 from .stuckfs import STUCK
@@ -110,28 +111,16 @@ class Ports:
             s.close()
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(value)
-
-
 def render(cfg: ModelConfig, work: Path, ports: Ports) -> str:
     """The TOML text of a model config."""
     uids = [0, 65534] if cfg.allow_nobody else [0]
     out = [
         "[daemon]",
         f"shutdown_timeout = {SHUTDOWN_TIMEOUT}",
-        f"log_dir = {_toml(str(work / 'logs'))}",
+        f"log_dir = {toml_value(str(work / 'logs'))}",
         "[control]",
-        f"socket = {_toml(str(work / 'pubmon.sock'))}",
-        f"allow_uids = {_toml(uids)}",
+        f"socket = {toml_value(str(work / 'pubmon.sock'))}",
+        f"allow_uids = {toml_value(uids)}",
         "[monitor]",
         'listen = ""',
     ]
@@ -145,10 +134,10 @@ def render(cfg: ModelConfig, work: Path, ports: Ports) -> str:
         crash = DEAD_CRASH_LOOP if p.probe == "dead" else 1000
         out += [
             f"[publisher.{p.name}]",
-            f"command = {_toml([sys.executable, '-S', CHILD, '{port}', term, stuck])}",
+            f"command = {toml_value([sys.executable, '-S', CHILD, '{port}', term, stuck])}",
             f"port = {ports.live[p.name]}",
             f'environment = {{ MODEL_VERSION = "{p.version}" }}',
-            f"restart = {_toml(p.restart)}",
+            f"restart = {toml_value(p.restart)}",
             f"start_timeout = {p.start_timeout}",
             f"crash_loop = {{ max_restarts = {crash}, window = 60 }}",
             *common,
@@ -166,7 +155,7 @@ def render(cfg: ModelConfig, work: Path, ports: Ports) -> str:
     if cfg.broken:
         out += [
             f"[publisher.{BROKEN}]",
-            f"command = {_toml([str(work / 'noint.sh')])}",
+            f"command = {toml_value([str(work / 'noint.sh')])}",
             "start_timeout = 0",
             *common,
         ]
@@ -313,16 +302,6 @@ class Notifications:
 
 
 # --- /proc ---------------------------------------------------------------------------------
-
-
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgid) of a pid, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[2])
 
 
 def catches(pid: int, *sigs: signal.Signals) -> bool:

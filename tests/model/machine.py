@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from procs import alive, descendants, in_group
+from procs import alive, descendants, in_group, proc_stat
 
 from .harness import (
     BROKEN,
@@ -36,7 +36,6 @@ from .harness import (
     _rpc,
     catches,
     cli,
-    proc_stat,
     render,
     wait_for,
 )

@@ -199,6 +199,7 @@ class NestedSystemd:
         self.cgroup = cgroup  # host path of the namespace's root cgroup
         self.launcher = launcher  # `unshare`, a child of this process, outside the namespace
         self.init_pid = 0  # host pid of the namespace's PID 1
+        self.unit_path = str(self.units)  # SYSTEMD_UNIT_PATH of the manager and of systemctl
 
     # --- boot and teardown --------------------------------------------------------------------
 
@@ -209,13 +210,18 @@ class NestedSystemd:
         units: Iterable[Path] = (),
         *,
         share: Iterable[Path] = (),
+        scratch: Iterable[str] = (),
         timeout: float = 20,
     ) -> NestedSystemd:
         """Boot a manager whose unit set is the minimal boot plus `units`, keeping its files in
         `state`. The namespace gets a /tmp of its own: host paths under /tmp that it must see
-        (besides `state`) go in `share`."""
+        (besides `state`) go in `share`. `scratch` paths (/etc, /opt, ...) become writable in
+        the namespace only (ns_init.py); with /etc, /etc/systemd/system is in the unit path."""
         state.mkdir(parents=True, exist_ok=True)
         write_unit_set(state / "units", units)
+        scratch = list(scratch)
+        if scratch:
+            (state / "scratch").write_text("\n".join(scratch) + "\n")
         (state / "empty").mkdir()
         (state / "console.log").touch()
         parent = _cgroup_parent()
@@ -235,6 +241,8 @@ class NestedSystemd:
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
         machine = cls(state, cgroup, launcher)
+        if "/etc" in scratch:
+            machine.unit_path = f"/etc/systemd/system:{machine.units}"
         try:
             machine.init_pid = wait_for("the namespace's init", machine._find_init, timeout)
             wait_for("systemd reaching 'running'", machine._booted, timeout, every=0.05)
@@ -326,11 +334,16 @@ class NestedSystemd:
     # --- driving it ---------------------------------------------------------------------------
 
     def run(
-        self, *argv: str, check: bool = True, timeout: float = 30
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 30,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the namespaces (as root, in the nested manager's view)."""
+        """Run a command inside the namespaces (as root, in the nested manager's view), with
+        `env` added to its environment."""
         cmd = ["nsenter", "-t", str(self.init_pid), "-m", "-p", "-u", "-i", "-C", "--", *argv]
-        env = {**_NSENTER_ENV, "SYSTEMD_UNIT_PATH": str(self.units)}
+        env = {**_NSENTER_ENV, "SYSTEMD_UNIT_PATH": self.unit_path, **(env or {})}
         done = subprocess.run(
             cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
         )

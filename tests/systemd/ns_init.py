@@ -15,6 +15,10 @@ What the nested manager gets, and why:
 - /proc/sys, /proc/sysrq-trigger and /sys: read-only, so no sysctl reaches the host kernel.
 - /sys/fs/cgroup: a fresh cgroup2 mount; the cgroup namespace roots it at the test's cgroup,
   which the nested manager then owns (pure unified mode, whatever the host uses).
+- STATE/scratch, when the harness writes it (one host path a line, e.g. /etc, /opt): each path
+  gets an overlay whose upper layer is a tmpfs, so an install can write there (adduser,
+  /etc/systemd/system, /opt/venv) and the host never sees it. With /etc among them,
+  /etc/systemd/system starts empty and comes first in the unit path, as on a host.
 - SYSTEMD_UNIT_PATH=STATE/units: only the units the harness wrote there exist; empty generator
   paths keep fstab/sysv generators from adding host units; `container=` tells systemd it is a
   container (no swapoff, no reboot(), no claim on the host's root cgroup).
@@ -97,6 +101,21 @@ def private_tmp(shared: list[str]) -> None:
     os.rmdir(staging)
 
 
+def scratch_overlays(paths: list[str]) -> None:
+    """Each of `paths` writable, its changes kept in a tmpfs of this namespace only."""
+    top = "/run/.scratch"
+    os.mkdir(top)
+    mount("tmpfs", top, "tmpfs", MS_NOSUID, "mode=700")
+    for i, path in enumerate(paths):
+        upper, work = f"{top}/{i}/upper", f"{top}/{i}/work"
+        os.makedirs(upper)
+        os.makedirs(work)
+        os.chmod(upper, stat.S_IMODE(os.stat(path).st_mode))
+        mount("overlay", path, "overlay", 0, f"lowerdir={path},upperdir={upper},workdir={work}")
+    if "/etc" in paths:
+        mount("tmpfs", "/etc/systemd/system", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+
+
 def main(state: Path, shared: list[str]) -> None:
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     journald = Path("/run/systemd/journald.conf.d")
@@ -115,11 +134,18 @@ def main(state: Path, shared: list[str]) -> None:
         raise OSError(err, f"umount /sys/fs/cgroup: {os.strerror(err)}")
     mount("/sys", "/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    units = str(state / "units")
+    scratch = state / "scratch"
+    if scratch.exists():
+        paths = scratch.read_text().split()
+        scratch_overlays(paths)
+        if "/etc" in paths:
+            units = f"/etc/systemd/system:{units}"
     env = {
         "container": "pubmon-test",
         "TERM": "dumb",
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "SYSTEMD_UNIT_PATH": str(state / "units"),
+        "SYSTEMD_UNIT_PATH": units,
         "SYSTEMD_GENERATOR_PATH": str(state / "empty"),
         "SYSTEMD_ENVIRONMENT_GENERATOR_PATH": str(state / "empty"),
     }

@@ -70,6 +70,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, fields
 from typing import final
 
+from pubmon.thrift.peer import SUBJECT_ATTRS
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,7 +99,7 @@ _LOGS = ("tailLog", "tailDaemonLog")
 _CONTROL = (
     "startPublisher", "stopPublisher", "restartPublisher", "signalPublisher", "reloadConfig",
     "diffConfig", "reopenLogs", "setOption", "shutdown", "reinitialize", "getCpuProfile",
-    "pausePublisher", "resumePublisher", "upgrade",
+    "pausePublisher", "resumePublisher", "upgrade", "clearLog",
 )  # fmt: skip
 _METHOD_LEVELS = {
     **dict.fromkeys(_STATUS, Level.STATUS),
@@ -164,19 +166,8 @@ def _id(n: int) -> int:
     return n
 
 
-# Subject attribute names as getpeercert() spells them -> as people write them.
-_ATTRS = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-    "domainComponent": "DC",
-    "emailAddress": "emailAddress",
-    "serialNumber": "serialNumber",
-}
-_SHORT = {v.upper(): v for v in _ATTRS.values()}
+# Subject attributes as people write them, whatever the case: "cn=..." is "CN=...".
+_SHORT = {v.upper(): v for v in SUBJECT_ATTRS.values()}
 _SANS = {"DNS": "DNS", "IP": "IP", "IP ADDRESS": "IP", "EMAIL": "email", "URI": "URI"}
 
 
@@ -184,7 +175,7 @@ def _subject_key(rdns: Iterable[tuple[str, str]]) -> str:
     def esc(value: str) -> str:
         return value.replace("\\", "\\\\").replace(",", "\\,")
 
-    attrs = sorted((_ATTRS.get(a, _SHORT.get(a.upper(), a)), v) for a, v in rdns)
+    attrs = sorted((SUBJECT_ATTRS.get(a, _SHORT.get(a.upper(), a)), v) for a, v in rdns)
     return "subject:" + ",".join(f"{a}={esc(v)}" for a, v in attrs)
 
 

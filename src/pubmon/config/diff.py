@@ -2,15 +2,25 @@
 
 `FIELD_EFFECTS` names every field of `PublisherSpec` with what a change of it does (restart the
 process, rebuild the probe, or apply live); `diff_configs` refuses a field the table does not
-list, so a new field cannot be silently ignored by a reload.
+list, so a new field cannot be silently ignored by a reload. `daemon_changes` says the same of
+[daemon] (one line per changed setting); the listeners ([control], [monitor], [http]) report
+their own changes as they apply them. `ReloadReport` is what a reload answers: both.
 """
 
 from __future__ import annotations
 
-__all__ = ["FIELD_EFFECTS", "ConfigDiff", "FieldEffect", "PublisherChange", "diff_configs"]
+__all__ = [
+    "FIELD_EFFECTS",
+    "ConfigDiff",
+    "FieldEffect",
+    "PublisherChange",
+    "ReloadReport",
+    "daemon_changes",
+    "diff_configs",
+]
 
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pubmon.config.model import Config
 
@@ -137,3 +147,26 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         PublisherChange(spec.name, "removed") for spec in old.publishers if spec.name not in after
     )
     return ConfigDiff(tuple(changes))
+
+
+# [daemon] settings read once, when the daemon starts: a reload reports them as pending.
+_DAEMON_AT_START = ("log_dir", "cgroup", "log_stdout")
+
+
+def daemon_changes(old: Config, new: Config) -> list[str]:
+    """One line per changed [daemon] setting (the listeners report their own)."""
+    out = []
+    for f in fields(old.daemon):
+        a, b = getattr(old.daemon, f.name), getattr(new.daemon, f.name)
+        if a != b:
+            at_start = f.name in _DAEMON_AT_START
+            later = " (takes effect at the next daemon start)" if at_start else ""
+            out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
+    return out
+
+
+class ReloadReport(NamedTuple):
+    """What a reload did: the publishers' diff, and one line per daemon-level change."""
+
+    diff: ConfigDiff
+    daemon: list[str]

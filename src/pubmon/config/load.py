@@ -46,6 +46,7 @@ from pubmon.config.model import (
     ProbeSpec,
     PublisherSpec,
     RestartMode,
+    StderrMode,
     ThriftTransport,
 )
 from pubmon.config.trust import trust_findings
@@ -63,7 +64,7 @@ _PORT_PROBES = ("fb303", "tcp")
 # added to a dataclass is not silently accepted in files before a reader for it exists.
 _SECTIONS = ("daemon", "control", "monitor", "http", "publisher")
 _DAEMON_KEYS = ("log_dir", "shutdown_timeout", "inherit_environment", "cgroup",
-                "log_stdout")  # fmt: skip
+                "log_stdout", "log_group", "log_mode")  # fmt: skip
 _CONTROL_KEYS = ("socket", "allow_uids", "allow", "max_connections", "max_connections_per_uid")
 _MONITOR_KEYS = ("listen", "tls_cert", "tls_key", "tls_client_ca", "allow", "allow_control",
                  "max_frame", "idle_timeout", "max_connections",
@@ -81,7 +82,9 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)", re.I)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BACKOFF_KEYS = ("initial", "max", "factor", "jitter", "reset_after")
 _CRASH_LOOP_KEYS = ("max_restarts", "window")
-_LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo")
+_LOG_KEYS = ("max_bytes", "backups", "ring_lines", "max_line", "echo", "timestamps", "stderr")
+_STDERR_MODES = ("together", "marked", "separate")
+_MODE = re.compile(r"0?o?([0-7]{3})")
 _PROBE_KEYS = ("kind", "interval", "timeout", "failure_threshold", "transport", "host", "port",
                "command", "export_counters")  # fmt: skip
 
@@ -111,6 +114,7 @@ class Loader:
         # one up once (a PATH search per instance was half a second of loading).
         self._found: dict[tuple[str, str | None, str | None], str] = {}
         self._inherit_default: bool | tuple[str, ...] = False  # [daemon] inherit_environment
+        self._log_access: tuple[int | None, int | None] = (None, None)  # log_group, log_mode
         # program key -> names set by its environment table: their values take {port}, {name},
         # {index} like the command (inherited values are passed on as they are).
         self._env_table: dict[Key, frozenset[str]] = {}
@@ -124,6 +128,7 @@ class Loader:
         programs = self._programs()
         check_depends(self.chk, {p.program: p.depends_on for p in programs}, self.sections)
         instances = [spec for program in programs for spec in self._instances(program)]
+        self._check_file_names(instances)
         # An invalid listen address was replaced by the default: do not judge ports against it.
         listen_ok = not self.chk.failed(("monitor", "listen"))
         self._check_ports(instances, monitor.address() if listen_ok else None)
@@ -168,13 +173,63 @@ class Loader:
         t = self._section(self.doc, "daemon", key, _DAEMON_KEYS)
         log_dir = chk.string(t, "log_dir", key)  # "" = none, as for control.socket
         self._inherit_default = self._inherit(t, key, d.inherit_environment)
+        self._log_access = (self._log_group(t, key), self._log_mode(t, key))
+        group, mode = self._log_access
+        if group is not None and mode is not None and not mode & 0o040:
+            chk.problem(
+                (*key, "log_mode"),
+                f'log_group is set but log_mode {mode:04o} does not let the group read: use "0640"',
+            )
         return DaemonConfig(
             cgroup=self._cgroup(t, key, d.cgroup),
             log_dir=self._path(log_dir) if log_dir else None,
+            log_group=self._log_access[0],
+            log_mode=self._log_access[1],
             inherit_environment=self._inherit_default,
             shutdown_timeout=chk.number(t, "shutdown_timeout", key, d.shutdown_timeout, gt=0),
             log_stdout=chk.boolean(t, "log_stdout", key, False) if "log_stdout" in t else None,
         )
+
+    def _log_group(self, t: Table, key: Key) -> int | None:
+        """`log_group`: a group name or gid that gets the log files and log_dir."""
+        if "log_group" not in t:
+            return None
+        import grp
+
+        value = t["log_group"]
+        try:
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_UID:
+                grp.getgrgid(value)
+                return value
+            if isinstance(value, str) and value:
+                return grp.getgrnam(value).gr_gid
+        except KeyError:
+            self.chk.problem((*key, "log_group"), f"no group {value!r} on this host")
+            return None
+        self.chk.problem(
+            (*key, "log_group"), f"expected a group name or gid, got {describe(value)}"
+        )
+        return None
+
+    def _log_mode(self, t: Table, key: Key) -> int | None:
+        """`log_mode`: the log files' mode, "0640" (or 0o640): read and write for the daemon,
+        read at most for the group and others; log_dir gets the matching x bits."""
+        if "log_mode" not in t:
+            return None
+        value = t["log_mode"]
+        mode = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            mode = value
+        elif isinstance(value, str) and (found := _MODE.fullmatch(value)):
+            mode = int(found.group(1), 8)
+        if mode is None or mode & ~0o644 or mode & 0o600 != 0o600:
+            self.chk.problem(
+                (*key, "log_mode"),
+                'expected a file mode such as "0640": rw for the owner (6), at most read (4)'
+                f" for the group and others, got {describe(value)}",
+            )
+            return None
+        return mode
 
     def _cgroup(self, t: Table, key: Key, default: str) -> str:
         """`cgroup`: "auto", "" (none) or an absolute path to a directory in a cgroup2
@@ -253,13 +308,7 @@ class Loader:
     def _monitor(self) -> MonitorConfig:
         chk, key, d = self.chk, ("monitor",), MonitorConfig()
         t = self._section(self.doc, "monitor", key, _MONITOR_KEYS)
-        listen = chk.string(t, "listen", key)
-        if listen:
-            try:
-                parse_listen(listen)
-            except ValueError as e:
-                chk.problem((*key, "listen"), str(e))
-                listen = None
+        listen = self._listen(t, key)
         cert, tls_key, ca = (
             self._file(t, n, key) for n in ("tls_cert", "tls_key", "tls_client_ca")
         )
@@ -298,16 +347,21 @@ class Loader:
             ),
         )
 
-    def _http(self) -> HttpConfig:
-        chk, key, d = self.chk, ("http",), HttpConfig()
-        t = self._section(self.doc, "http", key, _HTTP_KEYS)
-        listen = chk.string(t, "listen", key)
+    def _listen(self, t: Table, key: Key) -> str | None:
+        """`listen` as given ("" too), or None (absent, or a problem reported)."""
+        listen = self.chk.string(t, "listen", key)
         if listen:
             try:
                 parse_listen(listen)
             except ValueError as e:
-                chk.problem((*key, "listen"), str(e))
+                self.chk.problem((*key, "listen"), str(e))
                 listen = None
+        return listen
+
+    def _http(self) -> HttpConfig:
+        chk, key, d = self.chk, ("http",), HttpConfig()
+        t = self._section(self.doc, "http", key, _HTTP_KEYS)
+        listen = self._listen(t, key)
         token_file = self._file(t, "token_file", key)
         if token_file is not None and os.path.isfile(token_file):
             try:
@@ -542,6 +596,10 @@ class Loader:
             ring_lines=chk.integer(g, "ring_lines", key, d.ring_lines, lo=1),
             max_line=chk.integer(g, "max_line", key, d.max_line, lo=64, hi=16 * _MIB),
             echo=chk.boolean(g, "echo", key, d.echo),
+            timestamps=chk.boolean(g, "timestamps", key, d.timestamps),
+            stderr=cast(StderrMode, chk.choice(g, "stderr", key, _STDERR_MODES) or d.stderr),
+            group=self._log_access[0],
+            mode=self._log_access[1],
         )
 
     def _size(
@@ -707,6 +765,20 @@ class Loader:
         if len(self.chk.problems) == problems:
             self._found[memo] = out[0]
         return out
+
+    def _check_file_names(self, instances: list[PublisherSpec]) -> None:
+        """Log files are named without ':' ("api:0" -> api-0.log): a program "api-0" would
+        share the file of instance api:0."""
+        seen: dict[str, str] = {}
+        for spec in instances:
+            fname = spec.name.replace(":", "-")
+            other = seen.setdefault(fname, spec.name)
+            if other != spec.name:
+                self.chk.problem(
+                    ("publisher", spec.program),
+                    f"instance {spec.name} would share the log file {fname}.log with {other}:"
+                    " rename one of the programs",
+                )
 
     def _check_ports(self, instances: list[PublisherSpec], monitor: tuple[str, int] | None) -> None:
         """No two instances on one port, none on the monitor's port (publishers run on this

@@ -30,6 +30,9 @@ from pubmon.config.checks import parse_listen
 RestartMode = Literal["always", "on-failure", "never"]
 ProbeKind = Literal["none", "fb303", "tcp", "exec"]
 ThriftTransport = Literal["framed", "buffered"]
+# How stderr lines reach the log file: "together" in <name>.log as they are, "marked" there
+# with "stderr| " before each line, "separate" in <name>.err.log of their own.
+StderrMode = Literal["together", "marked", "separate"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +57,12 @@ class LogSpec:
     ring_lines: int = 2000  # lines kept in memory for tailLog
     max_line: int = 65536  # longer lines are cut into fragments flagged partial
     echo: bool = False  # also copy every line to the daemon's stderr ("name| line")
+    timestamps: bool = False  # each line in the file starts with the time it was read
+    stderr: StderrMode = "together"
+    # From [daemon] log_group / log_mode (not keys of the publisher's log table): the group and
+    # mode of its files (the directory follows); None = not set (files 0640, group left alone).
+    group: int | None = None
+    mode: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +148,8 @@ class PublisherSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
     log_dir: str | None = None
+    log_group: int | None = None  # gid given to the log files and log_dir (a name in the file)
+    log_mode: int | None = None  # mode of the log files (0o640); log_dir gets the x bits too
     # The cgroup2 directory pubmon manages (a cgroup per publisher below it): "auto" = its own
     # cgroup when delegated to it (systemd's Delegate=yes), "" = none, or an absolute path.
     cgroup: str = "auto"

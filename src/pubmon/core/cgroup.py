@@ -64,6 +64,12 @@ SUPERVISOR = "supervisor"  # the daemon's own leaf
 PREFIX = "pub-"  # publisher groups: pub-feed, pub-feed:0
 CPU_PERIOD = 100_000  # µs: cpu.max "<quota> <period>", systemd's CPUQuotaPeriodSec default
 _CONTROLLERS = ("cpu", "memory", "pids")  # what limits need; enabled for publishers if offered
+# (controller, file, keys) that count limit hits: Cgroup.limit_events, /metrics
+LIMIT_EVENTS = (
+    ("memory", "memory.events", ("high", "max", "oom_kill")),
+    ("pids", "pids.events", ("max",)),
+    ("cpu", "cpu.stat", ("throttled_usec",)),
+)
 _LIMIT_CONTROLLER = {"memory_max": "memory", "memory_high": "memory", "cpu_max": "cpu",
                      "pids_max": "pids"}  # fmt: skip
 
@@ -88,7 +94,8 @@ def _read(path: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
+    # O_TRUNC as a shell's `>`: cgroupfs ignores it, a plain test directory needs it.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, text.encode())
     finally:
@@ -189,6 +196,33 @@ class Cgroup:
             return bool(done())
         return True
 
+    def memory_current(self) -> int:
+        """memory.current (the memory controller's), in bytes."""
+        return int(_read(os.path.join(self.path, "memory.current")))
+
+    def set_memory_high(self, value: int | None) -> None:
+        """memory.high: `value` bytes, or "max" for None."""
+        _write(os.path.join(self.path, "memory.high"), _bytes(value))
+
+    def limit_events(self) -> dict[str, int]:
+        """How often its limits were hit, over the group's life (it outlives runs), from the
+        files of the controllers it has: memory.events `high` (memory.high crossed: also the
+        memory_restart tripwire), `max`, `oom_kill`; pids.events `max` (forks refused);
+        cpu.stat `throttled_usec`. Keys as in LIMIT_EVENTS; {} without those controllers."""
+        out: dict[str, int] = {}
+        for controller, file, keys in LIMIT_EVENTS:
+            if controller not in self.controllers:
+                continue
+            try:
+                text = _read(os.path.join(self.path, file))
+            except OSError:
+                continue
+            for key in keys:
+                value = _keyed(text, key)
+                if value is not None:
+                    out[f"{file}:{key}"] = value
+        return out
+
     def cpu_seconds(self) -> float:
         """cpu.stat usage_usec: CPU of every process that ever ran in it, in seconds."""
         return (_keyed(_read(os.path.join(self.path, "cpu.stat")), "usage_usec") or 0) / 1e6
@@ -236,6 +270,8 @@ class Cgroups:
     def __init__(self, root: str, controllers: frozenset[str]) -> None:
         self.root = root
         self.controllers = controllers
+        self.moved = False  # the daemon moved itself into <root>/supervisor (release: back)
+        self.enabled: frozenset[str] = frozenset()  # the controllers setup turned on in root
 
     def __repr__(self) -> str:
         return f"<Cgroups {self.root} controllers={sorted(self.controllers)}>"
@@ -274,6 +310,7 @@ class Cgroups:
         try:
             if own == root:
                 cls._move_into_leaf(root)
+            before = frozenset(_read(os.path.join(root, "cgroup.subtree_control")).split())
             controllers = cls._enable_controllers(root)
         except OSError as exc:
             if setting == "auto":  # delegated, but not writable here (a read-only mount)
@@ -289,6 +326,8 @@ class Cgroups:
                 "and move processes there: root, or a delegated subtree)"
             ) from exc
         cgroups = cls(root, controllers)
+        cgroups.moved = own == root
+        cgroups.enabled = controllers - before
         if sweep:
             cgroups.sweep_stale()
         logger.info(
@@ -320,6 +359,41 @@ class Cgroups:
                     logger.warning("cannot enable the %s controller in %s: %s",
                                    name, root, exc.strerror)  # fmt: skip
         return frozenset(_read(control).split()) & frozenset(_CONTROLLERS)
+
+    def release(self) -> list[str]:
+        """Undo what setup did, at the end of a clean stop: remove the empty publisher groups
+        left, turn off the controllers setup enabled, move the daemon back into the root and
+        remove its `supervisor` leaf, so a standalone run leaves the directory as it found it
+        (under systemd the unit's cgroup goes with the unit anyway). Not after `pubmon
+        upgrade`: the exec never returns here. Returns what is left (logged), [] when nothing."""
+        left = []
+        for entry in sorted(Path(self.root).glob(PREFIX + "*")):
+            if not Cgroup(str(entry), self.controllers).remove():
+                left.append(str(entry))
+        if not self.moved:
+            return left
+        control = os.path.join(self.root, "cgroup.subtree_control")
+        leaf = os.path.join(self.root, SUPERVISOR)
+        try:
+            for name in sorted(self.enabled):
+                # cgroup2's no-internal-processes rule: root may hold the daemon again only
+                # once it gives no domain controller to its children.
+                _write(control, "-" + name)
+            _write(os.path.join(self.root, "cgroup.procs"), str(os.getpid()))
+            os.rmdir(leaf)
+        except OSError as exc:
+            logger.warning(
+                "cannot move pubmon %d back into %s and remove %s: %s",
+                os.getpid(),
+                self.root,
+                leaf,
+                exc.strerror or exc,
+            )
+            left.append(leaf)
+        else:
+            logger.info("pubmon %d moved back into %s and removed %s", os.getpid(), self.root, leaf)
+        self.moved = False
+        return left
 
     def publisher(self, name: str) -> Cgroup:
         return Cgroup(os.path.join(self.root, PREFIX + name), self.controllers)

@@ -18,6 +18,12 @@ the way a root daemon must (the fix of a "root writes through a symlink" report)
   by the daemon's euid, with exactly one link (a hard link to someone else's file has two);
 - rotation renames relative to the directory fd; with `backups` = 0 the file is truncated through
   the checked fd (ftruncate), never by path; a deleted file is recreated through the directory fd.
+Who may read them: files are created 0640 in a 0750 directory; with `[daemon] log_group` /
+`log_mode` every open (creation, rotation, reopen after logrotate) gives the file that group and
+mode through its fd (fchown, fchmod), and the directory the same group with the matching x bits,
+so the operators the control socket lets read logs can read the files too. `clear` (`pubmon
+clear`) empties the file through the checked fd and unlinks its rotated copies by name relative
+to the directory fd.
 A refused file counts as a failure like any other: its bytes are dropped and counted, the reason
 (with the path) is logged once, and the open is tried again every RETRY_INTERVAL.
 
@@ -28,11 +34,12 @@ after a failed open the next attempt waits RETRY_INTERVAL, and lines are lost me
 
 from __future__ import annotations
 
-__all__ = ["RETRY_INTERVAL", "Buf", "LogDir", "LogFile", "Run"]
+__all__ = ["RETRY_INTERVAL", "Buf", "LogDir", "LogFile", "Run", "dir_mode"]
 
 import errno
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Sequence
@@ -47,6 +54,18 @@ _CREATE = _OPEN | os.O_CREAT | os.O_EXCL
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
+
+
+def dir_mode(file_mode: int) -> int:
+    """The log directory's mode for files of `file_mode`: rwx for the owner, and r-x for whoever
+    may read the files (0640 -> 0750, 0644 -> 0755); never writable by anyone else."""
+    mode = 0o700
+    if file_mode & 0o040:
+        mode |= 0o050
+    if file_mode & 0o004:
+        mode |= 0o005
+    return mode
+
 
 Buf = bytes | bytearray | memoryview
 Run = tuple[Sequence[Buf], int, int]  # one block of whole lines: (buffers, bytes, lines)
@@ -63,6 +82,10 @@ class LogDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # [daemon] log_group / log_mode, set by the files using it (see LogFile.access): the
+        # directory's group and mode follow, so the operators of log_group can list it.
+        self.gid: int | None = None
+        self.mode = _DIR_MODE
         self._fd: int | None = None
 
     def fd(self) -> int:
@@ -78,10 +101,32 @@ class LogDir:
         try:
             fd = os.open(self.path, _DIR_FLAGS)
         except FileNotFoundError:
-            os.makedirs(self.path, mode=_DIR_MODE, exist_ok=True)
+            os.makedirs(self.path, mode=self.mode, exist_ok=True)
             fd = os.open(self.path, _DIR_FLAGS)
         self._fd = fd
+        self.apply(fd)
         return fd
+
+    def apply(self, fd: int | None = None) -> None:
+        """Give the directory log_group and the mode that goes with log_mode (when they are
+        set; else it is left as the operator made it). Only a directory the daemon owns is
+        changed."""
+        fd = self._fd if fd is None else fd
+        if fd is None or (self.gid is None and self.mode == _DIR_MODE):
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                return
+            if self.gid is not None and st.st_gid != self.gid:
+                os.fchown(fd, -1, self.gid)
+            if stat.S_IMODE(st.st_mode) != self.mode:
+                os.fchmod(fd, self.mode)
+        except OSError as exc:
+            logger.warning(
+                "log directory %s: cannot set group %s, mode %o (%s)",
+                self.path, self.gid, self.mode, exc.strerror or exc,
+            )  # fmt: skip
 
     def refresh(self) -> None:
         """Drop the fd if `path` now names another directory (or none); the next use reopens."""
@@ -98,11 +143,16 @@ class LogDir:
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close(fd)
+
+
+def _close(fd: int | None) -> None:
+    """Close `fd` if there is one; a failure to close leaves nothing to do."""
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _refused(path: str, why: str) -> OSError:
@@ -122,7 +172,18 @@ class LogFile:
     (a reload); the thread reads them before each write.
     """
 
-    def __init__(self, owner: str, directory: LogDir, name: str, max_bytes: int, backups: int):
+    def __init__(
+        self,
+        owner: str,
+        directory: LogDir,
+        name: str,
+        max_bytes: int,
+        backups: int,
+        *,
+        legacy: str | None = None,
+        gid: int | None = None,
+        mode: int | None = None,
+    ):
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"log file name {name!r} is not a plain name")
         self.owner = owner  # the publisher, for log lines
@@ -131,6 +192,15 @@ class LogFile:
         self.path = os.path.join(directory.path, name)
         self.max_bytes = max_bytes
         self.backups = backups
+        # The name an older pubmon gave this file ("api:0.log"): found at the first open, it is
+        # renamed to `name`, with its backups, so its lines go on in one file under one name.
+        self.legacy = legacy
+        # [daemon] log_group / log_mode (None: not set; files are created 0640): set from the
+        # loop (a reload), applied by the thread at every open (creation, rotation, reopen).
+        self.gid = gid
+        self.mode = mode
+        self.cleared: tuple[list[str], str] | None = None  # the last clear: (paths, error)
+        self._access_warned: tuple[int | None, int | None] | None = None
         self.error: OSError | None = None  # why the last write or open failed; None while healthy
         self.lost_bytes = 0  # written by the writer thread only
         self.lost_lines = 0
@@ -186,6 +256,32 @@ class LogFile:
         """Close the file; later runs count as lost (nothing is logged) until `reopen`."""
         self._closed = True
         self._close_fd()
+
+    def clear(self) -> None:
+        """Empty the file (through its checked fd) and remove its rotated copies `name.1`,
+        `name.2`, ... (any number: backups may have shrunk). Other files (logrotate's
+        `name.1.gz`) are left alone. The result goes to `cleared`: (paths, "" or the error)."""
+        done: list[str] = []
+        try:
+            fd = None if self._closed else self._usable_fd()
+            if fd is not None:
+                os.ftruncate(fd, 0)
+                self._size = 0
+                self._torn = False
+                done.append(self.path)
+            dfd = self.dir.fd()
+            pattern = re.compile(re.escape(self.name) + r"\.[0-9]+")
+            for entry in sorted(os.listdir(dfd)):
+                if pattern.fullmatch(entry):
+                    try:
+                        os.unlink(entry, dir_fd=dfd)
+                    except FileNotFoundError:
+                        continue
+                    done.append(os.path.join(self.dir.path, entry))
+        except OSError as exc:
+            self.cleared = (done, f"{exc.filename or self.path}: {exc.strerror or exc}")
+            return
+        self.cleared = (done, "")
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -292,6 +388,9 @@ class LogFile:
     def _open(self) -> int:
         """Open or create the file through the directory fd, and check what was opened."""
         dfd = self.dir.fd()
+        if self.legacy is not None:
+            self._migrate(dfd, self.legacy)
+            self.legacy = None
         try:
             fd = self._openat(dfd)
         except FileNotFoundError:
@@ -300,6 +399,7 @@ class LogFile:
         try:
             st = os.fstat(fd)
             self._check(st)
+            self._access(fd, st)
             os.set_blocking(fd, True)  # O_NONBLOCK only guarded the open
         except BaseException:
             os.close(fd)
@@ -321,10 +421,67 @@ class LogFile:
                     raise _refused(self.path, "it is a FIFO or socket") from None
                 raise
             try:
-                return os.open(self.name, _CREATE, _FILE_MODE, dir_fd=dfd)
+                mode = _FILE_MODE if self.mode is None else self.mode
+                return os.open(self.name, _CREATE, mode, dir_fd=dfd)
             except FileExistsError:
                 continue
         raise OSError(errno.EAGAIN, "the log file keeps appearing and vanishing", self.path)
+
+    def _access(self, fd: int, st: os.stat_result) -> None:
+        """log_group and log_mode, on the file just opened (created, rotated, or put there by
+        logrotate's `create`) and on its directory. With neither set, files are created 0640
+        (less with a umask) and left as they are."""
+        gid, mode = self.gid, self.mode
+        if gid is None and mode is None:
+            return
+        try:
+            # Mode first: a group the daemon may not give (EPERM when it is not root and not
+            # in that group) must not keep the file at a mode it was not asked for.
+            if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            if gid is not None and st.st_gid != gid:
+                os.fchown(fd, -1, gid)
+        except OSError as exc:  # the lines still go to the file: say so once, do not refuse it
+            if (gid, mode) != self._access_warned:
+                self._access_warned = (gid, mode)
+                logger.warning(
+                    "%s: cannot give log file %s group %s, mode %s (%s)",
+                    self.owner, self.path, gid, None if mode is None else f"{mode:04o}",
+                    exc.strerror or exc,
+                )  # fmt: skip
+        directory = self.dir
+        want = dir_mode(_FILE_MODE if mode is None else mode)
+        if directory.gid != gid or directory.mode != want:
+            directory.gid, directory.mode = gid, want
+            directory.apply()
+
+    def _migrate(self, dfd: int, legacy: str) -> None:
+        """`legacy` and its backups become `name` and its backups, if `name` does not exist."""
+        try:
+            os.stat(self.name, dir_fd=dfd, follow_symlinks=False)
+            return  # already there: the legacy files (if any) are left for the operator
+        except FileNotFoundError:
+            pass
+        moved = 0
+        for suffix in ("", *(f".{i}" for i in range(1, max(self.backups, 0) + 1))):
+            try:
+                st = os.stat(legacy + suffix, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+                os.rename(legacy + suffix, self.name + suffix, src_dir_fd=dfd, dst_dir_fd=dfd)
+                moved += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning(
+                    "%s: cannot rename old log file %s to %s (%s)",
+                    self.owner, legacy + suffix, self.name + suffix, exc.strerror or exc,
+                )  # fmt: skip
+        if moved:
+            logger.info(
+                "%s: log file %s renamed to %s (file names no longer contain ':'), %d file(s)",
+                self.owner, os.path.join(self.dir.path, legacy), self.path, moved,
+            )  # fmt: skip
 
     def _check(self, st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
@@ -356,8 +513,4 @@ class LogFile:
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close(fd)

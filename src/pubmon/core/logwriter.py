@@ -87,7 +87,7 @@ _CLONE_FILES = 0x400
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # Operations: (kind, file, payload, cost). Writes carry a Run; marks a callback.
-_WRITE, _REOPEN, _CLOSE, _MARK, _STOP = range(5)
+_WRITE, _REOPEN, _CLOSE, _MARK, _STOP, _CLEAR = range(6)
 _Op = tuple[int, LogFile | None, object, int]
 
 
@@ -179,6 +179,10 @@ class DirWriter:
 
     def close(self, file: LogFile) -> None:
         self._queue.put((_CLOSE, file, None, 0))
+
+    def clear(self, file: LogFile) -> None:
+        """Empty `file` and remove its backups, after the runs queued before (`pubmon clear`)."""
+        self._queue.put((_CLEAR, file, None, 0))
 
     def mark(self, done: Callable[[], None]) -> None:
         """Call `done` on the writer thread once everything queued before it is handled."""
@@ -367,6 +371,9 @@ class DirWriter:
             elif kind == _CLOSE:
                 assert file is not None
                 self._step(f"closing {file.path}", LogFile.close, file)
+            elif kind == _CLEAR:
+                assert file is not None
+                self._step(f"clearing {file.path}", LogFile.clear, file)
             elif kind == _MARK:
                 payload()  # type: ignore[operator]
             else:

@@ -18,8 +18,15 @@ of `max_line` bytes flagged partial (the last piece, the one ending in the newli
 an incomplete last line at EOF is one more partial line. Joining the fragments gives the line
 back, byte for byte. Sequence numbers count every line and fragment from 1 across spawns.
 
-The file `<log_dir>/<name>.log` gets both streams, interleaved only at line boundaries, as the
-child's raw bytes with no prefixes. Three departures from "the bytes as written":
+The file `<log_dir>/<name>.log` ("api-0.log" for instance api:0: no ':' in file names; a file an
+older pubmon named "api:0.log" is renamed at the first open, backups too) gets both streams,
+interleaved only at line boundaries, as the child's raw bytes with no prefixes. Opt-in, per
+publisher: `timestamps = true` starts each line with the time its chunk was read
+("2026-12-06 03:38:53.123 "), `stderr = "marked"` starts stderr lines with "stderr| ", and
+`stderr = "separate"` writes them to `<name>.err.log` instead. A prefix costs one join and one
+bytes.replace per chunk (C calls, no Python work per line); measured here, 100 MB of 60-byte
+lines in 256 KiB chunks to /dev/shm (load average 13): 390-420 MB/s plain, 275 MB/s marked,
+237 MB/s with timestamps. Three departures from "the bytes as written":
 
 - an incomplete line that grows past `max_line` is written `max_line` bytes at a time, each piece
   followed by an added b"\\n": the file can't keep a line open while the other stream writes;
@@ -41,7 +48,16 @@ it ends.
 
 from __future__ import annotations
 
-__all__ = ["MAX_TAIL_LINES", "LogChunk", "LogLine", "OutputLog", "StreamSink", "finish_writing"]
+__all__ = [
+    "MAX_TAIL_LINES",
+    "LogChunk",
+    "LogCleared",
+    "LogLine",
+    "OutputLog",
+    "StreamSink",
+    "file_name",
+    "finish_writing",
+]
 
 import asyncio
 import logging
@@ -88,6 +104,38 @@ class LogChunk:
     lines: list[LogLine]
     next_seq: int  # the cursor for the next call: the last line's seq, or unchanged / resynced
     missed: int  # lines after the cursor that were evicted from the ring before this call
+
+
+@dataclass(frozen=True, slots=True)
+class LogCleared:
+    """What `OutputLog.clear` did."""
+
+    lines: int  # lines dropped from the ring
+    files: list[str]  # files emptied or removed
+    error: str  # "" or why the files could not (all) be cleared
+
+
+def file_name(name: str) -> str:
+    """The log file of instance `name`: "api:0" -> "api-0.log" (a ':' in a file name trips
+    scp, rsync host:path arguments and logrotate globs). load.py refuses two instances whose
+    file names would be the same."""
+    return name.replace(":", "-") + ".log"
+
+
+class _Stamp:
+    """The file's line prefix "2026-12-06 03:38:53.123 ", strftime'd once a second."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second, self.text = -1, ""
+
+    def __call__(self, now: float) -> bytes:
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self.text}.{int(now * 1000) % 1000:03d} ".encode()
 
 
 @final
@@ -205,7 +253,8 @@ class OutputLog:
         self.name = name
         self.lines = 0
         self.bytes = 0
-        self.path = None if log_dir is None else os.path.join(log_dir, f"{name}.log")
+        self._base = file_name(name).removesuffix(".log")
+        self.path = None if log_dir is None else os.path.join(log_dir, f"{self._base}.log")
         self._log_dir = log_dir
         self._spec = spec
         self._ring = Ring(spec.ring_lines)
@@ -220,6 +269,8 @@ class OutputLog:
         self._writer: DirWriter | None = None
         self._last_writer: DirWriter | None = None  # for sync/flushed after close
         self._file: LogFile | None = None
+        self._err_file: LogFile | None = None  # stderr = "separate": <name>.err.log
+        self._stamp = _Stamp()
         if log_dir is not None:
             self._open_file(log_dir)
 
@@ -230,15 +281,24 @@ class OutputLog:
         )
 
     @property
+    def files(self) -> list[LogFile]:
+        return [f for f in (self._file, self._err_file) if f is not None]
+
+    @property
+    def paths(self) -> list[str]:
+        """The log files: <name>.log, and <name>.err.log with stderr = "separate"."""
+        return [f.path for f in self.files]
+
+    @property
     def dropped(self) -> int:
         """Lines that did not reach the file (whatever the reason; the ring has them)."""
-        lost = self._file.lost_lines if self._file is not None else 0
+        lost = sum(f.lost_lines for f in self.files)
         return self._dropped_lines + self._lost_before[1] + lost
 
     @property
     def dropped_bytes(self) -> int:
         """Bytes of lines that did not reach the file, as they would have been written."""
-        lost = self._file.lost_bytes if self._file is not None else 0
+        lost = sum(f.lost_bytes for f in self.files)
         return self._dropped_bytes + self._lost_before[0] + lost
 
     def open_stream(self, stream: Stream) -> StreamSink:
@@ -252,9 +312,21 @@ class OutputLog:
         self._echo = spec.echo
         self._ring.keep_lines = spec.ring_lines
         self._ring.trim()
-        if self._file is not None:
-            self._file.max_bytes = spec.max_bytes  # read by the writer thread before each write
-            self._file.backups = spec.backups
+        writer = self._writer
+        if writer is not None and (spec.stderr == "separate") != (self._err_file is not None):
+            if self._err_file is None:
+                self._err_file = self._new_file(f"{self._base}.err.log", None)
+                writer.reopen(self._err_file)
+            else:
+                writer.close(self._err_file)
+                self._err_file = None
+        for file in self.files:
+            file.max_bytes = spec.max_bytes  # read by the writer thread before each write
+            file.backups = spec.backups
+            if (file.gid, file.mode) != (spec.group, spec.mode):
+                file.gid, file.mode = spec.group, spec.mode
+                if writer is not None:
+                    writer.reopen(file)  # applied now, by the open
 
     def reopen(self) -> None:
         """Close and reopen the file (SIGUSR1, after logrotate moved it). No-op without a file.
@@ -263,17 +335,43 @@ class OutputLog:
         """
         if self._log_dir is None:
             return
-        if self._writer is None:  # closed: start again with a fresh file object
-            if self._file is not None:
-                lost = self._lost_before
-                self._lost_before = (
-                    lost[0] + self._file.lost_bytes,
-                    lost[1] + self._file.lost_lines,
-                )
+        if self._writer is None:  # closed: start again with fresh file objects
+            lost = self._lost_before
+            self._lost_before = (
+                lost[0] + sum(f.lost_bytes for f in self.files),
+                lost[1] + sum(f.lost_lines for f in self.files),
+            )
             self._open_file(self._log_dir)
             return
-        assert self._file is not None
-        self._writer.reopen(self._file)
+        for file in self.files:
+            self._writer.reopen(file)
+
+    async def clear(self, timeout: float = 5.0) -> LogCleared:
+        """Empty the ring (for new readers: a follower's cursor stays valid) and the log files,
+        removing their rotated copies (`pubmon clear`). Lines queued before are cleared with the
+        file; lines fed after go to the emptied file. Waits for the writer at most `timeout`.
+        """
+        dropped = self._ring.clear()
+        writer = self._writer
+        if writer is None:
+            return LogCleared(dropped, [], "")
+        files = self.files
+        for file in files:
+            file.cleared = None
+            writer.clear(file)
+        if not await writer.flushed(timeout):
+            return LogCleared(
+                dropped, [], f"the log writer did not get to it within {timeout:g} s"
+                f" ({writer.busy()}); it will clear the files when it does",
+            )  # fmt: skip
+        paths: list[str] = []
+        errors: list[str] = []
+        for file in files:
+            done, error = file.cleared or ([], "not cleared")
+            paths += done
+            if error:
+                errors.append(error)
+        return LogCleared(dropped, paths, "; ".join(errors))
 
     def close(self) -> None:
         """Close the file. Lines fed afterwards still reach the ring and count as dropped.
@@ -284,8 +382,8 @@ class OutputLog:
         """
         writer, self._writer = self._writer, None
         if writer is not None:
-            assert self._file is not None
-            writer.close(self._file)
+            for file in self.files:
+                writer.close(file)
             _logwriter.release(writer)
 
     def sync(self, timeout: float = 10.0) -> bool:
@@ -301,11 +399,28 @@ class OutputLog:
 
     def _open_file(self, log_dir: str) -> None:
         writer = self._writer = self._last_writer = _logwriter.acquire(log_dir)
-        spec = self._spec
-        self._file = LogFile(
-            self.name, writer.dir, f"{self.name}.log", spec.max_bytes, spec.backups
-        )
+        # An older pubmon named "api:0" files "api:0.log": the first open renames them.
+        legacy = f"{self.name}.log" if ":" in self.name else None
+        self._file = self._new_file(f"{self._base}.log", legacy)
         writer.reopen(self._file)
+        self._err_file = None
+        if self._spec.stderr == "separate":
+            self._err_file = self._new_file(f"{self._base}.err.log", None)
+            writer.reopen(self._err_file)
+
+    def _new_file(self, name: str, legacy: str | None) -> LogFile:
+        assert self._writer is not None
+        spec = self._spec
+        return LogFile(
+            self.name,
+            self._writer.dir,
+            name,
+            spec.max_bytes,
+            spec.backups,
+            legacy=legacy,
+            gid=spec.group,
+            mode=spec.mode,
+        )
 
     @property
     def last_seq(self) -> int:
@@ -364,9 +479,19 @@ class OutputLog:
         self.lines += nlines
         writer = self._writer
         behind = None
+        now = time.time()
         if writer is not None:
-            assert self._file is not None
-            if writer.submit(self._file, file_bufs, file_bytes, nlines):
+            spec = self._spec
+            file = self._file
+            if stream == "stderr":
+                if self._err_file is not None:
+                    file = self._err_file
+                elif spec.stderr == "marked":
+                    file_bufs, file_bytes = _prefixed(file_bufs, b"stderr| ")
+            if spec.timestamps:
+                file_bufs, file_bytes = _prefixed(file_bufs, self._stamp(now))
+            assert file is not None
+            if writer.submit(file, file_bufs, file_bytes, nlines):
                 if self._overflow_from is not None:
                     self._overflow_ended()
                 if writer.congested():
@@ -379,7 +504,7 @@ class OutputLog:
         elif self._file is not None:  # closed
             self._dropped_lines += nlines
             self._dropped_bytes += file_bytes
-        self._ring.add(nlines, time.time(), stream, prefix, data, end, cut)
+        self._ring.add(nlines, now, stream, prefix, data, end, cut)
         stdout = _stdout.sink  # [daemon] log_stdout: replaces echo, which would repeat each line
         if stdout is not None:
             stdout.add(self.name, stream, prefix + data[:end], cut)
@@ -429,3 +554,10 @@ class OutputLog:
                 view = view[os.write(fd, view) :]
         except OSError:
             pass  # the daemon's own stderr is gone; the file and the ring still have the lines
+
+
+def _prefixed(bufs: Sequence[Buf], prefix: bytes) -> tuple[tuple[bytes], int]:
+    """Whole lines (the last ends in b"\\n") with `prefix` before each, in C calls only."""
+    block = b"".join(bufs)
+    out = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
+    return (out,), len(out)

@@ -8,6 +8,12 @@ of the publisher's state; nothing else reads a flag to decide what to do. A call
 request and awaits its answer, which always comes: done, refused with the reason (InvalidState),
 or superseded by a later request (a stop that overtook a start).
 
+Three modules: this one is the state machine (its state, the requests and messages, what each
+does to the state); pubmon.core.runner the mechanics that carry it out (the inbox loop, the
+timer, the watch task, the process steps of a spawn and a stop); pubmon.core.watch the health
+watch, a task that only posts verdicts. Neither imports this module: each takes what it needs
+(callables, a Protocol).
+
 Why one inbox instead of flags: the first design kept the operator's wish in `_wanted`,
 `_restart_requested` and `_kick`, read by the restart loop and the watcher. A stop that raced
 the child's own exit let the exit branch consume the kick, and the stop waited for ever. Here
@@ -39,7 +45,6 @@ import asyncio
 import enum
 import logging
 import random
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -51,22 +56,20 @@ from pubmon.core.cgroup import Cgroup, rlimits
 from pubmon.core.lifecycle import Health, PublisherState, check_transition
 from pubmon.core.output import OutputLog
 from pubmon.core.policy import CrashWindow, next_delay, should_restart
-from pubmon.core.probe import Probe, make_probe
 from pubmon.core.process import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, spawn
+from pubmon.core.runner import Runner, Timer, finish_run, kill_tree, prepare_cgroup, send_stop
 from pubmon.core.stats import EXIT_REASONS, ExitReason, Histogram
 from pubmon.core.usage import EMPTY_USAGE, Usage, UsageReader
+from pubmon.core.watch import Verdict, watch
 from pubmon.errors import InvalidState, SpawnError
 
 logger = logging.getLogger(__name__)
 
 S = PublisherState
 _T = TypeVar("_T")
-DRAIN_TIMEOUT = 2.0  # after the group is gone, how long pipes may stay open (an escaped holder)
 KILL_BOUND = 10.0  # after SIGKILL, how long before a child that has not exited is reported stuck
-CGROUP_EMPTY_BOUND = 5.0  # after cgroup.kill, how long the cgroup may stay populated
 FREEZE_BOUND = 2.0  # how long a pause waits for cgroup.events to say frozen
 USAGE_TTL = 1.0  # accounting read at most once a second per publisher
-_STARTING_POLL_FIRST = 0.02  # the first probe while STARTING; doubles up to the interval
 _LIVE = (S.STARTING, S.RUNNING)
 _ACTIVE = (*_LIVE, S.PAUSED)  # a process to stop (a paused one is thawed first)
 _IDLE = (S.STOPPED, S.EXITED, S.FATAL)
@@ -156,20 +159,6 @@ class _Exited:
 
 
 @dataclass(eq=False, slots=True)
-class _Verdict:
-    watch: int  # which watch task sent it: a verdict of a replaced one is dropped
-    kind: Literal["up", "health", "start-timeout", "unhealthy"]
-    health: Health = Health.UNKNOWN
-    details: str = ""
-
-
-@dataclass(eq=False, slots=True)
-class _Timer:
-    token: int
-    kind: Literal["backoff", "kill", "stuck"]
-
-
-@dataclass(eq=False, slots=True)
 class _Nudge:
     """Something outside changed (a dependency's state): re-check whether a spawn is due."""
 
@@ -182,7 +171,9 @@ class _MemoryHigh:
     used: int
 
 
-_Message = _Request | _Exited | _Verdict | _Timer | _Nudge | _MemoryHigh
+# What is posted to a publisher's inbox: requests, its child's exit, its watch's verdicts, the
+# memory sweep's, dependencies' changes; and the runner's own Timer.
+_Message = _Request | _Exited | Verdict | _Nudge | _MemoryHigh
 
 
 @dataclass(eq=False, slots=True)
@@ -248,7 +239,7 @@ class Publisher:
         self._reaper = reaper
         self._clock = clock
         self._rng = rng or random.Random()
-        self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._runner: Runner[_Message] = Runner(spec.name)  # its inbox, timer, watch task
         self._waiters: list[_Waiter] = []
         # The runner's own bookkeeping: written and read by the runner task only.
         self._wanted = spec.autostart  # the operator's intent: run it (or not)
@@ -265,11 +256,6 @@ class Publisher:
         )
         self._running_since: float | None = None  # clock() when it last became RUNNING
         self._run_started: float | None = None  # clock() when the current process started
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_token = 0
-        self._watch_task: asyncio.Task[None] | None = None
-        self._watches = 0
-        self._tg: asyncio.TaskGroup | None = None
 
     def __repr__(self) -> str:
         pid = self.child.pid if self.child else None
@@ -285,6 +271,11 @@ class Publisher:
     def wanted(self) -> bool:
         """Whether the operator (or autostart) wants it running."""
         return self._wanted
+
+    @property
+    def run_started(self) -> float | None:
+        """clock() when the current process started (None between runs)."""
+        return self._run_started
 
     def uptime(self) -> float:
         if self._run_started is None or self.pid is None:
@@ -360,28 +351,29 @@ class Publisher:
             self._reader = UsageReader(child.pid, self.cgroup)
         return self._reader
 
-    def check_memory(self, now: float) -> None:
+    def check_memory(self, now: float) -> int | None:
         """The memory sweep's visit (about once a second): post a verdict to the runner once
         the memory stayed above memory_restart for memory_restart_after seconds. Reads one
         file (memory.current) or the RSS of its processes, and only when memory_restart is
-        set and it runs."""
+        set and it runs. Returns the bytes read, None when it did not read."""
         spec = self.spec
         if spec.memory_restart is None or self.state not in _LIVE:
             self._above_since = None
-            return
+            return None
         reader = self._usage_reader()
         if reader is None:
             self._above_since = None
-            return
+            return None
         used = reader.memory()
         if used <= spec.memory_restart:
             self._above_since = None
-            return
+            return used
         if self._above_since is None:
             self._above_since = now
         if now - self._above_since >= spec.memory_restart_after:
             self._above_since = None
-            self._inbox.put_nowait(_MemoryHigh(self._runs, used))
+            self._runner.post(_MemoryHigh(self._runs, used))
+        return used
 
     def halted(self) -> bool:
         """Not running, and not about to be: no child, idle, no spawn due."""
@@ -431,7 +423,7 @@ class Publisher:
 
     def nudge(self) -> None:
         """A dependency changed state: a spawn waiting for it may be due."""
-        self._inbox.put_nowait(_Nudge())
+        self._runner.post(_Nudge())
 
     async def _request(self, kind: RequestKind) -> Outcome:
         # Shielded: a caller that stops waiting (its RPC timed out) does not withdraw the
@@ -446,42 +438,44 @@ class Publisher:
         restart: bool = False,
     ) -> asyncio.Future[Outcome]:
         answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Request(kind, answer, spec, fields, restart))
+        self._runner.post(_Request(kind, answer, spec, fields, restart))
         return answer
 
     # --- the runner ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Handle the inbox until cancelled (the publisher was removed or the daemon ends)."""
-        try:
-            async with asyncio.TaskGroup() as tg:  # its watch tasks
-                self._tg = tg
-                if self.child is not None and self.state in _LIVE:  # adopted by an upgrade
-                    self._start_watch(self.child, announce=self.state == S.STARTING)
-                while True:
-                    while not self._inbox.empty():
-                        await self._handle(self._inbox.get_nowait())
-                    if self._spawn_due():
-                        await self._spawn()
-                        self._settle_waiters()  # a spawn that failed at once answers now
-                        continue
-                    await self._handle(await self._inbox.get())
-        finally:
-            self._cancel_timer()
-            if self.child is not None:  # cancelled mid-run: never leave it behind
-                self.child.signal(signal.SIGKILL)
-                self._kill_cgroup()
-                self.child.close()
-            self._close_usage_reader()
-            for w in self._waiters:
-                if not w.answer.done():
-                    w.answer.set_result(Outcome.SUPERSEDED)
-            while not self._inbox.empty():
-                msg = self._inbox.get_nowait()
-                if isinstance(msg, _Request) and not msg.answer.done():
-                    msg.answer.set_result(Outcome.SUPERSEDED)
+        await self._runner.run(
+            begin=self._begin,
+            handle=self._handle,
+            spawn_due=self._spawn_due,
+            spawn=self._spawn_and_settle,
+            end=self._end,
+        )
 
-    async def _handle(self, msg: _Message) -> None:
+    def _begin(self) -> None:
+        if self.child is not None and self.state in _LIVE:  # adopted by an upgrade
+            self._start_watch(announce=self.state == S.STARTING)
+
+    async def _spawn_and_settle(self) -> None:
+        await self._spawn()
+        self._settle_waiters()  # a spawn that failed at once answers now
+
+    def _end(self, unhandled: list[_Message | Timer]) -> None:
+        """The runner ends (its timer cancelled): nothing is left behind, every caller is
+        answered."""
+        if self.child is not None:  # cancelled mid-run: never leave it behind
+            kill_tree(self.name, self.child, self.cgroup)
+            self.child.close()
+        self._close_usage_reader()
+        for w in self._waiters:
+            if not w.answer.done():
+                w.answer.set_result(Outcome.SUPERSEDED)
+        for msg in unhandled:
+            if isinstance(msg, _Request) and not msg.answer.done():
+                msg.answer.set_result(Outcome.SUPERSEDED)
+
+    async def _handle(self, msg: _Message | Timer) -> None:
         if isinstance(msg, _Request):
             try:
                 if msg.kind in ("pause", "resume"):
@@ -494,11 +488,10 @@ class Publisher:
         elif isinstance(msg, _Exited):
             if msg.child is self.child:
                 await self._on_exit(msg.child)
-        elif isinstance(msg, _Verdict):
-            if msg.watch == self._watches and self.child is not None:
+        elif isinstance(msg, Verdict):
+            if self._runner.current_watch(msg.watch) and self.child is not None:
                 self._on_verdict(msg)
-        elif isinstance(msg, _Timer) and msg.token == self._timer_token:
-            self._timer = None
+        elif isinstance(msg, Timer) and self._runner.fired(msg):
             self._on_timer(msg)
         elif isinstance(msg, _MemoryHigh) and msg.run == self._runs and self.state in _LIVE:
             self._on_memory_high(msg.used)
@@ -545,9 +538,8 @@ class Publisher:
             self._closed = True
             self._stop_request("killed: pubmon is stopping now")
             if self.child is not None:
-                self.child.signal(signal.SIGKILL)
-                self._kill_cgroup()
-                self._set_timer("stuck", KILL_BOUND)
+                kill_tree(self.name, self.child, self.cgroup)
+                self._runner.set_timer("stuck", KILL_BOUND)
             req.answer.set_result(Outcome.DONE)
         else:
             assert kind == "update" and req.spec is not None
@@ -564,7 +556,7 @@ class Publisher:
             self._then_start = True
             self._stop_ends = "stopped"
         else:
-            self._cancel_timer()
+            self._runner.cancel_timer()
             self.backoff_until = None
             self._due = True
 
@@ -577,7 +569,7 @@ class Publisher:
         elif self.state == S.STOPPING:
             self._stop_ends = "stopped"
         elif self.state in (S.BACKOFF, S.EXITED, S.FATAL):
-            self._cancel_timer()
+            self._runner.cancel_timer()
             self.backoff_until = None
             self._transition(S.STOPPED, why)
         else:  # STOPPED already: nothing moves, but whoever waits for it to halt must look
@@ -597,7 +589,7 @@ class Publisher:
             if self.state in _ACTIVE:
                 self._begin_stop("config changed: " + ", ".join(sorted(req.fields)), True)
             elif self.state == S.BACKOFF:  # the new settings may be the fix: try them now
-                self._cancel_timer()
+                self._runner.cancel_timer()
                 self.backoff_until = None
                 self._due = True
             if self._wanted:
@@ -609,7 +601,7 @@ class Publisher:
             assert self.child is not None
             # A new probe at once, in the phase the run is in; a new data source is handed
             # over by the new probe once it finds the child healthy.
-            self._start_watch(self.child, announce=spec.data_source != old.data_source)
+            self._start_watch(announce=spec.data_source != old.data_source)
             logger.info("%s: probe rebuilt (%s)", self.name, ", ".join(sorted(req.fields)))
         req.answer.set_result(Outcome.DONE)
 
@@ -649,7 +641,7 @@ class Publisher:
 
     async def _spawn(self) -> None:
         async with fork_turn():  # many due at once (the first round): one fork per loop pass
-            if not self._inbox.empty():
+            if not self._runner.inbox.empty():
                 return  # requests came while it waited for its turn: they go first
             spec = self.spec
             self._due = False
@@ -686,64 +678,20 @@ class Publisher:
         self.started_wall = time.time()
         self._stop_ends = "stopped"
         logger.info("%s spawned pid %d: %s", spec.name, child.pid, " ".join(spec.command))
-        inbox = self._inbox
-        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
-        self._start_watch(child, announce=True)
+        post = self._runner.post
+        child.exited.add_done_callback(lambda _: post(_Exited(child)))
+        self._start_watch(announce=True)
         self._fire()
 
     # --- stopping and exits ---------------------------------------------------------------------
 
     async def _prepare_cgroup(self) -> str | None:
-        """Its cgroup, thawed, empty and with the limits written; the cgroup.procs to join.
-        SpawnError when the tree of an earlier run will not leave it."""
+        """Its cgroup, ready for the spawn to join (the cgroup.procs to write), or None."""
         cg = self.cgroup
         if cg is None:
             return None
-        try:
-            cg.create()
-            if cg.frozen():
-                cg.freeze(False)  # a process that joins a frozen group is frozen at once
-            if cg.populated():
-                cg.kill()
-                if not await cg.wait_empty(CGROUP_EMPTY_BOUND):
-                    raise SpawnError(
-                        self.name,
-                        f"its cgroup {cg.path} still holds pids {cg.pids()} of an earlier run "
-                        f"{CGROUP_EMPTY_BOUND:g} s after cgroup.kill",
-                        permanent=False,
-                    )
-            for problem in cg.apply(self.spec.limits):
-                logger.debug("%s: %s", self.name, problem)  # said at start and reload
-            self._cpu_base = cg.cpu_seconds()
-        except OSError as exc:
-            why = f"cannot prepare its cgroup {cg.path}: {exc.strerror or exc}"
-            raise SpawnError(self.name, why, permanent=False) from exc
+        self._cpu_base = await prepare_cgroup(self.name, cg, self.spec.limits)
         return cg.procs
-
-    def _kill_cgroup(self) -> None:
-        """cgroup.kill: SIGKILL to every process of its tree, escapees included."""
-        if self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except OSError as exc:
-                logger.error("%s: cannot kill cgroup %s: %s", self.name, self.cgroup.path, exc)
-
-    async def _empty_cgroup(self, child: Child) -> None:
-        """The leader is gone: with a cgroup, the stop is over when the cgroup is empty. What
-        is left (escapees of the group included) is killed and waited for, bounded."""
-        cg = self.cgroup
-        if cg is None:
-            return
-        self._kill_cgroup()
-        if not await cg.wait_empty(CGROUP_EMPTY_BOUND):
-            logger.error(
-                "%s pid %d: cgroup %s still holds pids %s %g s after cgroup.kill",
-                self.name,
-                child.pid,
-                cg.path,
-                cg.pids(),
-                CGROUP_EMPTY_BOUND,
-            )
 
     def _close_usage_reader(self) -> None:
         if self._reader is not None:
@@ -782,14 +730,14 @@ class Publisher:
         except OSError as exc:
             raise InvalidState(f"{self.name}: cannot write {cg.path}/cgroup.freeze: {exc}") from exc
         if pause:
-            self._stop_watch()
+            self._runner.stop_watch()
             if not await cg.wait_frozen(FREEZE_BOUND):
                 logger.warning("%s: cgroup %s not frozen after %g s", self.name, cg.path,
                                FREEZE_BOUND)  # fmt: skip
             self._transition(S.PAUSED, "paused by operator")
         else:
             self._transition(S.RUNNING, "resumed by operator")
-            self._start_watch(self.child, announce=False)
+            self._start_watch(announce=False)
         req.answer.set_result(Outcome.DONE)
 
     def _begin_stop(
@@ -807,7 +755,7 @@ class Publisher:
         self._then_start = then_start
         self._stop_ends = "failed" if failed else "stopped"
         self._stop_reason = reason
-        self._stop_watch()
+        self._runner.stop_watch()
         spec = self.spec  # a reload's stop settings apply to every stop that starts after it
         if self.state == S.PAUSED and self.cgroup is not None:
             try:
@@ -815,29 +763,13 @@ class Publisher:
             except OSError as exc:  # then SIGKILL after stop_timeout (it works on frozen ones)
                 logger.error("%s: cannot thaw cgroup %s: %s", self.name, self.cgroup.path, exc)
         self._transition(S.STOPPING, why)
-        child.signal(spec.stop_signal)
-        if spec.stop_signal not in (signal.SIGKILL, signal.SIGCONT):
-            # A stopped (SIGSTOP, SIGTSTP) process would keep the signal pending until the
-            # SIGKILL; continue the group so it can act on it, as systemd does.
-            child.signal(signal.SIGCONT)
-        self._set_timer("kill", spec.stop_timeout)
+        send_stop(child, spec.stop_signal)
+        self._runner.set_timer("kill", spec.stop_timeout)
 
     async def _on_exit(self, child: Child) -> None:
-        # What remains of its group (grandchildren) is killed at once, as systemd's
-        # KillMode=mixed does; a SIGKILL'd process cannot refuse.
-        child.signal(signal.SIGKILL)
-        self._stop_watch()
-        self._cancel_timer()
-        await self._empty_cgroup(child)
-        if not await child.drain(DRAIN_TIMEOUT):
-            logger.warning(
-                "%s pid %d: its output pipes are still held open by a process outside its "
-                "group after %g s; closing them",
-                self.name,
-                child.pid,
-                DRAIN_TIMEOUT,
-            )
-        child.close()
+        self._runner.stop_watch()
+        self._runner.cancel_timer()
+        await finish_run(self.name, child, self.cgroup)
         stopping = self.state == S.STOPPING
         if stopping and self._stop_reason is not None:
             reason: ExitReason = self._stop_reason
@@ -905,7 +837,7 @@ class Publisher:
         self._failures += 1
         self.backoff_until = time.time() + delay
         self._transition(S.BACKOFF, f"{what}: {why}; restart in {delay:.3g} s")
-        self._set_timer("backoff", delay)
+        self._runner.set_timer("backoff", delay)
 
     def _go_terminal(self, state: Literal[S.EXITED, S.FATAL], why: str) -> None:
         self._wanted = False
@@ -916,20 +848,7 @@ class Publisher:
 
     # --- timers ---------------------------------------------------------------------------------
 
-    def _set_timer(self, kind: Literal["backoff", "kill", "stuck"], delay: float) -> None:
-        self._cancel_timer()
-        self._timer_token += 1
-        msg = _Timer(self._timer_token, kind)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(0.0, delay), self._inbox.put_nowait, msg)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_token += 1  # one already queued is stale now
-
-    def _on_timer(self, msg: _Timer) -> None:
+    def _on_timer(self, msg: Timer) -> None:
         if msg.kind == "backoff" and self.state == S.BACKOFF:
             self.restarts += 1
             self._due = True
@@ -941,9 +860,8 @@ class Publisher:
                 self.spec.stop_signal.name,
                 self.spec.stop_timeout,
             )
-            self.child.signal(signal.SIGKILL)
-            self._kill_cgroup()
-            self._set_timer("stuck", KILL_BOUND)
+            kill_tree(self.name, self.child, self.cgroup)
+            self._runner.set_timer("stuck", KILL_BOUND)
         elif msg.kind == "stuck" and self.state == S.STOPPING and self.child is not None:
             pid = self.child.pid
             self.stuck = True
@@ -957,21 +875,14 @@ class Publisher:
 
     # --- health ---------------------------------------------------------------------------------
 
-    def _start_watch(self, child: Child, *, announce: bool) -> None:
-        self._stop_watch()
-        self._watches += 1
-        assert self._tg is not None
-        self._watch_task = self._tg.create_task(
-            self._watch(child, self._watches, announce), name=f"watch {self.name}"
+    def _start_watch(self, *, announce: bool) -> None:
+        """A new health watch (pubmon.core.watch) for the current run, replacing the last."""
+        post, reaper, clock = self._runner.post, self._reaper, self._clock
+        self._runner.start_watch(
+            lambda number: watch(self, number, announce, post=post, reaper=reaper, clock=clock)
         )
 
-    def _stop_watch(self) -> None:
-        self._watches += 1  # verdicts of the old one, already queued, are dropped
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            self._watch_task = None
-
-    def _on_verdict(self, v: _Verdict) -> None:
+    def _on_verdict(self, v: Verdict) -> None:
         if v.kind == "up" and self.state == S.STARTING:
             self._set_health(v.health)
             self._running_since = self._clock()
@@ -992,73 +903,6 @@ class Publisher:
             self._set_health(v.health)
             self._fail_why = v.details
             self._begin_stop(v.details, failed=True)
-
-    async def _watch(self, child: Child, watch: int, announce: bool) -> None:
-        """The health watch of one run: posts verdicts; the runner decides what they mean."""
-        post = self._inbox.put_nowait
-        spec = self.spec
-        probe = make_probe(spec, reaper=self._reaper)
-        if probe is None:
-            if self.state == S.STARTING:
-                if spec.start_timeout > 0:
-                    await asyncio.sleep(spec.start_timeout)
-                post(_Verdict(watch, "up", Health.UNKNOWN, f"survived {spec.start_timeout:g} s"))
-            return
-        try:
-            await self._probe_loop(probe, watch, announce)
-        finally:
-            await probe.close()
-
-    async def _probe_loop(self, probe: Probe, watch: int, announce: bool) -> None:
-        post = self._inbox.put_nowait
-        started = self._run_started if self._run_started is not None else self._clock()
-        deadline = started + self.spec.start_timeout
-        delay = _STARTING_POLL_FIRST
-        starting = self.state == S.STARTING
-        failures = 0
-        while True:
-            p = self.spec.probe  # re-read each round: a reload may change its timing
-            began = self._clock()
-            health = await probe.check()
-            self.probe_seconds.observe(self._clock() - began)
-            if starting:
-                if health in (Health.HEALTHY, Health.DEGRADED):
-                    post(_Verdict(watch, "up", health, probe.details or f"probe says {health}"))
-                    starting = announce = False
-                    await self._handoff(probe)
-                elif self._clock() >= deadline:
-                    why = (
-                        f"not healthy within start_timeout {self.spec.start_timeout:g} s: "
-                        f"{probe.last_error or health}"
-                    )
-                    post(_Verdict(watch, "start-timeout", Health.UNHEALTHY, why))
-                    return
-                else:
-                    await asyncio.sleep(min(delay, max(0.0, deadline - self._clock())))
-                    delay = min(delay * 2, p.interval)
-                    continue
-            elif health == Health.UNHEALTHY:
-                failures += 1
-                why = f"probe failed {failures}/{p.failure_threshold}: {probe.last_error}"
-                if failures >= p.failure_threshold:
-                    post(_Verdict(watch, "unhealthy", Health.UNHEALTHY, why))
-                    return
-                post(_Verdict(watch, "health", Health.UNHEALTHY, why))
-            else:
-                failures = 0
-                post(_Verdict(watch, "health", health, probe.details))
-                if announce:
-                    announce = False
-                    await self._handoff(probe)
-            # Rounds start every `interval`, however long the check took (a hung child's
-            # check takes the whole timeout): detection is interval * threshold + timeout.
-            await asyncio.sleep(max(0.0, p.interval - (self._clock() - began)))
-
-    @staticmethod
-    async def _handoff(probe: Probe) -> None:
-        hook = getattr(probe, "on_first_healthy", None)
-        if hook is not None:
-            await hook()
 
     # --- state ----------------------------------------------------------------------------------
 

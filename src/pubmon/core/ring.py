@@ -20,6 +20,7 @@ __all__ = ["BYTE_CAP", "RawLine", "Ring", "extra_pieces", "split_block"]
 
 from bisect import bisect_right
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice
 from typing import final
 
@@ -78,29 +79,20 @@ def extra_pieces(data: bytes, start: int, end: int, cut: int) -> int:
 
 
 @final
+@dataclass(slots=True, eq=False)
 class _Entry:
-    __slots__ = ("cut", "data", "end", "first_seq", "nlines", "prefix", "size", "stream", "time")
+    first_seq: int
+    nlines: int
+    time: float
+    stream: str
+    prefix: bytes
+    data: bytes  # the whole chunk as read: keeping it costs no copy
+    end: int
+    cut: int
 
-    def __init__(
-        self,
-        first_seq: int,
-        nlines: int,
-        time: float,
-        stream: str,
-        prefix: bytes,
-        data: bytes,
-        end: int,
-        cut: int,
-    ) -> None:
-        self.first_seq = first_seq
-        self.nlines = nlines
-        self.time = time
-        self.stream = stream
-        self.prefix = prefix
-        self.data = data  # the whole chunk as read: keeping it costs no copy
-        self.end = end
-        self.cut = cut
-        self.size = len(prefix) + len(data)
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.data)
 
     def lines(self) -> list[tuple[bytes, bool]]:
         block = self.prefix + self.data[: self.end] if self.prefix else self.data[: self.end]
@@ -124,6 +116,7 @@ class Ring:
     def __init__(self, keep_lines: int) -> None:
         self.keep_lines = keep_lines
         self.last_seq = 0
+        self.cleared = 0  # lines up to this seq were cleared by an operator (never "missed")
         self._entries: deque[_Entry] = deque()
         self._lines = 0
         self._bytes = 0
@@ -157,6 +150,16 @@ class Ring:
             self._lines -= old.nlines
             self._bytes -= old.size
 
+    def clear(self) -> int:
+        """Forget every line kept (`pubmon clear`); numbering goes on, so a follower's cursor
+        stays valid, and the lines cleared are not reported to it as missed. Returns how many
+        lines were dropped."""
+        dropped = self._lines
+        self._entries.clear()
+        self._lines = self._bytes = 0
+        self.cleared = self.last_seq
+        return dropped
+
     def read(self, after_seq: int, max_lines: int) -> tuple[list[RawLine], int, int]:
         """Up to `max_lines` lines with seq > after_seq: (lines, next_seq, missed)."""
         last = self.last_seq
@@ -164,8 +167,10 @@ class Ring:
             return [], last, 0
         after = max(after_seq, 0)
         entries = self._entries
-        start = max(after + 1, entries[0].first_seq)
-        missed = start - after - 1
+        start = max(after + 1, entries[0].first_seq if entries else last + 1)
+        missed = max(0, start - max(after, self.cleared) - 1)
+        if not entries:  # cleared, nothing new since
+            return [], last, missed
         index = bisect_right(entries, start, key=_first_seq) - 1
         out: list[RawLine] = []
         for entry in islice(entries, index, None):

@@ -10,6 +10,12 @@ The supervisor itself has three states: RUNNING, STOPPING (once `begin_stopping(
 still go through) and CLOSED (everything stopped or given up on). Every publisher runner is a
 task in the supervisor's TaskGroup. A publisher's crash is data (a state change and a restart
 decision), never an exception; only pubmon bugs escape the group.
+
+Nothing here is process-wide: the Supervisor does not make the process a child subreaper, swap
+asyncio's child watcher, or reap children it did not spawn, so a program may embed one and keep
+its own children's exit statuses. The daemon does that set-up (pubmon.daemon.reaping) and gives
+the Supervisor its orphan reaper (`reaper=`), which the spawns keep informed of the pids asyncio
+owns.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ __all__ = ["Leftover", "Supervisor", "SupervisorState"]
 import asyncio
 import enum
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,8 +35,9 @@ from pubmon.config.diff import ConfigDiff, diff_configs
 from pubmon.config.model import Config, PublisherSpec
 from pubmon.core.cgroup import Cgroups
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.process import OrphanReaper, become_subreaper, install_child_watcher
+from pubmon.core.memsweep import MemorySweep
 from pubmon.core.publisher import KILL_BOUND, Outcome, Publisher, PublisherSnapshot, Pulse
+from pubmon.core.reaper import OrphanReaper
 from pubmon.errors import InvalidState, UnknownPublisher
 
 logger = logging.getLogger(__name__)
@@ -39,7 +45,6 @@ logger = logging.getLogger(__name__)
 S = PublisherState
 _TERMINAL = (S.BACKOFF, S.EXITED, S.FATAL)
 REQUEST_GRACE = 5.0  # how long an operator's request waits beyond the publisher's own timeouts
-MEMORY_SWEEP = 1.0  # seconds between two looks at the memory of publishers with memory_restart
 
 
 class SupervisorState(enum.StrEnum):
@@ -65,12 +70,14 @@ class Supervisor:
         *,
         rng: random.Random | None = None,
         cgroups: Cgroups | None = None,
+        reaper: OrphanReaper | None = None,
     ) -> None:
         self.config = config
         self.cgroups = cgroups  # a cgroup per publisher below it (pubmon.core.cgroup), or None
         self.publishers: dict[str, Publisher] = {}
         self.changed = Pulse()
-        self.reaper = OrphanReaper()
+        # The program's orphan reaper (pubmon.daemon.reaping), told of every spawn, or None.
+        self.reaper = reaper
         self.state = SupervisorState.RUNNING
         self.started_at = time.time()
         self.leftovers: list[Leftover] = []
@@ -80,6 +87,7 @@ class Supervisor:
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
         self._sweep: asyncio.Task[None] | None = None
+        self.memory_sweep = MemorySweep()  # memory_restart: who is read each second, and when
         # Called when a publisher ends for good (EXITED or FATAL): the daemon's critical check.
         self.on_ended: Callable[[Publisher], None] = lambda _: None
 
@@ -92,15 +100,15 @@ class Supervisor:
         return self.state != SupervisorState.RUNNING
 
     async def __aenter__(self) -> Supervisor:
-        loop = asyncio.get_running_loop()
-        install_child_watcher()
-        become_subreaper()
-        self.reaper.install(loop)
         await self._tg.__aenter__()
         for spec in self.config.publishers:
             self._add(spec)
         self._index_dependents()
-        self._sweep = self._tg.create_task(self._memory_sweep(), name="memory sweep")
+        self._sweep = self._tg.create_task(
+            # A lambda: a reload replaces the dict.
+            self.memory_sweep.run(lambda: self.publishers.values()),
+            name="memory sweep",
+        )
         return self
 
     async def __aexit__(
@@ -121,25 +129,10 @@ class Supervisor:
             try:
                 await self._tg.__aexit__(exc_type, exc, tb)
             finally:
-                self._final_sweep()
-                self.reaper.uninstall()
                 for pub in self.publishers.values():
                     pub.output.close()
                     if pub.cgroup is not None:
                         pub.cgroup.remove()
-
-    def _final_sweep(self) -> None:
-        # Anything left among our children now is an orphaned grandchild that escaped its group
-        # (setsid): it is ours to end, and its zombie ours to reap.
-        strays = self.reaper.kill_strays()
-        if strays:
-            logger.warning("killed %d stray descendant(s) at shutdown: %s", len(strays), strays)
-        for pid in strays:
-            try:
-                os.waitpid(pid, 0)  # SIGKILL'd: a zombie within microseconds
-            except ChildProcessError:
-                pass
-        self.reaper.sweep()
 
     # --- lookup -------------------------------------------------------------------------------
 
@@ -368,19 +361,6 @@ class Supervisor:
                 p.shutdown()
             await self._all_halted(level)
             remaining.difference_update(level)
-
-    async def _memory_sweep(self) -> None:
-        """Once a second, each publisher with memory_restart looks at its memory (one file,
-        or the RSS of its processes) and posts a verdict to its runner when it stayed too
-        high. 100 at a time between yields: 1000 never hold the loop for long."""
-        while True:
-            await asyncio.sleep(MEMORY_SWEEP)
-            now = time.monotonic()
-            watched = [p for p in self.publishers.values() if p.spec.memory_restart is not None]
-            for i, pub in enumerate(watched):
-                pub.check_memory(now)
-                if i % 100 == 99:
-                    await asyncio.sleep(0)
 
     def kill_all(self) -> None:
         """SIGKILL every publisher's group now (the second SIGTERM)."""

@@ -4,6 +4,8 @@ Start: take the config lock, install signal handlers (before anything can be sig
 the listeners (a live control socket means another daemon: refuse before spawning anything),
 start the supervisor (which spawns autostart publishers), wait for the first round to settle,
 tell systemd READY=1 (once: never before the first round settled, even if a reload came first).
+While the supervisor runs, the process is a child subreaper with the pidfd child watcher and an
+orphan reaper (pubmon.daemon.reaping): set up here, by the program, never by the Supervisor.
 
 Reloads (SIGHUP, `reloadConfig`, `reinitialize`) are queued to one worker and run one at a time;
 SIGHUPs that arrive while one is queued are one reload. Each reload validates the file, applies
@@ -28,7 +30,7 @@ and with `[daemon] log_stdout` publisher lines go to its stdout (`_stdout`).
 
 from __future__ import annotations
 
-__all__ = ["EXIT_LEFT_BEHIND", "EXIT_OK", "Daemon", "ReloadReport", "exit_status"]
+__all__ = ["EXIT_LEFT_BEHIND", "EXIT_OK", "Daemon", "exit_status"]
 
 import asyncio
 import logging
@@ -36,10 +38,9 @@ import os
 import signal
 import time
 from collections.abc import Awaitable
-from dataclasses import fields
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-from pubmon.config.diff import ConfigDiff
+from pubmon.config.diff import ConfigDiff, ReloadReport, daemon_changes
 from pubmon.config.load import load_config
 from pubmon.config.model import Config
 from pubmon.core import stdout as _stdout
@@ -47,10 +48,12 @@ from pubmon.core.cgroup import Cgroups, limit_problems
 from pubmon.core.lifecycle import Health, PublisherState
 from pubmon.core.procstats import ProcStats
 from pubmon.core.publisher import Publisher
+from pubmon.core.reaper import OrphanReaper
 from pubmon.core.supervisor import Leftover, Supervisor
 from pubmon.daemon import init as _init
 from pubmon.daemon.lock import DaemonLock, acquire_lock
 from pubmon.daemon.notify import Notifier
+from pubmon.daemon.reaping import reaping
 from pubmon.daemon.signals import GRACEFUL, SignalQueue
 from pubmon.daemon.upgrade import Handover, Upgrader
 from pubmon.errors import ConfigError, ConfigProblem, InvalidState, StartupError, UpgradeRefused
@@ -71,13 +74,6 @@ def exit_status(returncode: int | None) -> int:
     if returncode is None:
         return 1
     return 128 - returncode if returncode < 0 else returncode & 0xFF
-
-
-class ReloadReport(NamedTuple):
-    """What a reload did: the publishers' diff, and one line per daemon-level change."""
-
-    diff: ConfigDiff
-    daemon: list[str]
 
 
 class Daemon:
@@ -111,6 +107,10 @@ class Daemon:
         self.procstats = ProcStats()  # [http] hook: /proc figures shared by /metrics and status
         self.http: HttpServer | None = None  # [http] hook
         self.cgroups: Cgroups | None = None  # the cgroup subtree publishers run in, if any
+        # Orphans re-parented to us (a child subreaper while it runs: pubmon.daemon.reaping).
+        self.reaper = OrphanReaper()
+        if self.init:  # every orphan of the namespace lands here: reap within 1 s
+            self.reaper.QUIET_PERIOD = self.reaper.PERIOD
         self._stop = asyncio.Event()
         # Reloads to run: a caller's future, or None for a SIGHUP (nobody waits for it).
         self._reloads: asyncio.Queue[asyncio.Future[ReloadReport] | None] = asyncio.Queue()
@@ -144,6 +144,11 @@ class Daemon:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def reload_queued(self) -> bool:
+        """[upgrade] hook: a reload asked for (SIGHUP, reloadConfig) and not begun yet."""
+        return not self._reloads.empty()
 
     def request_reload(self) -> None:
         """SIGHUP or `reinitialize`: reload soon; several before it runs are one reload."""
@@ -208,7 +213,7 @@ class Daemon:
             for warning in new.warnings:
                 logger.warning("%s: %s", new.path, warning)
             self._check_limits(new)
-            lines = _daemon_changes(self.config, new)
+            lines = daemon_changes(self.config, new)
             lines += await self.listeners.reconfigure(new)
 
             def applied(diff: ConfigDiff) -> None:
@@ -359,10 +364,8 @@ class Daemon:
             try:
                 if self._handover is None:
                     await start_listeners()
-                sup = Supervisor(self.config, cgroups=self.cgroups)
-                if self.init:  # every orphan of the namespace lands here: reap within 1 s
-                    sup.reaper.QUIET_PERIOD = sup.reaper.PERIOD
-                async with sup:
+                sup = Supervisor(self.config, cgroups=self.cgroups, reaper=self.reaper)
+                async with reaping(self.reaper), sup:
                     self.supervisor = sup
                     sup.on_ended = self._on_ended
                     if self._handover is not None:  # [upgrade] hook: before any runner runs
@@ -370,10 +373,12 @@ class Daemon:
                         # Only now: what connected meanwhile waits in the handed-over
                         # listeners' backlog, and is answered by the adopted state.
                         await start_listeners()
+                        self._handover.serving()  # the pause ends: RPC answered, pipes read
                     logger.info("pubmon %d started with %s", os.getpid(), self.config.path)
                     reloads = tg.create_task(self._reload_worker(), name="reloads")
                     background.append(reloads)
-                    await _first(sup.wait_settled(), self._stop.wait())
+                    if self._handover is None:  # [upgrade] hook: taken over = ready again
+                        await _first(sup.wait_settled(), self._stop.wait())
                     if not self.stopping:
                         self.ready.set()
                         self.notifier.ready(self.status_details())
@@ -394,13 +399,15 @@ class Daemon:
                     background.append(tg.create_task(self._extend_stop_timeout(), name="extend"))
                     left = await sup.stop_all(self.config.daemon.shutdown_timeout)
                     if self.init:
-                        await _init.end_the_rest(sup.reaper)
+                        await _init.end_the_rest(self.reaper)
             finally:
                 if self.http is not None:  # [http] hook
                     await self.http.close()
                 await listeners.close()
                 for task in background:
                     task.cancel()
+        if self.cgroups is not None:  # [cgroup] hook: the supervisor leaf and empty groups go
+            self.cgroups.release()
         if left:
             names = ", ".join(f"{x.name} (pid {x.pid}: {x.details})" for x in left)
             logger.error("pubmon %d stopped, leaving behind %s", os.getpid(), names)
@@ -473,18 +480,6 @@ class Daemon:
             before = loop.time()
             await asyncio.sleep(1.0)
             self.loop_lag_ms = max(0, int((loop.time() - before - 1.0) * 1000))
-
-
-def _daemon_changes(old: Config, new: Config) -> list[str]:
-    """One line per changed [daemon] setting (the listeners report their own)."""
-    out = []
-    for f in fields(old.daemon):
-        a, b = getattr(old.daemon, f.name), getattr(new.daemon, f.name)
-        if a != b:
-            at_start = f.name in ("log_dir", "cgroup", "log_stdout")
-            later = " (takes effect at the next daemon start)" if at_start else ""
-            out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
-    return out
 
 
 async def _first(*aws: Awaitable[object]) -> None:

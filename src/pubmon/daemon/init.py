@@ -1,9 +1,9 @@
 """pubmon as an init: PID 1 of a container's PID namespace, or `pubmon daemon --init`.
 
 What an init owes its namespace beyond supervising publishers:
-- reaping every zombie re-parented to it, whoever started it: the supervisor is a child
-  subreaper already, and `_reaper.OrphanReaper` reaps by pid whatever asyncio does not own, so
-  a publisher's exit status is never taken from asyncio's pidfd watcher;
+- reaping every zombie re-parented to it, whoever started it: the daemon is a child subreaper
+  already (pubmon.daemon.reaping), and its `OrphanReaper` reaps by pid whatever asyncio does
+  not own, so a publisher's exit status is never taken from asyncio's pidfd watcher;
 - handlers for every signal it is sent (the kernel drops a default-action signal sent to PID 1;
   `signals.HANDLED` covers SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1 and SIGUSR2);
 - at the end, after the publishers stopped, the rest (`end_the_rest`): every other process of
@@ -22,7 +22,7 @@ import os
 import signal
 from pathlib import Path
 
-from pubmon.core.reaper import OrphanReaper, _children_of
+from pubmon.core.reaper import OrphanReaper, children_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def remaining() -> set[int]:
     else:
         pids, todo = set(), [me]
         while todo:
-            for child in _children_of(todo.pop()):
+            for child in children_of(todo.pop()):
                 if child not in pids:
                     pids.add(child)
                     todo.append(child)

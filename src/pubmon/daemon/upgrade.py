@@ -38,6 +38,7 @@ from __future__ import annotations
 
 __all__ = [
     "STATE_VERSION",
+    "DaemonState",
     "Handover",
     "UpgradeAccepted",
     "Upgrader",
@@ -55,32 +56,39 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pubmon._version import __version__
 from pubmon.core.adopted import AdoptedChild
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.reaper import _children_of
+from pubmon.core.reaper import OrphanReaper, children_of
 from pubmon.core.ring import Ring, _Entry
 from pubmon.core.stats import EXIT_REASONS
 from pubmon.daemon.lock import DaemonLock
+from pubmon.daemon.notify import Notifier
 from pubmon.daemon.signals import HANDLED
 from pubmon.errors import InvalidState, UpgradeRefused
 from pubmon.host.inherited import offer, unclaimed
 
 if TYPE_CHECKING:
+    from pubmon.config.model import Config
     from pubmon.core.output import OutputLog, StreamSink
     from pubmon.core.process import Child
     from pubmon.core.publisher import Publisher
     from pubmon.core.supervisor import Supervisor
-    from pubmon.daemon.daemon import Daemon
+    from pubmon.http.server import HttpServer
+    from pubmon.service.handler import Listeners
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-SUPPORTED_STATE_VERSIONS = frozenset({1})
+# The state formats: 1, the first; 2 adds "http_exits" (the dashboard's recent exits) and each
+# publisher's "state_since" (a new image said "RUNNING since <the upgrade>"). This
+# code writes the newest format the code on disk reads (its check refuses the others), so
+# that going back to an older pubmon stays possible, and reads every format listed here.
+STATE_VERSION = 2
+SUPPORTED_STATE_VERSIONS = frozenset({1, 2})
 ENV_FD = "PUBMON_UPGRADE_FD"
 ENV_FDS = "PUBMON_UPGRADE_FDS"
 ENV_EXEC_AT = "PUBMON_UPGRADE_EXEC_AT"  # CLOCK_MONOTONIC of the execve: the pause's breakdown
@@ -89,7 +97,44 @@ CHECK_TIMEOUT = 30.0
 SPAWN_WAIT = 30.0  # how long the exec may wait for spawns and a reload in flight to finish
 SYNC_BOUND = 2.0  # how long the exec waits for the log writers to catch up
 STOP_BOUND = 2.0  # a child the new image cannot adopt: SIGTERM, then SIGKILL after this
+CALLS_BOUND = 3.0  # how long the exec waits for the answers to the calls in flight
+UPGRADING = "pubmon is upgrading"  # how every answer cut short by an upgrade begins
+UPGRADING_RETRY = f"{UPGRADING}: retry"  # a call refused: nothing of it was done
 S = PublisherState
+
+
+class DaemonState(Protocol):
+    """What an upgrade reads of the daemon (pubmon.daemon.daemon.Daemon, which imports this
+    module), and the counters the new image restores."""
+
+    started_at: float
+    reloads: int
+    reload_failures: int
+    last_reload_error: str
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+    @property
+    def ready(self) -> asyncio.Event: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def reload_busy(self) -> bool: ...
+    @property
+    def reload_queued(self) -> bool: ...  # a SIGHUP's or reloadConfig's, not begun yet
+    @property
+    def reaper(self) -> OrphanReaper: ...
+    @property
+    def notifier(self) -> Notifier: ...
+    @property
+    def lock(self) -> DaemonLock | None: ...
+    @property
+    def listeners(self) -> Listeners | None: ...
+    @property
+    def http(self) -> HttpServer | None: ...
+    def status_details(self) -> str: ...
 
 
 class UpgradeAccepted(NamedTuple):
@@ -114,8 +159,11 @@ def check_main(config_path: str, state_version: int) -> int:
     if forced:
         print(forced, file=sys.stderr)
         return 2
-    if state_version not in SUPPORTED_STATE_VERSIONS:
-        known = ", ".join(map(str, sorted(SUPPORTED_STATE_VERSIONS)))
+    reads = SUPPORTED_STATE_VERSIONS
+    if older := os.environ.get("PUBMON_TEST_UPGRADE_READS"):  # test hook: an older pubmon
+        reads = frozenset(int(x) for x in older.split(","))
+    if state_version not in reads:
+        known = ", ".join(map(str, sorted(reads)))
         print(
             f"pubmon {__version__} cannot read state format {state_version} (it reads {known})",
             file=sys.stderr,
@@ -148,7 +196,7 @@ def _exec_argv() -> list[str]:
 class Upgrader:
     """The daemon's upgrade requests (RPC `upgrade`, SIGUSR2) and its upgrade counters."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonState) -> None:
         self._daemon = daemon
         self.upgrades = 0
         self.failures = 0
@@ -157,6 +205,18 @@ class Upgrader:
         self.last_lost = 0
         self.last_error = ""
         self._busy = False
+        self.state_version = STATE_VERSION  # what the code on disk reads (see `_check`)
+        # Calls in flight (see `admit` and `cuttable`): from the first `_go` on, new calls are
+        # refused ("pubmon is upgrading: retry") and those in flight are answered before the
+        # exec, which would otherwise close their connections with nothing said.
+        self.under_way = False
+        self._calls: set[asyncio.Task[Any]] = set()  # async calls whose reply is not out yet
+        self._cuttable: dict[asyncio.Timeout, str | None] = {}
+        self._cut_at: float | None = None
+        self._blocked_at = 0.0  # last time something other than calls held the exec back
+        self._held: Counter[str] = Counter()  # what held the exec back: polls (5 ms) each
+        self._fork_hold: asyncio.Task[None] | None = None
+        self._forks_held = False
 
     def counters(self) -> dict[str, int]:
         return {
@@ -178,6 +238,7 @@ class Upgrader:
         if self._busy:
             raise InvalidState("an upgrade is already under way")
         self._busy = True
+        self._track()  # its answer goes out before the exec
         try:
             self._same_config()
             new_version = await self._check()
@@ -193,12 +254,100 @@ class Upgrader:
         sup = d.supervisor
         carried = sum(p.child is not None for p in sup.publishers.values())
         logger.info(
-            "upgrade: pubmon %s on disk accepts the state; re-executing (%d publishers)",
+            "upgrade: pubmon %s on disk accepts the state (format %d); re-executing "
+            "(%d publishers)",
             new_version,
+            self.state_version,
             carried,
         )
         asyncio.get_running_loop().call_later(delay, self._go, time.monotonic() + SPAWN_WAIT)
         return UpgradeAccepted(__version__, new_version, carried, self.upgrades)
+
+    # --- calls in flight, for the handler ---------------------------------------------------
+
+    def admit(self) -> None:
+        """At the start of every async RPC call: InvalidState("pubmon is upgrading: retry")
+        once the upgrade has begun (nothing of the call was done: a retry is safe, and is
+        answered by the new image); else the call's task is tracked until its reply went out."""
+        if self.under_way:
+            raise InvalidState(UPGRADING_RETRY)
+        self._track()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in self._calls:
+            self._calls.add(task)
+            # Runs after the server's own done-callback (added when it made the task), which
+            # writes the reply: once the task leaves the set, its answer is in the socket.
+            task.add_done_callback(self._calls.discard)
+
+    @contextlib.asynccontextmanager
+    async def cuttable(self, accepted: str | None) -> AsyncIterator[None]:
+        """A wait that an upgrade cuts short: the block is cancelled when the calls in flight
+        are answered. `accepted` None: the block just ends (a long poll answers what it has);
+        else InvalidState("pubmon is upgrading: <accepted>"), for a request already handed to
+        its publisher (the exec waits until every publisher took its requests): it goes on,
+        and the answer says so and that its outcome was not awaited."""
+        try:
+            async with asyncio.timeout(None) as cm:
+                self._cuttable[cm] = accepted
+                try:
+                    if self._cut_at is not None:
+                        cm.reschedule(-1)
+                    yield
+                finally:
+                    del self._cuttable[cm]
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            if accepted is not None:
+                raise InvalidState(f"{UPGRADING}: {accepted}") from None
+
+    def _cut(self) -> None:
+        """The upgrade begins: refuse new calls, cut every cuttable wait short."""
+        if self._cut_at is not None:
+            return
+        self.under_way = True
+        self._cut_at = time.monotonic()
+        for cm in self._cuttable:
+            cm.reschedule(-1)
+
+    def _uncut(self) -> None:
+        self.under_way = False
+        self._cut_at = None
+        self._held.clear()
+        self._release_forks()
+
+    def _abandon(self, why: str) -> None:
+        self._busy = False
+        self._uncut()
+        self.failures += 1
+        self.last_error = why
+        logger.error("upgrade abandoned: %s", why)
+
+    def _hold_forks(self) -> None:
+        """Take the loop's turn to fork (`fork_turn`) and keep it: no spawn begins from then
+        on (those due wait for it, in their state, and are carried over as due)."""
+        if self._fork_hold is None:
+            self._fork_hold = asyncio.get_running_loop().create_task(self._keep_forks())
+
+    def _release_forks(self) -> None:
+        if self._fork_hold is not None:
+            self._fork_hold.cancel()
+            self._fork_hold = None
+        self._forks_held = False
+
+    async def _keep_forks(self) -> None:
+        from pubmon.core.process import fork_turn
+
+        async with fork_turn():
+            self._forks_held = True
+            await asyncio.get_running_loop().create_future()  # until cancelled
+
+    def _calls_pending(self, now: float) -> bool:
+        """Calls whose answer is not out yet, within CALLS_BOUND of the last time something
+        else held the exec back (after that their connections drop: the clients retry)."""
+        return bool(self._calls) and now < max(self._cut_at or now, self._blocked_at) + CALLS_BOUND
 
     def _same_config(self) -> None:
         """The new image reads the config file: refuse when it is not what runs now, or the
@@ -228,17 +377,31 @@ class Upgrader:
         )
 
     async def _check(self) -> str:
+        """The code on disk's version, once it accepted the newest state format both read
+        (it may be older than this code: an operator going back)."""
+        for version in sorted(SUPPORTED_STATE_VERSIONS, reverse=True):
+            try:
+                got = await self._check_one(version)
+            except UpgradeRefused as exc:
+                if f"cannot read state format {version} " in str(exc) and version > 1:
+                    continue
+                raise
+            self.state_version = version
+            return got
+        raise AssertionError("unreachable: format 1 is always tried last")
+
+    async def _check_one(self, version: int) -> str:
         d = self._daemon
         assert d.supervisor is not None
         argv = [
             *_command_prefix(),
             "upgrade-check",
             "--state-version",
-            str(STATE_VERSION),
+            str(version),
             "--config",
             d.config.path,
         ]
-        reaper = d.supervisor.reaper
+        reaper = d.reaper
         reaper.spawning += 1  # asyncio reaps the check: no sweep may take its status
         try:
             try:
@@ -279,17 +442,32 @@ class Upgrader:
         sup = d.supervisor
         if sup is None or d.stopping:
             self._busy = False
+            self._uncut()
             logger.warning("upgrade abandoned: pubmon is stopping")
             return
-        if sup.reaper.spawning or d.reload_busy:
-            # A forked child not yet recorded would be orphaned; a reload's requests lost.
-            if time.monotonic() < deadline:
+        self._cut()
+        now = time.monotonic()
+        held = _held_back(d)
+        # With publishers restarting all the time a moment with no spawn in flight is not
+        # enough: one may begin between here and `_exec`. So the loop's turn to fork is held
+        # from here on; but not while a reload or a request waits (either may wait for a
+        # spawn: it would never come).
+        if held in ("", "a spawn"):
+            self._hold_forks()
+        else:
+            self._release_forks()
+        if held:
+            self._blocked_at = now
+        elif self._calls_pending(now):
+            held = f"the answers to {len(self._calls)} call(s) in flight"
+        elif not self._forks_held:
+            held = "the turn to fork"
+        if held:
+            self._held[held.split(" to ")[0]] += 1
+            if now < deadline:
                 asyncio.get_running_loop().call_later(0.005, self._go, deadline)
                 return
-            self._busy = False
-            self.failures += 1
-            self.last_error = "spawns or a reload still under way; retry"
-            logger.error("upgrade abandoned: %s", self.last_error)
+            self._abandon(f"{held} still under way after {SPAWN_WAIT:g} s; retry")
             return
         # Quiesce: no pipe is read from now on. A chunk asyncio read from a subprocess pipe
         # reaches its protocol through call_soon: those already queued run before `_exec`.
@@ -300,19 +478,46 @@ class Upgrader:
     def _exec(self, deadline: float, t0: float, paused: list[Callable[[], None]]) -> None:
         d = self._daemon
         assert d.supervisor is not None
-        if d.supervisor.reaper.spawning or d.reload_busy or d.stopping:  # began meanwhile
+        if _held_back(d) or d.stopping:  # began meanwhile (a reload queued by SIGHUP)
             _resume_pipes(paused)
             self._go(deadline)
             return
+        waited = t0 - (self._cut_at or t0)
+        if waited >= 0.5:  # say what kept the exec waiting (calls were refused meanwhile)
+            logger.info(
+                "upgrade: the exec waited %.1f s for %s",
+                waited,
+                ", ".join(f"{what} ({n * 5} ms)" for what, n in self._held.most_common(3)),
+            )
         try:
             _exec(d, self, t0)
         except Exception as exc:  # the exec failed: nothing was handed over
             _resume_pipes(paused)
             self._busy = False
+            self._uncut()
             self.failures += 1
             self.last_error = f"exec failed: {exc}"
             logger.error("upgrade failed, still running pubmon %s: %s", __version__, exc)
             d.notifier.ready(d.status_details())
+
+
+def _held_back(d: DaemonState) -> str:
+    """What the exec must wait for ("": nothing): a forked child not yet recorded would be
+    orphaned; a reload under way or queued (SIGHUP), or a request a publisher has not taken
+    yet, lost."""
+    from pubmon.core.publisher import _Request
+
+    sup = d.supervisor
+    assert sup is not None
+    if d.reaper.spawning:
+        return "a spawn"
+    if d.reload_busy or d.reload_queued:
+        return "a reload"
+    for pub in sup.publishers.values():
+        queued = getattr(pub._runner.inbox, "_queue", ())  # asyncio.Queue's deque
+        if any(isinstance(m, _Request) for m in queued):
+            return f"a request to {pub.name}"
+    return ""
 
 
 def _pause_pipes(sup: Supervisor) -> list[Callable[[], None]]:
@@ -338,7 +543,7 @@ def _resume_pipes(paused: list[Callable[[], None]]) -> None:
         resume()
 
 
-def _exec(d: Daemon, up: Upgrader, t0: float) -> None:
+def _exec(d: DaemonState, up: Upgrader, t0: float) -> None:
     """Serialize, clear O_CLOEXEC on what is handed over, execve. Returns only by raising."""
     d.notifier.reloading()
     assert d.supervisor is not None
@@ -437,7 +642,9 @@ class _Blob:
         return [at, len(data)]
 
 
-def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[bytes], list[int]]:
+def _collect(
+    d: DaemonState, up: Upgrader, t0: float
+) -> tuple[dict[str, Any], list[bytes], list[int]]:
     sup = d.supervisor
     assert sup is not None and d.lock is not None and d.lock.fd is not None
     blob = _Blob()
@@ -453,7 +660,7 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
         if child is not None:
             fds += child["pipes"].values()
     header = {
-        "version": STATE_VERSION,
+        "version": up.state_version,
         "from": __version__,
         "pid": os.getpid(),
         "t0": t0,
@@ -469,10 +676,16 @@ def _collect(d: Daemon, up: Upgrader, t0: float) -> tuple[dict[str, Any], list[b
         "sockets": sockets,
         "publishers": pubs,
     }
+    if up.state_version >= 2 and d.http is not None:
+        log = d.http.exits
+        header["http_exits"] = {
+            "seen": log.seen,
+            "exits": {name: list(kept) for name, kept in log.exits.items()},
+        }
     return header, blob.parts, fds
 
 
-def _listening_fds(d: Daemon) -> dict[str, int]:
+def _listening_fds(d: DaemonState) -> dict[str, int]:
     """key -> fd of every listening socket: "unix:<path>", "tcp:<host>:<port as configured>",
     "http:<host>:<port as configured>"."""
     out: dict[str, int] = {}
@@ -504,6 +717,16 @@ def _sinks_of(child: Child) -> dict[int, StreamSink]:
     return dict(child._proto._sinks)  # type: ignore[arg-type]
 
 
+def _returncode(child: Child) -> int | None:
+    """Its exit status, also when asyncio's watcher reaped it and the news is still queued
+    for the next loop pass (the transport knows at once): the new image could not learn it
+    again (the pid is gone), and would report the status lost."""
+    if child.returncode is not None or isinstance(child, AdoptedChild):
+        return child.returncode
+    got: int | None = child._transport.get_returncode()
+    return got
+
+
 def _pipe_fds(child: Child) -> dict[int, int]:
     if isinstance(child, AdoptedChild):
         return child.pipe_fds()
@@ -523,12 +746,9 @@ def _publisher_state(
     pub: Publisher, blob: _Blob, loop: asyncio.AbstractEventLoop
 ) -> dict[str, Any]:
     timer = None
-    handle = pub._timer
-    if handle is not None:
-        msg = getattr(handle, "_args", (None,))[0]
-        kind = getattr(msg, "kind", None)
-        if kind is not None:
-            timer = {"kind": kind, "when": handle.when()}
+    pending = pub._runner.pending_timer()
+    if pending is not None:
+        timer = {"kind": pending[0], "when": pending[1]}
     child = None
     if pub.child is not None:
         c = pub.child
@@ -537,7 +757,7 @@ def _publisher_state(
             "pid": c.pid,
             "pgid": c.pgid,
             "started": c.started,
-            "returncode": c.returncode,
+            "returncode": _returncode(c),
             "pipes": {str(s): fd for s, fd in _pipe_fds(c).items()},
             "tails": {str(s): blob.add(bytes(k._tail)) for s, k in sinks.items()},
         }
@@ -565,6 +785,7 @@ def _publisher_state(
         "last_exit_reason": pub.last_exit_reason,
         "exit_reasons": dict(pub.exit_reasons),
         "started_wall": pub.started_wall,
+        "state_since": pub.state_since,
         "backoff_until": pub.backoff_until,
         "start_times": list(pub.start_times),
         "stuck": pub.stuck,
@@ -587,6 +808,7 @@ def _publisher_state(
             "dropped": out.dropped,
             "dropped_bytes": out.dropped_bytes,
             "last_seq": ring.last_seq,
+            "cleared": ring.cleared,  # `pubmon clear`: not "missed" for a follower
             "ring": entries,
         },
     }
@@ -609,6 +831,7 @@ class Handover:
         self._lock: DaemonLock | None = None
         self._strays: set[int] = set()  # children of ours to stop: not adopted, after a problem
         self._marks: list[tuple[str, float]] = [("exec and imports", time.monotonic())]
+        self._served = False  # `serving()` was called: the pause ended before READY=1
 
     @classmethod
     def from_environ(cls) -> Handover | None:
@@ -684,7 +907,7 @@ class Handover:
     def from_version(self) -> str:
         return str(self.header.get("from", "?")) if self.header else "?"
 
-    def restore_daemon(self, d: Daemon, up: Upgrader) -> None:
+    def restore_daemon(self, d: DaemonState, up: Upgrader) -> None:
         if self.header is None:
             return
         saved = self.header["daemon"]
@@ -701,7 +924,7 @@ class Handover:
         publisher would spawn it. Returns the children whose pipes `connect()` must read."""
         out: list[tuple[Publisher, AdoptedChild]] = []
         if self.header is None:
-            self._strays = _children_of(os.getpid())
+            self._strays = children_of(os.getpid())
             return out
         loop = asyncio.get_running_loop()
         for entry in self.header["publishers"]:
@@ -717,12 +940,13 @@ class Handover:
                 _reset_publisher(pub)
                 continue
             if child is not None:
-                sup.reaper.track(child)
+                if sup.reaper is not None:  # the daemon's (pubmon.daemon.reaping)
+                    sup.reaper.track(child)
                 self.adopted += 1
                 out.append((pub, child))
         self._marks.append(("listeners and publishers", time.monotonic()))
         if self.problems:  # now, before any runner ran: a fresh spawn is not a stray
-            self._strays = _children_of(os.getpid()) - {c.pid for _, c in out}
+            self._strays = children_of(os.getpid()) - {c.pid for _, c in out}
         return out
 
     async def connect(self, adopted: list[tuple[Publisher, AdoptedChild]]) -> None:
@@ -740,18 +964,28 @@ class Handover:
             logger.error("upgrade: %s", problem)
         self._marks.append(("adoption", time.monotonic()))
 
+    def serving(self) -> None:
+        """The listeners answer again (and `connect` made the pipes read): the pause ends."""
+        self._marks.append(("listeners", time.monotonic()))
+        self._served = True
+
     def finish(self, up: Upgrader) -> None:
         """READY=1 went out: count the upgrade and say how it went."""
         for key, sock in unclaimed().items():  # the config no longer listens there
             logger.info("upgrade: closing the handed-over listener %s (not in the config)", key)
             sock.close()
+        self._restore_http_exits(up)
         up.upgrades += 1
         up.last_adopted = self.adopted
         up.last_lost = self.lost
         t0 = float(self.header["t0"]) if self.header else None
         now = time.monotonic()
-        up.last_pause_ms = int((now - t0) * 1000) if t0 is not None else 0
-        self._marks.append(("first round", now))
+        # The pause: from the old image's last pipe read until the listeners answer again
+        # (RPC served, pipes read); the first round up to READY=1 is reported after it.
+        end = self._marks[-1][1] if self._served else now
+        up.last_pause_ms = int((end - t0) * 1000) if t0 is not None else 0
+        if not self._served:
+            self._marks.append(("first round", now))
         steps, last = [], t0
         for what, when in self._marks:
             if last is not None:
@@ -761,15 +995,37 @@ class Handover:
             up.failures += 1
             up.last_error = "; ".join(self.problems)
         logger.info(
-            "upgraded from pubmon %s to %s in place: paused %d ms (%s), "
+            "upgraded from pubmon %s to %s in place: paused %d ms (%s), READY=1 %d ms later, "
             "%d publishers carried over%s",
             self.from_version,
             __version__,
             up.last_pause_ms,
             ", ".join(steps),
+            int((now - end) * 1000),
             self.adopted,
             f", {len(self.problems)} problem(s) (see above)" if self.problems else "",
         )
+
+    def _restore_http_exits(self, up: Upgrader) -> None:
+        """The dashboard's recent exits (state format 2), for the publishers still there.
+        Right after READY=1, before the dashboard's recorder first looks: exits counted while
+        between the images are recorded then, against the `seen` counts handed over."""
+        http = up._daemon.http
+        saved = self.header.get("http_exits") if self.header else None
+        if http is None or not isinstance(saved, dict):
+            return
+        sup = up._daemon.supervisor
+        names = set(sup.publishers) if sup is not None else set()
+        log = http.exits
+        try:
+            for name, count in saved["seen"].items():
+                if name in names:
+                    log.seen[name] = int(count)
+            for name, kept in saved["exits"].items():
+                if name in names:
+                    log.exits[name] = deque((dict(x) for x in kept), maxlen=log.kept)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            logger.warning("upgrade: the dashboard's recent exits are not carried over: %r", exc)
 
 
 def _reset_publisher(pub: Publisher) -> None:
@@ -818,6 +1074,7 @@ def _restore_publisher(
         if reason in pub.exit_reasons:
             pub.exit_reasons[reason] = int(n)
     pub.started_wall = e["started_wall"]
+    pub.state_since = float(e.get("state_since", pub.state_since))  # not in format 1
     pub.backoff_until = e["backoff_until"]
     pub.start_times.extend(float(t) for t in e["start_times"])
     pub.stuck = bool(e["stuck"])
@@ -840,7 +1097,7 @@ def _restore_publisher(
         pub._then_start = False
     timer = e["timer"]
     if timer is not None and timer["kind"] in ("backoff", "kill", "stuck"):
-        pub._set_timer(timer["kind"], float(timer["when"]) - loop.time())
+        pub._runner.set_timer(timer["kind"], float(timer["when"]) - loop.time())
     if child is not None:
         sinks = {1: out.open_stream("stdout"), 2: out.open_stream("stderr")}
         for s, (at, size) in c["tails"].items():
@@ -848,10 +1105,10 @@ def _restore_publisher(
             sinks[int(s)]._tail = bytearray(tail) if tail else b""
         child.sinks = dict(sinks)
         pub.child = child
-        inbox = pub._inbox
+        post = pub._runner.post
         from pubmon.core.publisher import _Exited
 
-        child.exited.add_done_callback(lambda _: inbox.put_nowait(_Exited(child)))
+        child.exited.add_done_callback(lambda _: post(_Exited(child)))
         child.watch()
     return child
 
@@ -869,6 +1126,7 @@ def _restore_ring(ring: Ring, saved: dict[str, Any], data: bytes) -> None:
     ring._lines = total_lines
     ring._bytes = total_bytes
     ring.last_seq = int(saved["last_seq"])
+    ring.cleared = int(saved.get("cleared", 0))  # absent in the state of an older pubmon
     ring.trim()
 
 

@@ -18,7 +18,7 @@ _pubmon() {
     local cur prev cmd
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="daemon demo check-config status start stop restart signal pid reload tail log counters upgrade completion"
+    local commands="daemon demo check-config status start stop restart pause resume signal pid reload tail clear log counters upgrade completion"
     local options="--config --debug --socket --host --port --tls-ca --tls-cert --tls-key --timeout
         --no-wait --json --group --state --dry-run --timestamps -n -f --help --version"
     case $prev in
@@ -43,7 +43,7 @@ _pubmon() {
     fi
     cmd=${COMP_WORDS[1]}
     case $cmd in
-        status|start|stop|restart|signal|pid|tail)
+        status|start|stop|restart|pause|resume|signal|pid|tail|clear)
             if [[ $cmd == signal && $COMP_CWORD -ge 3 ]]; then
                 COMPREPLY=($(compgen -W "HUP INT QUIT USR1 USR2 TERM KILL CONT STOP" -- "$cur"))
                 return

@@ -1,7 +1,9 @@
 """/metrics: the daemon's in-memory state as Prometheus text or OpenMetrics.
 
-Rendering does no I/O and awaits nothing: it reads counters the daemon keeps anyway, the probe
-histograms (`_stats.Histogram`), and the /proc figures `ProcStats` cached before the scrape.
+Rendering awaits nothing and does almost no I/O: it reads counters the daemon keeps anyway, the
+probe histograms (`_stats.Histogram`), the /proc figures `ProcStats` cached before the scrape,
+and for a publisher in a cgroup its `usage()` (a few preads of held files, at most once a
+second per publisher: with 1000 that is the same cost getCounters pays).
 
 Why not prometheus_client's Collector and `generate_latest`: at 1000 publishers the exposition
 is ~42,000 samples, and building the metric families took 57 ms and encoding them 160 ms of
@@ -21,13 +23,19 @@ Per publisher:
 - pubmon_publisher_state{publisher,state}  a state set: 1 for the current state, 0 for others
 - pubmon_publisher_health{publisher,health}  likewise, UNKNOWN/HEALTHY/DEGRADED/UNHEALTHY
 - pubmon_publisher_restarts_total, pubmon_publisher_exits_total{reason} (exit, signal,
-  unhealthy, operator), pubmon_publisher_probe_failures_total
+  unhealthy, operator, memory: a memory_restart), pubmon_publisher_probe_failures_total
 - pubmon_publisher_probe_duration_seconds  histogram of probe round trips
 - pubmon_publisher_start_time_seconds  unix time the current process started (absent if none)
 - pubmon_publisher_log_lines_total, _log_bytes_total, _log_dropped_lines_total,
   _log_dropped_bytes_total
-- pubmon_publisher_cpu_seconds_total, _resident_memory_bytes, _open_fds, _processes: its whole
-  process tree (see _procstats), while it runs
+- pubmon_publisher_cpu_seconds_total, _resident_memory_bytes, _open_fds, _processes: while it
+  runs; from its cgroup when it has one (escapees included; memory.current, or the RSS of its
+  processes without the memory controller), else its process tree (see core/procstats);
+  open fds always from the tree
+- pubmon_publisher_memory_high_events_total, _memory_max_events_total, _oom_kills_total,
+  _pids_max_events_total, _cpu_throttled_seconds_total: its cgroup's limit hits
+  (memory.events, pids.events, cpu.stat), where the controller is enabled; they count over
+  the cgroup's life, which spans restarts
 - pubmon_child_counter{publisher,counter}  its own fb303 getCounters() (probe.export_counters)
 Daemon: pubmon_reloads_total, pubmon_reload_failures_total, pubmon_loop_lag_seconds,
 pubmon_ready, pubmon_rpc_{calls,errors,connections,rejected_frames}_total,
@@ -43,6 +51,7 @@ __all__ = ["DaemonValues", "MetricsSource", "MetricsWriter", "negotiate"]
 import asyncio
 import math
 import platform
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -50,6 +59,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from prometheus_client.exposition import choose_encoder
 
 from pubmon._version import __version__
+from pubmon.core.cgroup import LIMIT_EVENTS
 from pubmon.core.lifecycle import Health, PublisherState
 from pubmon.core.procstats import ProcFigures, ProcStats
 from pubmon.core.stats import EXIT_REASONS
@@ -92,6 +102,21 @@ def negotiate(accept: str) -> tuple[Format, str]:
     return "text", content_type
 
 
+def _figures(pub: Publisher, fig: ProcFigures | None) -> tuple[float, int, int | None, int] | None:
+    """(CPU seconds, memory bytes, open fds, processes) of a running publisher. With a cgroup,
+    the cgroup's figures (`Publisher.usage()`: cpu.stat, memory.current or the RSS of
+    cgroup.procs, read at most once a second): they count a setsid'd escapee, which the walk
+    from the leader misses; open fds are the walk's. Without one, the walk's (`ProcStats`)."""
+    if pub.cgroup is not None:
+        u = pub.usage()
+        if u.source != "none":
+            fds = None if fig is None else fig.open_fds
+            return (u.cpu_seconds, u.memory_bytes, fds, u.tasks)
+    if fig is None:
+        return None
+    return (fig.cpu_seconds, fig.rss_bytes, fig.open_fds, fig.processes)
+
+
 def _num(value: float) -> str:
     if isinstance(value, int):
         return str(value)
@@ -122,7 +147,7 @@ _GROUP_STATE = (
     (
         "pubmon_publisher_exits",
         "counter",
-        "Ends of a run by reason: exit signal unhealthy operator",
+        "Ends of a run by reason: exit signal unhealthy operator memory",
     ),
     ("pubmon_publisher_probe_failures", "counter", "Failed health probes"),
     ("pubmon_publisher_start_time_seconds", "gauge", "Unix time the current process started"),
@@ -137,12 +162,34 @@ _GROUP_LOG = (
     ("pubmon_publisher_log_dropped_bytes", "counter", "Output bytes the log file could not take"),
 )
 _GROUP_PROC = (
-    ("pubmon_publisher_cpu_seconds", "counter", "CPU time of its process tree (resets on restart)"),
-    ("pubmon_publisher_resident_memory_bytes", "gauge", "Resident memory of its process tree"),
+    (
+        "pubmon_publisher_cpu_seconds",
+        "counter",
+        "CPU time of its cgroup or tree (reset at restart)",
+    ),
+    ("pubmon_publisher_resident_memory_bytes", "gauge", "Memory of its cgroup or process tree"),
     ("pubmon_publisher_open_fds", "gauge", "Open file descriptors of its process tree"),
-    ("pubmon_publisher_processes", "gauge", "Processes in its tree (the leader included)"),
+    ("pubmon_publisher_processes", "gauge", "Processes in its cgroup or tree (with the leader)"),
 )
-_GROUPS = (_GROUP_STATE, _GROUP_PROBE, _GROUP_LOG, _GROUP_PROC)
+# Limit hits of a publisher's cgroup, where its controller is enabled (Cgroup.limit_events):
+# (family, type, help, limit_events key, scale).
+_LIMIT_FAMILIES = (
+    ("pubmon_publisher_memory_high_events", "counter",
+     "Times its cgroup went over memory.high (limits.memory_high or the memory_restart "
+     "tripwire)", "memory.events:high", 1),
+    ("pubmon_publisher_memory_max_events", "counter",
+     "Times its cgroup reached limits.memory_max", "memory.events:max", 1),
+    ("pubmon_publisher_oom_kills", "counter",
+     "Processes of its cgroup the OOM killer ended", "memory.events:oom_kill", 1),
+    ("pubmon_publisher_pids_max_events", "counter",
+     "Forks its cgroup refused at limits.pids_max", "pids.events:max", 1),
+    ("pubmon_publisher_cpu_throttled_seconds", "counter",
+     "Time its cgroup was throttled by limits.cpu_max", "cpu.stat:throttled_usec", 1e-6),
+)  # fmt: skip
+_GROUP_LIMITS = tuple((name, kind, help_) for name, kind, help_, _, _ in _LIMIT_FAMILIES)
+_LIMIT_CONTROLLERS = frozenset(c for c, _, _ in LIMIT_EVENTS)
+LIMITS_TTL = 1.0  # limit hits are read at most once a second per publisher
+_GROUPS = (_GROUP_STATE, _GROUP_PROBE, _GROUP_LOG, _GROUP_PROC, _GROUP_LIMITS)
 
 
 def _header(out: list[str], fmt: Format, name: str, kind: str, help_: str) -> None:
@@ -170,6 +217,7 @@ class MetricsWriter:
         self._src = source
         self._proc = procstats
         self._cache: dict[str, _Cached] = {}
+        self._limits: dict[str, tuple[float, dict[str, int]]] = {}  # name -> (read at, hits)
         self._les: dict[tuple[float, ...], tuple[str, ...]] = {}
 
     async def render(self, fmt: Format = "text") -> bytes:
@@ -189,6 +237,8 @@ class MetricsWriter:
                 work = 0
                 await asyncio.sleep(0)
         self._cache = fresh
+        for gone in self._limits.keys() - fresh.keys():
+            del self._limits[gone]
         parts: list[bytes] = []
         for g, group in enumerate(_GROUPS):
             for f, (name, kind, help_) in enumerate(group):
@@ -266,7 +316,7 @@ class MetricsWriter:
                 f"pubmon_publisher_log_dropped_lines_total{lab} {out.dropped}\n",
                 f"pubmon_publisher_log_dropped_bytes_total{lab} {out.dropped_bytes}\n",
             )
-        key3 = fig if pid is not None else None
+        key3 = _figures(pub, fig) if pid is not None else None
         if c.keys[3] != key3 or not c.chunks[3]:
             redone += 1
             c.keys[3] = key3
@@ -275,12 +325,34 @@ class MetricsWriter:
             else:
                 lab = f'{{publisher="{name}"}}'
                 c.chunks[3] = (
-                    f"pubmon_publisher_cpu_seconds_total{lab} {_num(key3.cpu_seconds)}\n",
-                    f"pubmon_publisher_resident_memory_bytes{lab} {key3.rss_bytes}\n",
-                    f"pubmon_publisher_open_fds{lab} {key3.open_fds}\n",
-                    f"pubmon_publisher_processes{lab} {key3.processes}\n",
+                    f"pubmon_publisher_cpu_seconds_total{lab} {_num(key3[0])}\n",
+                    f"pubmon_publisher_resident_memory_bytes{lab} {key3[1]}\n",
+                    "" if key3[2] is None else f"pubmon_publisher_open_fds{lab} {key3[2]}\n",
+                    f"pubmon_publisher_processes{lab} {key3[3]}\n",
                 )
+        key4 = self._limit_events(name, pub)
+        if c.keys[4] != key4 or not c.chunks[4]:
+            redone += 1
+            c.keys[4] = key4
+            lab = f'{{publisher="{name}"}}'
+            c.chunks[4] = tuple(
+                f"{family}_total{lab} {_num(key4[key] * scale)}\n" if key in key4 else ""
+                for family, _, _, key, scale in _LIMIT_FAMILIES
+            )
         return redone
+
+    def _limit_events(self, name: str, pub: Publisher) -> dict[str, int]:
+        """Its cgroup's limit hits ({} without a cgroup or its controllers), read at most
+        once per LIMITS_TTL: three small files a publisher, and only where the kernel has
+        the controllers (not this machine's cgroup2)."""
+        cg = pub.cgroup
+        if cg is None or not cg.controllers & _LIMIT_CONTROLLERS:
+            return {}
+        now = time.monotonic()
+        hit = self._limits.get(name)
+        if hit is None or now - hit[0] >= LIMITS_TTL:
+            hit = self._limits[name] = (now, cg.limit_events())
+        return hit[1]
 
     def _le(self, bounds: tuple[float, ...]) -> tuple[str, ...]:
         les = self._les.get(bounds)

@@ -26,11 +26,14 @@ The dashboard (static files in pubmon/dashboard) follows server-sent events: /ev
 table whenever a publisher changes (and every 2 s while CPU figures move), /events/<name> one
 publisher with its recent exits and, with the logs level, its log lines by cursor (the event
 id is the line's sequence number, so a reconnecting browser resumes where it stopped).
+
+It sees the daemon through `DaemonView`, what it reads of it (a Protocol defined here, where it
+is used): the http layer sits below pubmon.daemon, beside pubmon.service, and imports neither.
 """
 
 from __future__ import annotations
 
-__all__ = ["HttpServer"]
+__all__ = ["DaemonView", "HttpServer", "ListenersView"]
 
 import asyncio
 import json
@@ -41,7 +44,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields, replace
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -57,7 +60,7 @@ from pubmon.http.metrics import DaemonValues, MetricsWriter, negotiate
 
 if TYPE_CHECKING:
     from pubmon.core.publisher import Publisher
-    from pubmon.daemon.daemon import Daemon
+    from pubmon.core.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +91,10 @@ class _ExitLog:
     """Recent exits per publisher, recorded as `exits` counts go up (the daemon keeps only
     the last one)."""
 
+    kept = _EXITS_KEPT  # per publisher
+
     def __init__(self) -> None:
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, int] = {}  # carried over by an upgrade, with `exits`
         self.exits: dict[str, deque[dict[str, object]]] = {}
 
     def update(self, pubs: Mapping[str, Publisher]) -> None:
@@ -130,10 +135,40 @@ def _row(pub: Publisher, procstats: ProcStats) -> dict[str, object]:
     }
 
 
-class _View:
-    """The Daemon as metrics.MetricsSource."""
+class ListenersView(Protocol):
+    """The daemon's Thrift listeners (pubmon.service.handler.Listeners), as seen from here."""
 
-    def __init__(self, daemon: Daemon, server: HttpServer) -> None:
+    @property
+    def refusals(self) -> Refusals: ...
+    def counters(self) -> dict[str, int]: ...
+
+
+class DaemonView(Protocol):
+    """What the HTTP side reads of the daemon (pubmon.daemon.daemon.Daemon). Read-only."""
+
+    @property
+    def supervisor(self) -> Supervisor | None: ...  # None until the publishers are set up
+    @property
+    def listeners(self) -> ListenersView | None: ...
+    @property
+    def procstats(self) -> ProcStats: ...
+    @property
+    def ready(self) -> asyncio.Event: ...  # the first round has settled
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def loop_lag_ms(self) -> int: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def reload_failures(self) -> int: ...
+    def fb303_status(self) -> str: ...
+
+
+class _View:
+    """The daemon as metrics.MetricsSource."""
+
+    def __init__(self, daemon: DaemonView, server: HttpServer) -> None:
         self._d = daemon
         self._s = server
 
@@ -176,7 +211,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpServer:
     """[http]: one aiohttp site on the daemon's loop. See the module docstring."""
 
-    def __init__(self, daemon: Daemon, config: Config) -> None:
+    def __init__(self, daemon: DaemonView, config: Config) -> None:
         self._daemon = daemon
         self.config = config.http
         self._monitor = config.monitor

@@ -1,4 +1,7 @@
-"""PubmonService: a thin adapter from Thrift calls to the Daemon and its Supervisor.
+"""PubmonService: a thin adapter from Thrift calls to the daemon and its Supervisor.
+
+It sees the daemon through `DaemonControl`, the few things it reads and asks of it (a Protocol
+defined here, where it is used): the service layer sits below pubmon.daemon and never imports it.
 
 The same handler serves both listeners; `Listeners` decides who may call what, by the access
 levels of `pubmon.config.access` (status, logs, control):
@@ -15,7 +18,7 @@ its peer (uid and pid, or the certificate subject); refusals are counted and log
 
 from __future__ import annotations
 
-__all__ = ["Listeners", "PubmonHandler", "tls_context"]
+__all__ = ["DaemonControl", "Listeners", "PubmonHandler", "UpgradeAnswer", "tls_context"]
 
 import asyncio
 import errno
@@ -26,7 +29,8 @@ import os
 import ssl
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pubmon._version import __version__
 from pubmon.config.access import (
@@ -39,11 +43,11 @@ from pubmon.config.access import (
     level_of,
     unix_keys,
 )
-from pubmon.config.diff import ConfigDiff
+from pubmon.config.diff import ConfigDiff, ReloadReport
 from pubmon.config.model import Config, ControlConfig, MonitorConfig
 from pubmon.core.lifecycle import PublisherState
 from pubmon.core.output import LogChunk, LogLine, OutputLog
-from pubmon.core.procstats import ProcFigures
+from pubmon.core.procstats import ProcFigures, ProcStats
 from pubmon.core.publisher import Publisher, PublisherSnapshot
 from pubmon.errors import (
     ConfigError,
@@ -56,18 +60,75 @@ from pubmon.errors import (
 )
 from pubmon.service import daemonlog as _daemonlog
 from pubmon.thrift import idl
-from pubmon.thrift.frames import Encoded, encode_struct, field_encoder
+from pubmon.thrift.codec import Encoded, encode_struct, field_encoder
 from pubmon.thrift.server import Peer, ThriftServer, fair_turn
 
 if TYPE_CHECKING:
     from pubmon.core.supervisor import Supervisor
-    from pubmon.daemon.daemon import Daemon
 
 logger = logging.getLogger(__name__)
 
 TAIL_WAIT = 0.5  # tailLog with nothing new waits this long for a line (long poll for tail -f)
 _SIGNALLABLE = (PublisherState.STARTING, PublisherState.RUNNING, PublisherState.STOPPING)
 NO_WAIT = 0.1  # start/stop/restart with noWait: how long to wait for a refusal before answering
+
+
+class UpgradeAnswer(Protocol):
+    """An upgrade the new code accepted (the daemon re-executes right after the answer)."""
+
+    @property
+    def old_version(self) -> str: ...
+    @property
+    def new_version(self) -> str: ...
+    @property
+    def publishers(self) -> int: ...  # processes carried over
+    @property
+    def upgrades_before(self) -> int: ...
+
+
+class Upgrades(Protocol):
+    async def upgrade(self) -> UpgradeAnswer:
+        """Upgrade in place; InvalidState or UpgradeRefused when it will not."""
+        ...
+
+    def admit(self) -> None:
+        """InvalidState("pubmon is upgrading: retry") once an upgrade began, else the calling
+        task is tracked until its answer went out."""
+
+    def cuttable(self, accepted: str | None) -> AbstractAsyncContextManager[None]:
+        """A wait that an upgrade ends early (InvalidState naming `accepted`, unless None)."""
+        ...
+
+
+class DaemonControl(Protocol):
+    """What the monitor service reads and asks of the daemon (pubmon.daemon.daemon.Daemon)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def supervisor(self) -> Supervisor | None: ...  # None until the publishers are set up
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def last_reload_error(self) -> str: ...
+    @property
+    def procstats(self) -> ProcStats: ...
+    @property
+    def upgrader(self) -> Upgrades: ...
+    def counters(self) -> dict[str, int]: ...
+    def fb303_status(self) -> str: ...  # a name of fb_status
+    def status_details(self) -> str: ...
+    def request_reload(self) -> None: ...
+    def request_stop(self) -> None: ...
+    async def reload(self) -> ReloadReport:
+        """Reload the config file (ConfigError, InvalidState, StartupError: nothing changed)."""
+        ...
+
+    def reopen_logs(self) -> None: ...
 
 
 def _publisher_info(
@@ -119,7 +180,7 @@ def _log_chunk(chunk: LogChunk) -> Any:
 class PubmonHandler:
     """The Thrift methods. Read-only ones are plain functions (answered without a task)."""
 
-    def __init__(self, daemon: Daemon, rpc_counters: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, daemon: DaemonControl, rpc_counters: Callable[[], dict[str, int]]) -> None:
         self._daemon = daemon
         self._rpc_counters = rpc_counters
         self._infos: dict[str, tuple[tuple[object, ...], Encoded]] = {}  # see listPublishers
@@ -139,6 +200,23 @@ class PubmonHandler:
         if self._daemon.stopping:
             raise idl.pubmon().InvalidState(message="the daemon is stopping")
         return self._sup()
+
+    def _admit(self, *, declared: bool = True) -> Any:
+        """[upgrade] hook, first thing in every mutating or waiting call: refused with
+        InvalidState("pubmon is upgrading: retry") once an upgrade began (as a
+        TApplicationException of that text where the method declares no InvalidState), else
+        tracked so that the exec waits for its answer. Returns the daemon's Upgrader."""
+        up = self._daemon.upgrader
+        try:
+            up.admit()
+        except InvalidState as exc:
+            if declared:
+                raise self._translate(exc) from None
+            from thriftpy2.thrift import TApplicationException
+
+            kind = TApplicationException.UNKNOWN
+            raise TApplicationException(kind, f"InvalidState: {exc}") from None
+        return up
 
     @staticmethod
     def _translate(exc: Exception) -> Exception:
@@ -249,19 +327,24 @@ class PubmonHandler:
         return await self._request("resume", name, False)
 
     async def _request(self, what: str, name: str, no_wait: bool) -> Any:
+        up = self._admit()
         sup = self._mutable()
+        # An upgrade answers a request it finds posted: the exec waits until its publisher
+        # took it, and the new image carries it out.
+        accepted = f"the {what} of {name} was accepted and goes on (see pubmon status)"
         try:
             pub = sup.get(name)
-            if no_wait:
-                # The request is shielded in the publisher: giving up the wait leaves it in
-                # force. NO_WAIT is for a refusal (already RUNNING) to come back as one.
-                try:
-                    async with asyncio.timeout(NO_WAIT):
-                        await getattr(sup, what)(name)
-                except TimeoutError:
-                    pass
-            else:
-                await getattr(sup, what)(name)
+            async with up.cuttable(accepted):
+                if no_wait:
+                    # The request is shielded in the publisher: giving up the wait leaves it
+                    # in force. NO_WAIT is for a refusal (already RUNNING) to come back as one.
+                    try:
+                        async with asyncio.timeout(NO_WAIT):
+                            await getattr(sup, what)(name)
+                    except TimeoutError:
+                        pass
+                else:
+                    await getattr(sup, what)(name)
         except (UnknownPublisher, InvalidState) as exc:
             raise self._translate(exc) from None
         return _publisher_info(pub.snapshot(), pub=pub)
@@ -269,6 +352,7 @@ class PubmonHandler:
     async def signalPublisher(self, name: str, signal: str) -> Any:
         import signal as signals
 
+        self._admit()
         self._mutable()
         m = idl.pubmon()
         try:
@@ -300,9 +384,8 @@ class PubmonHandler:
         )
 
     async def diffConfig(self) -> Any:
-        from pubmon.config.diff import diff_configs
+        from pubmon.config.diff import daemon_changes, diff_configs
         from pubmon.config.load import load_config
-        from pubmon.daemon.daemon import _daemon_changes
 
         current = self._daemon.config
         try:
@@ -310,7 +393,7 @@ class PubmonHandler:
         except ConfigError as exc:
             raise self._translate(exc) from None
         diff = diff_configs(current, new)
-        return self._reload_result(diff, _daemon_changes(current, new))
+        return self._reload_result(diff, daemon_changes(current, new))
 
     def tailDaemonLog(self, afterSeq: int, maxLines: int) -> Any:
         m = idl.pubmon()
@@ -322,6 +405,7 @@ class PubmonHandler:
         return m.LogChunk(lines=lines, nextSeq=next_seq, missed=missed)
 
     async def reloadConfig(self, noWait: bool | None = None) -> Any:
+        self._admit()  # one in flight is not cut: the exec waits for its reload
         self._mutable()
         preview = await self.diffConfig() if noWait else None  # a bad file: ConfigError now
         try:
@@ -372,14 +456,16 @@ class PubmonHandler:
         )
 
     async def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
+        up = self._admit(declared=False)
         try:
             output = self._sup().get(name).output
         except UnknownPublisher as exc:
             raise self._translate(exc) from None
         if 0 <= afterSeq == output.last_seq and maxLines > 0:
-            # Nothing new yet: wait a little for it, so `tail -f` need not spin.
+            # Nothing new yet: wait a little for it, so `tail -f` need not spin. (An upgrade
+            # ends the wait: the answer goes out before the exec.)
             try:
-                async with asyncio.timeout(TAIL_WAIT):
+                async with asyncio.timeout(TAIL_WAIT), up.cuttable(None):
                     await output.wait_beyond(afterSeq)
             except TimeoutError:
                 pass
@@ -391,6 +477,19 @@ class PubmonHandler:
     def reopenLogs(self) -> None:
         self._sup()
         self._daemon.reopen_logs()
+
+    async def clearLog(self, name: str) -> Any:
+        try:
+            output = self._sup().get(name).output
+        except UnknownPublisher as exc:
+            raise self._translate(exc) from None
+        done = await output.clear()
+        logger.info(
+            "%s: log cleared by an operator: %d ring lines, files %s%s",
+            name, done.lines, ", ".join(done.files) or "none",
+            f" ({done.error})" if done.error else "",
+        )  # fmt: skip
+        return idl.pubmon().LogCleared(lines=done.lines, files=done.files, error=done.error)
 
 
 # One tailLog reply stays under ~1 MiB (the server holds at most one unsent reply per
@@ -533,7 +632,7 @@ class Listeners:
     what on each (pubmon.config.access): the listener "control" is the unix socket, "monitor" the
     TCP port."""
 
-    def __init__(self, daemon: Daemon, config: Config) -> None:
+    def __init__(self, daemon: DaemonControl, config: Config) -> None:
         self.config = config
         self.tcp_port: int | None = None
         self.socket_path: str | None = None

@@ -1,9 +1,14 @@
-"""The Thrift client: one connection, calls one at a time, every failure an `RpcError`.
+"""The async Thrift client: one connection, calls one at a time, every failure an `RpcError`.
 
-Re-exported by `pubmon.thrift.server`, next to the server::
+For the daemon (probes, the HTTP counters) and tests; the CLI has the blocking twin in
+``blocking``. Both use ``codec`` for the bytes and its rules (frame caps, strict decoding)::
 
     async with await ThriftClient.connect(svc, unix_socket=path, timeout=2) as client:
         status = await client.call("getStatus")
+
+``svc`` is a service of the IDL: its thriftpy2 class (``idl.pubmon().PubmonService``) or name,
+or a ``codec.Service``. Decoded structs and declared exceptions are thriftpy2's generated
+classes (``idl.bind``) unless a ``codec.Service`` bound to other classes is given.
 """
 
 from __future__ import annotations
@@ -15,17 +20,16 @@ import os
 import ssl
 from typing import Any, Literal, Self, final
 
-from thriftpy2.thrift import TApplicationException, TMessageType
-
 from pubmon.errors import RpcError
-from pubmon.thrift.frames import (
+from pubmon.thrift import idl
+from pubmon.thrift.codec import (
+    ApplicationError,
     BadFrame,
     Incomplete,
     Method,
     ProtocolViolation,
-    decode_reply,
-    encode_message,
-    methods,
+    Service,
+    frame_length,
 )
 
 
@@ -81,11 +85,11 @@ class ThriftClient:
     """
 
     def __init__(
-        self, service: type, replies: _Replies, *,
+        self, service: type | str | Service, replies: _Replies, *,
         where: str, timeout: float, framed: bool, max_frame: int,
     ) -> None:  # fmt: skip
         """Use ``await ThriftClient.connect(...)``."""
-        self._methods = methods(service)
+        self._service = service if isinstance(service, Service) else idl.bind(service)
         self._replies: _Replies | None = replies
         self._where = where
         self._timeout = timeout
@@ -97,7 +101,7 @@ class ThriftClient:
     @classmethod
     async def connect(
         cls,
-        service: type,
+        service: type | str | Service,
         *,
         unix_socket: str | os.PathLike[str] | None = None,
         host: str | None = None,
@@ -151,22 +155,14 @@ class ThriftClient:
         A method the service lacks raises ValueError, arguments that do not fit their IDL types
         raise TypeError; neither touches the connection.
         """
-        spec = self._methods.get(method)
-        if spec is None:
-            raise ValueError(f"no method {method!r} in this service")
-        if len(args) > len(spec.arg_names):
-            raise TypeError(f"{method}() takes {len(spec.arg_names)} arguments, got {len(args)}")
-        payload = spec.args_cls()
-        for name, value in zip(spec.arg_names, args, strict=False):
-            setattr(payload, name, value)
+        spec = self._service.method(method)
         async with self._lock:
             replies = self._replies
             if replies is None or replies.lost is not None:
                 self._abort()
                 raise RpcError(f"{self._where}: closed")
             seqid = self._seqid = (self._seqid + 1) & 0x7FFFFFFF
-            mtype = TMessageType.ONEWAY if spec.oneway else TMessageType.CALL
-            data = encode_message(method, mtype, seqid, payload, framed=self._framed)
+            data = self._service.encode_call(method, seqid, args, framed=self._framed)
             try:
                 if replies.buf:
                     raise ProtocolViolation(f"{len(replies.buf)} unexpected bytes from the server")
@@ -174,47 +170,42 @@ class ThriftClient:
                 if spec.oneway:
                     return None
                 async with asyncio.timeout(self._timeout):
-                    result = await self._read_reply(replies, spec, seqid)
+                    return await self._read_reply(replies, spec, seqid)
             except TimeoutError as e:
                 self._abort()
                 raise RpcError(f"{self._where}: {method}: no reply within {self._timeout} s") from e
-            except (OSError, EOFError, ProtocolViolation) as e:
+            except (OSError, EOFError, ProtocolViolation, ApplicationError) as e:
                 self._abort()
                 raise RpcError(f"{self._where}: {method}: {e or type(e).__name__}") from e
+            except Exception as e:
+                if any(isinstance(e, c) for c, _ in spec.throws):
+                    raise  # a declared exception: the connection stays usable
+                self._abort()
+                raise
             except BaseException:
                 self._abort()  # cancelled mid-call: a late reply would answer the next call
                 raise
-            if isinstance(result, TApplicationException):
-                self._abort()
-                raise RpcError(f"{self._where}: {method}: {result}")
-            if (success := getattr(result, "success", None)) is not None:
-                return success
-            for _, field in spec.throws:
-                if (err := getattr(result, field, None)) is not None:
-                    raise err
-            if 0 in spec.result_cls.thrift_spec:
-                self._abort()
-                raise RpcError(f"{self._where}: {method}: the reply carries no result")
-            return None
 
     async def _read_reply(self, replies: _Replies, spec: Method, seqid: int) -> Any:
         buf = replies.buf
+        decode = self._service.decode_reply
         while True:
             if self._framed and len(buf) >= 4:
-                size = int.from_bytes(buf[:4], "big", signed=True)
-                if not 0 < size <= self._max_frame:
-                    raise BadFrame(f"reply frame of {size} bytes (limit {self._max_frame})")
+                size = frame_length(buf, self._max_frame)
                 if len(buf) >= 4 + size:
                     data = bytes(buf[4 : 4 + size])
                     del buf[: 4 + size]
-                    return decode_reply(data, spec, seqid)
+                    return decode(data, spec, seqid)
             elif not self._framed and buf:
                 # No length prefix: decode what has arrived until it makes a whole message.
                 try:
-                    result = decode_reply(bytes(buf), spec, seqid)
+                    result = decode(bytes(buf), spec, seqid)
                 except Incomplete:
                     if len(buf) > self._max_frame:
                         raise BadFrame(f"reply over {self._max_frame} bytes") from None
+                except BaseException:
+                    buf.clear()  # the whole message was read (a declared exception raises)
+                    raise
                 else:
                     buf.clear()
                     return result

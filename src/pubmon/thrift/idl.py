@@ -12,8 +12,13 @@ normal install ``importlib.resources.files("pubmon") / "idl"`` is just the direc
 file, so that is looked up directly (importing ``importlib.resources`` costs ~15 ms of CLI start);
 ``importlib.resources`` is asked only when neither directory exists (a zip import).
 
-thriftpy2's parser rebuilds its LALR tables on every parse: ~110 ms for these files, more than
-the CLI's whole start budget. So the parsed modules are cached as a pickle in
+The daemon needs these modules (its handlers build thriftpy2's classes; ``bind`` hands them to
+``codec``); the CLI does not (it runs on the generated ``schema``). thriftpy2's parser rebuilds
+its LALR tables on every parse: ~100 ms for these files. That time is part of the daemon's
+start and so of the pause of ``pubmon upgrade`` (bench_upgrade.py: from the old image's last
+read to the new image's READY=1, median 326-383 ms with 200 publishers). Measured for issue 11
+(12 runs each, CPU time of importing the daemon and loading the IDL): 437 ms median without
+the cache, 352 ms with it. So the parsed modules are cached as a pickle in
 ``$XDG_CACHE_HOME/pubmon`` (default ``~/.cache/pubmon``), keyed by the files' contents, the
 thriftpy2 version and the Python version. A cache that is not ours (wrong owner, writable by
 others) is ignored, since unpickling runs code; an unwritable cache dir just means no cache.
@@ -21,7 +26,7 @@ others) is ignored, since unpickling runs code; an unwritable cache dir just mea
 
 from __future__ import annotations
 
-__all__ = ["FbStatus", "fb303", "publisher", "pubmon"]
+__all__ = ["FbStatus", "bind", "fb303", "publisher", "pubmon"]
 
 import contextlib
 import enum
@@ -35,6 +40,10 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pubmon.thrift.codec import Service
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,27 @@ def publisher() -> types.ModuleType:
 def pubmon() -> types.ModuleType:
     """``pubmon_thrift``: ``PubmonService``, its structs and exceptions (the daemon's API)."""
     return _modules()[_NAMES[2]]
+
+
+@functools.cache
+def bind(service: type | str) -> Service:
+    """The codec's ``Service`` for a service of the IDL (its thriftpy2 class, or its name),
+    bound to thriftpy2's generated classes: what the daemon's handlers build and raise, and
+    what the async client returns and raises."""
+    from pubmon.thrift.codec import Service
+
+    name = service if isinstance(service, str) else service.__name__
+    return Service(name, _classes().__getitem__)
+
+
+@functools.cache
+def _classes() -> dict[str, type]:
+    table: dict[str, type] = {}
+    for module in _modules().values():
+        meta = module.__thrift_meta__
+        for cls in (*meta.get("structs", ()), *meta.get("exceptions", ())):
+            table[cls.__name__] = cls
+    return table
 
 
 @functools.cache

@@ -1,6 +1,7 @@
-"""Our own asyncio Thrift server and client: binary protocol, framed (or, client only, buffered).
+"""Our own asyncio Thrift server: binary protocol, framed.
 
-thriftpy2 supplies the IDL classes; ``_frames`` encodes and decodes messages. The server exists
+``codec`` encodes and decodes messages (its rules: frame caps, strict decoding); ``idl.bind``
+gives it thriftpy2's classes, which the handlers build and raise. The server exists
 because thriftpy2's stock aio server has no frame cap, no idle timeout, no connection cap, no
 owned connection tasks and drops the connection on undeclared errors (reference/thrift.md).
 
@@ -12,7 +13,7 @@ Server example::
     ...
     await server.close()
 
-Client example (the client lives in ``_client``)::
+Client example (the client lives in ``client`` and is re-exported here)::
 
     async with await ThriftClient.connect(svc, unix_socket=path, timeout=2) as client:
         status = await client.call("getStatus")
@@ -86,21 +87,23 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, Self, final
 
-from thriftpy2.thrift import TApplicationException, TMessageType
+from thriftpy2.thrift import TApplicationException
 
 from pubmon.errors import PermissionDenied
 from pubmon.host.inherited import inherited_socket, inherited_sockets
 from pubmon.host.trust import make_trusted_dirs
+from pubmon.thrift import codec, idl
 from pubmon.thrift.client import ThriftClient
-from pubmon.thrift.frames import (
+from pubmon.thrift.codec import (
+    ApplicationError,
+    BadFrame,
     Method,
     ProtocolViolation,
-    Reader,
     encode_error,
-    encode_message,
-    methods,
+    frame_length,
 )
 from pubmon.thrift.limits import TokenBucket, ensure_fd_limit, malloc_trim, port_holder
+from pubmon.thrift.peer import subject_text
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +116,6 @@ _SNDBUF = 128 * 1024
 # SO_RCVBUF of TCP listeners (accepted sockets inherit it): requests are small, and a peer that
 # pipelines while we do not read should fill a small kernel buffer, not a 6 MiB autotuned one.
 _RCVBUF = 64 * 1024
-_CERT_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-}
 _CONN_COST = 4 * 1024  # memory a plain connection costs us (transport, protocol, timer)
 _TLS_COST = 300 * 1024  # ... and a TLS one (asyncio's 256 KiB SSL read buffer, BIOs, SSL*)
 _ACCEPT_BATCH = 128  # connections accepted per readiness callback of a TCP listener
@@ -194,7 +189,7 @@ class ThriftServer:
 
     def __init__(
         self,
-        service: type,
+        service: type | str | codec.Service,
         handler: object,
         *,
         name: str,
@@ -243,8 +238,8 @@ class ThriftServer:
         self.throttled = 0  # times a peer had to wait for its rate limit
         self.memory = 0  # accounted bytes: buffered requests, unsent replies, per-connection cost
         self.memory_peak = 0
-        self._methods = methods(service)
-        self._handlers = {name: getattr(handler, name, None) for name in self._methods}
+        self._service = service if isinstance(service, codec.Service) else idl.bind(service)
+        self._handlers = {name: getattr(handler, name, None) for name in self._service.methods}
         self._authorize = authorize
         self._on_call = on_call
         self.admit = admit
@@ -794,20 +789,15 @@ class ThriftServer:
         """The encoded reply to one request frame (None: oneway), or a coroutine producing it
         when the handler is async. Raises ProtocolViolation."""
         peer, denied = conn.peer, conn.denied
-        msg = Reader(frame)
-        name, mtype, seqid = msg.message_begin()
-        if mtype not in (TMessageType.CALL, TMessageType.ONEWAY):
-            raise ProtocolViolation(f"message type {mtype} from a client")
+        name, mtype, seqid, method, msg = self._service.decode_call(frame)
         self.calls += 1
-        method, fn = self._methods.get(name), self._handlers.get(name)
+        fn = self._handlers.get(name)
         if method is None or fn is None:
-            if mtype == TMessageType.ONEWAY:
+            if mtype == codec.ONEWAY:
                 return None
             what = "unknown method" if method is None else "method not implemented"
-            return encode_error(name, seqid, TApplicationException.UNKNOWN_METHOD, f"{what} {name}")
-        args = msg.read_struct(method.args_cls)
-        msg.expect_end()
-        result = method.result_cls()
+            return encode_error(name, seqid, codec.UNKNOWN_METHOD, f"{what} {name}")
+        args = self._service.decode_args(msg, method)
         try:
             if denied is not None:
                 raise PermissionDenied(denied)
@@ -815,20 +805,20 @@ class ThriftServer:
                 self._on_call(peer, name)
             if self._authorize is not None:
                 self._authorize(peer, name)
-            value = fn(*[getattr(args, a) for a in method.arg_names])
+            value = fn(*args)
         except Exception as e:
-            return self._settle(method, seqid, result, e, peer)
+            return self._settle(method, seqid, e, peer)
         if inspect.isawaitable(value):
-            return self._finish(method, seqid, result, value, conn)
-        result.success = value
-        return self._reply(method, seqid, result)
+            return self._finish(method, seqid, value, conn)
+        return self._reply(method, seqid, "success", value)
 
     async def _finish(
-        self, method: Method, seqid: int, result: Any, pending: Awaitable[object], conn: _Connection
+        self, method: Method, seqid: int, pending: Awaitable[object], conn: _Connection
     ) -> bytes | None:
         error: Exception | None = None
+        value: object = None
         try:
-            result.success = await pending
+            value = await pending
         except Exception as e:
             error = e
         if conn.gate_t0 is None:
@@ -836,47 +826,43 @@ class ThriftServer:
         started = conn.gate_t0 if conn.gate_t0 is not None else time.perf_counter()
         conn.gate_t0 = None
         if error is not None:
-            reply = self._settle(method, seqid, result, error, conn.peer)
+            reply = self._settle(method, seqid, error, conn.peer)
         else:
-            reply = self._reply(method, seqid, result)
+            reply = self._reply(method, seqid, "success", value)
         cost = time.perf_counter() - started
         self._async_cost = 0.8 * self._async_cost + 0.2 * cost
         self._charge(conn, cost)
         return reply
 
-    def _settle(
-        self, method: Method, seqid: int, result: Any, e: Exception, peer: Peer
-    ) -> bytes | None:
+    def _settle(self, method: Method, seqid: int, e: Exception, peer: Peer) -> bytes | None:
         """The reply for a call that raised ``e``."""
         if isinstance(e, PermissionDenied):
             # Not logged here: whoever refused logs it, at most once a minute per peer.
             logger.debug("%s: refused %s to %s: %s", self.name, method.name, peer, e)
             if method.denied is None:
                 denied = f"PermissionDenied: {e}"
-                return self._fail(method, seqid, TApplicationException.UNKNOWN, denied)
+                return self._fail(method, seqid, codec.UNKNOWN, denied)
             cls, field = method.denied
-            setattr(result, field, cls(message=str(e)))
-            return self._reply(method, seqid, result)
-        if isinstance(e, TApplicationException):
+            return self._reply(method, seqid, field, cls(message=str(e)))
+        if isinstance(e, ApplicationError | TApplicationException):  # ours, or thriftpy2's
             return self._fail(method, seqid, e.type, e.message or str(e))
         declared = next((f for c, f in method.throws if isinstance(e, c)), None)
         if declared is None:
             return self._internal_error(method, seqid, e)
-        setattr(result, declared, e)
-        return self._reply(method, seqid, result)
+        return self._reply(method, seqid, declared, e)
 
-    def _reply(self, method: Method, seqid: int, result: Any) -> bytes | None:
+    def _reply(self, method: Method, seqid: int, field: str, value: object) -> bytes | None:
         if method.oneway:
             return None
         try:
-            return encode_message(method.name, TMessageType.REPLY, seqid, result, framed=True)
+            return self._service.encode_reply(method, seqid, field, value)
         except (TypeError, ValueError) as e:
             return self._internal_error(method, seqid, e)
 
     def _internal_error(self, method: Method, seqid: int, e: Exception) -> bytes | None:
         self.errors += 1
         logger.error("%s: %s failed", self.name, method.name, exc_info=e)
-        return self._fail(method, seqid, TApplicationException.INTERNAL_ERROR, "internal error")
+        return self._fail(method, seqid, codec.INTERNAL_ERROR, "internal error")
 
     def _fail(self, method: Method, seqid: int, kind: int, message: str) -> bytes | None:
         return None if method.oneway else encode_error(method.name, seqid, kind, message)
@@ -1060,10 +1046,13 @@ class _Connection(asyncio.BufferedProtocol):
             return
         server = self.server
         size = self._frame_size()
-        if size is not None and not 0 < size <= self.max_frame:
-            server.rejected_frames += 1
-            logger.info("%s: closing %s: frame of %d bytes", server.name, self.peer, size)
-            return self._drop()
+        if size is not None:
+            try:
+                frame_length(self.buf, self.max_frame)
+            except BadFrame as e:
+                server.rejected_frames += 1
+                logger.info("%s: closing %s: %s", server.name, self.peer, e)
+                return self._drop()
         complete = size is not None and len(self.buf) >= 4 + size
         blocked = self.busy or self.write_paused
         if complete and not blocked and not self.queued:
@@ -1196,8 +1185,7 @@ class _Connection(asyncio.BufferedProtocol):
 def _subject(cert: dict[str, Any] | None) -> str | None:
     if not cert or "subject" not in cert:
         return None
-    parts = [f"{_CERT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
-    return ",".join(parts)
+    return subject_text(pair for rdn in cert["subject"] for pair in rdn)
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:

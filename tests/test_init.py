@@ -1,4 +1,4 @@
-"""pubmon as PID 1 of a private PID namespace, as in a container (issue 14).
+"""pubmon as an init (pubmon.daemon.init): PID 1 of a private PID namespace, as in a container.
 
 Each test boots `pubmon daemon` under `setpriv --pdeathsig KILL unshare --pid --fork
 --mount-proc --kill-child=SIGKILL`: the daemon is the namespace's init, so every orphan of the
@@ -24,20 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from daemons import toml_publisher
+from daemons import IGNORE_TERM, SLEEP, pump_stderr, start_daemon, toml_publisher, wait_line
 from procs import children, descendants, state
 
 UNSHARE = (
     "setpriv", "--pdeathsig", "KILL",
     "unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL",
 )  # fmt: skip
-SLEEP = ["sleep", "3600"]
-IGNORE_TERM = [
-    sys.executable,
-    "-c",
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('x', flush=True)\n"
-    "while True: time.sleep(3600)",
-]
 
 
 # Forks a helper into its own session that says "bye" into a file when SIGTERM comes, and
@@ -117,14 +110,7 @@ class Pid1:
         os.kill(self.init, sig)
 
     async def wait_log(self, text: str, timeout: float = 15) -> str:
-        for line in self.stderr:
-            if text in line:
-                return line
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self._lines.get()
-                if text in line:
-                    return line
+        return await wait_line(self.stderr, self._lines, text, timeout)
 
     async def wait_stdout(self, text: bytes, timeout: float = 15) -> None:
         async with asyncio.timeout(timeout):
@@ -159,14 +145,6 @@ class Pid1:
                 await asyncio.sleep(0.05)  # a bounded poll of /proc: nothing signals "reaped"
 
 
-async def _pump_err(d: Pid1) -> None:
-    assert d.proc.stderr is not None
-    async for raw in d.proc.stderr:
-        line = raw.decode(errors="replace").rstrip("\n")
-        d.stderr.append(line)
-        d._lines.put_nowait(line)
-
-
 async def _pump_out(d: Pid1) -> None:
     assert d.proc.stdout is not None
     while chunk := await d.proc.stdout.read(1 << 16):
@@ -178,20 +156,9 @@ async def _pump_out(d: Pid1) -> None:
 async def pid1(
     config: Path, *, ready: bool = True, read_stdout: bool = True
 ) -> AsyncIterator[Pid1]:
-    proc = await asyncio.create_subprocess_exec(
-        *UNSHARE,
-        sys.executable,
-        "-m",
-        "pubmon",
-        "daemon",
-        "--config",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_daemon(config, wrap=UNSHARE, stdout=asyncio.subprocess.PIPE)
     d = Pid1(proc)
-    d.pumps.append(asyncio.ensure_future(_pump_err(d)))
+    d.pumps.append(asyncio.ensure_future(pump_stderr(proc, d.stderr, d._lines)))
     if read_stdout:
         d.read_stdout()
     try:
@@ -315,16 +282,7 @@ async def test_stdout_under_a_flood_from_20_publishers_loses_and_mixes_no_line(
     tmp_path: Path,
 ) -> None:
     n = 1500
-    flood = [
-        sys.executable,
-        "-c",
-        "import os, sys\n"
-        "name = os.environ['PUBMON_PUBLISHER']\n"
-        f"for i in range({n}):\n"
-        "    out = sys.stderr if i % 4 == 3 else sys.stdout\n"
-        "    out.write('%s %d ' % (name, i) + 'x' * (i * 37 % 300) + '\\n')\n"
-        "    if i % 50 == 0: out.flush()\n",
-    ]
+    flood = flood_script(n, 300)
     body = "".join(toml_publisher(f"p{i}", flood, restart="never") for i in range(20))
     async with pid1(write(tmp_path, body), ready=False) as d:
         for i in range(20):
@@ -365,7 +323,7 @@ def flood_script(n: int, width: int) -> list[str]:
 async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
     tmp_path: Path,
 ) -> None:
-    from pubmon.thrift.wire import WireClient
+    from pubmon.thrift.blocking import BlockingClient
 
     n, pubs = 1500, 20  # ~15 MB: more than the pipe and the 4 MiB buffer hold
     body = "".join(
@@ -374,7 +332,7 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
     async with pid1(write(tmp_path, body, socket=True), read_stdout=False) as d:
         for i in range(pubs):
             await d.wait_ended(f"p{i}", timeout=60)  # supervision went on
-        client = WireClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
+        client = BlockingClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
         try:
             counters = await asyncio.to_thread(client.call, "getCounters")
         finally:
@@ -388,14 +346,14 @@ async def test_a_stdout_nobody_reads_drops_counted_lines_and_stalls_nothing(
 
 
 async def test_status_details_name_the_critical_publisher(tmp_path: Path) -> None:
-    from pubmon.thrift.wire import WireClient
+    from pubmon.thrift.blocking import BlockingClient
 
     body = toml_publisher("slow", IGNORE_TERM, stop_timeout=2) + toml_publisher(
         "main", ["sh", "-c", "sleep 0.5; exit 3"], critical=True, restart="never"
     )
     async with pid1(write(tmp_path, body, socket=True)) as d:
         await d.wait_log("critical publisher main EXITED")
-        client = WireClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
+        client = BlockingClient(unix_socket=str(tmp_path / "pubmon.sock"), timeout=5)
         try:
             details = await asyncio.to_thread(client.call, "getStatusDetails")
         finally:

@@ -1,4 +1,7 @@
-"""pubmon.thrift.server (server, client), its codec (frames) and the IDL loader (idl).
+"""pubmon.thrift.server: the framed Thrift server (calls, errors, peers, limits, TLS).
+
+Driven by the async client (its own tests are in test_client.py), thriftpy2's stock client and
+raw sockets.
 
 Real sockets on loopback and unix sockets; the server runs in-process. Every wait is for a state
 or an event under asyncio.timeout; no sleep stands in for synchronisation (the few sleeps are the
@@ -20,121 +23,23 @@ import ssl
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import thriftpy2.rpc
-from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TFramedTransportFactory
-from thriftpy2.transport.memory import TMemoryBuffer
 
 from pubmon.errors import PermissionDenied, RpcError
-from pubmon.thrift import frames as _frames
 from pubmon.thrift import idl
 from pubmon.thrift.server import Peer, ThriftClient, ThriftServer
+from thrift_helpers import INFO_A, INFO_B, SVC, Handler, closed_by_peer, connect, pm, serving
 
-pm = idl.pubmon()
-SVC = pm.PubmonService
-
-INFO_A = pm.PublisherInfo(
-    name="feed:0", program="feed", state="RUNNING", pid=4242, health="HEALTHY", restarts=2,
-    lastExit=-9, lastExitReason="killed by SIGKILL", uptime=12.5, port=9101, statusDetails="ok ✓",
-)  # fmt: skip
-INFO_B = pm.PublisherInfo(
-    name="idle", program="sleep", state="STOPPED", pid=0, health="UNKNOWN", restarts=0,
-    lastExitReason="", uptime=0.0, port=0, statusDetails="",
-)  # fmt: skip
 MUTATING = {"startPublisher", "reloadConfig", "setOption", "shutdown", "reopenLogs"}
-
-
-class Handler:
-    """A few PubmonService methods, plain and async; getVersion is deliberately missing."""
-
-    def __init__(self) -> None:
-        self.options: dict[str, str] = {}
-        self.shutdown_called = asyncio.Event()
-        self.reinitialized = asyncio.Event()
-        self.profile_started = asyncio.Event()
-        self.profile_cancelled = asyncio.Event()
-
-    def getStatus(self) -> int:
-        return idl.FbStatus.ALIVE
-
-    async def getName(self) -> str:
-        return "pubmon-test"
-
-    def getCounters(self) -> dict[str, int]:
-        return {"rpc.calls": 3, "big": 2**40, "negative": -1}
-
-    def getOptions(self) -> dict[str, str]:
-        return {"ü": "ñ", "empty": ""}
-
-    async def listPublishers(self) -> list[Any]:
-        return [INFO_A, INFO_B]
-
-    async def getPublisher(self, name: str) -> Any:
-        if name == INFO_A.name:
-            return INFO_A
-        raise pm.UnknownPublisher(message=f"no publisher named {name!r}")
-
-    async def startPublisher(self, name: str, noWait: bool | None = None) -> Any:
-        return INFO_A
-
-    async def reloadConfig(self, noWait: bool | None = None) -> Any:
-        return pm.ReloadResult(added=["new"], removed=[], changed=["feed:0"], unchanged=["idle"])
-
-    def tailLog(self, name: str, after: int, max_lines: int) -> Any:
-        lines = [
-            pm.LogLine(seq=after + 1 + i, time=1.5 + i, stream="stdout", text=f"line {i} ☃",
-                       partial=i == 1)
-            for i in range(max_lines)
-        ]  # fmt: skip
-        return pm.LogChunk(lines=lines, nextSeq=after + max_lines, missed=7)
-
-    async def setOption(self, key: str, value: str) -> None:
-        self.options[key] = value
-
-    def getOption(self, key: str) -> str:
-        raise RuntimeError("boom")  # undeclared
-
-    async def getCpuProfile(self, seconds: int) -> str:
-        self.profile_started.set()
-        try:
-            await asyncio.sleep(seconds)
-        except asyncio.CancelledError:
-            self.profile_cancelled.set()
-            raise
-        return "profile"
-
-    def shutdown(self) -> None:
-        self.shutdown_called.set()
-
-    async def reinitialize(self) -> None:
-        self.reinitialized.set()
-
-    def reopenLogs(self) -> None:
-        raise PermissionDenied("the handler says no")
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: object | None = None, **kw: Any) -> AsyncIterator[tuple[Any, int]]:
-    server = ThriftServer(SVC, handler or Handler(), name="test", **kw)
-    try:
-        port = await server.start_tcp("127.0.0.1", 0)
-        assert server.ready.is_set()
-        yield server, port
-    finally:
-        await server.close()
-
-
-async def connect(port: int, service: Any = SVC, **kw: Any) -> ThriftClient:
-    return await ThriftClient.connect(service, host="127.0.0.1", port=port, **kw)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -143,19 +48,8 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
-async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
-    """True once the server has closed the connection (EOF or reset) within timeout."""
-    async with asyncio.timeout(timeout):
-        try:
-            while await reader.read(65536):
-                pass
-        except ConnectionError:
-            pass
-    return True
-
-
-def call_frame(name: str, args: Any, seqid: int = 1, mtype: int = TMessageType.CALL) -> bytes:
-    return _frames.encode_message(name, mtype, seqid, args, framed=True)
+def call_frame(name: str, *args: Any, seqid: int = 1) -> bytes:
+    return idl.bind(SVC).encode_call(name, seqid, args)
 
 
 def frame(body: bytes) -> bytes:
@@ -279,86 +173,6 @@ async def test_thriftpy2_sync_client_interop() -> None:
     )  # fmt: skip
 
 
-class AsyncHandler:
-    """thriftpy2's aio processor awaits every handler method."""
-
-    async def getStatus(self) -> int:
-        return 2
-
-    async def getCounters(self) -> dict[str, int]:
-        return {"a": 1}
-
-    async def listPublishers(self) -> list[Any]:
-        return [INFO_A, INFO_B]
-
-    async def getPublisher(self, name: str) -> Any:
-        raise pm.UnknownPublisher(message=name)
-
-
-@pytest.mark.parametrize("transport", ["buffered", "framed"])
-async def test_our_client_against_thriftpy2_aio_server(transport: str) -> None:
-    from thriftpy2.contrib.aio.processor import TAsyncProcessor
-    from thriftpy2.contrib.aio.server import TAsyncServer
-    from thriftpy2.contrib.aio.socket import TAsyncServerSocket
-    from thriftpy2.contrib.aio.transport import (
-        TAsyncBufferedTransportFactory,
-        TAsyncFramedTransportFactory,
-    )
-
-    framed = transport == "framed"
-    factory = TAsyncFramedTransportFactory if framed else TAsyncBufferedTransportFactory
-    # make_aio_server refuses port 0, so build it by hand (reference/thrift.md §1.1, §1.3).
-    sock = TAsyncServerSocket(host="127.0.0.1", port=0, client_timeout=None)
-    stock = TAsyncServer(
-        TAsyncProcessor(SVC, AsyncHandler()), sock, itrans_factory=factory(),
-        loop=asyncio.get_running_loop(),
-    )  # fmt: skip
-    handled = asyncio.Event()
-
-    async def handle(conn: Any) -> None:
-        try:
-            await stock.handle(conn)
-        finally:
-            handled.set()
-
-    stock.trans.listen()
-    stock.server = await stock.trans.accept(handle)
-    try:
-        port = sock.raw_sock.getsockname()[1]
-        async with await connect(port, transport=transport, timeout=5) as c:
-            assert await c.call("getStatus") == 2
-            assert await c.call("getCounters") == {"a": 1}
-            assert await c.call("listPublishers") == [INFO_A, INFO_B]
-            with pytest.raises(pm.UnknownPublisher):
-                await c.call("getPublisher", "x")
-            assert await c.call("getStatus") == 2
-        async with asyncio.timeout(5):
-            await handled.wait()  # its connection task is done, so nothing outlives the loop
-    finally:
-        await stock.close()
-
-
-async def test_client_checks_reply_name_and_seqid() -> None:
-    async def answer_wrongly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
-            result = SVC.getStatus_result(success=2)
-            writer.write(_frames.encode_message("getStatus", 2, 999, result, framed=True))
-            await closed_by_peer(reader)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(answer_wrongly, "127.0.0.1", 0)
-    async with server:
-        port = server.sockets[0].getsockname()[1]
-        c = await connect(port)
-        with pytest.raises(RpcError, match="#999"):
-            await c.call("getStatus")
-        with pytest.raises(RpcError, match="closed"):
-            await c.call("getStatus")
-        await c.close()
-
-
 # --- authorization and peers --------------------------------------------------------------------
 
 
@@ -422,7 +236,7 @@ async def test_so_peercred_refuses_other_uids(caplog: pytest.LogCaptureFixture) 
     base = tempfile.mkdtemp(prefix="pubmon-rpc-", dir="/tmp")
     os.chmod(base, 0o755)
     path = os.path.join(base, "ctl.sock")
-    request = call_frame("getStatus", SVC.getStatus_args()).hex()
+    request = call_frame("getStatus").hex()
 
     async def as_nobody() -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -568,6 +382,50 @@ async def test_a_thousand_idle_connections_cost_little() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+class _BigTail:
+    """A handler whose tailLog answers ~120 KB at once, counting the calls it answered."""
+
+    def __init__(self) -> None:
+        m = idl.pubmon()
+        lines = [m.LogLine(seq=i, time=0.0, stream="stdout", text="x" * 40, partial=False)
+                 for i in range(1, 2001)]  # fmt: skip
+        self.chunk = m.LogChunk(lines=lines, nextSeq=2000, missed=0)
+        self.calls = 0
+
+    def tailLog(self, name: str, afterSeq: int, maxLines: int) -> Any:
+        self.calls += 1
+        return self.chunk
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+async def test_a_client_that_never_reads_gets_only_a_few_replies_computed(
+    tmp_path: Path, family: str
+) -> None:
+    # The Thrift server caps SO_SNDBUF of the sockets it accepts. Without the cap, on loopback
+    # TCP the kernel grew the send buffer of each connection that never reads to 4 MiB, so the
+    # daemon computed ~40 tailLog replies per connection for nobody (200 of them: ~50 s of CPU
+    # with the control socket starved, and ~400 MB of kernel memory): found by test_faults.py.
+    handler = _BigTail()
+    async with ThriftServer(idl.pubmon().PubmonService, handler, name="t") as server:
+        frames = b"".join(call_frame("tailLog", "x", 0, 10000, seqid=i) for i in range(50))
+        if family == "tcp":
+            port = await server.start_tcp("127.0.0.1", 0)
+            rude = socket.create_connection(("127.0.0.1", port))
+        else:
+            await server.start_unix(tmp_path / "s.sock")
+            rude = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            rude.connect(str(tmp_path / "s.sock"))
+        with rude:
+            rude.sendall(frames)  # 50 calls, ~2 KB: the kernel takes them all
+            async with asyncio.timeout(10):
+                while True:  # until the server stops answering (backpressure)
+                    before = handler.calls
+                    await asyncio.sleep(0.3)
+                    if handler.calls == before:
+                        break
+            assert 1 <= handler.calls <= 8, f"{handler.calls} replies computed for nobody"
+
+
 async def test_idle_timeout_closes_silent_and_stalled_connections() -> None:
     class Slow(Handler):
         async def getCpuProfile(self, seconds: int) -> str:
@@ -617,29 +475,6 @@ async def test_frames_over_max_frame_are_rejected() -> None:
         assert server.rejected_frames == 1
 
 
-async def test_client_timeout_throws_the_connection_away() -> None:
-    handler = Handler()
-    async with serving(handler) as (server, port):
-        c = await connect(port, timeout=0.2)
-        started = time.monotonic()
-        with pytest.raises(RpcError, match=r"no reply within 0\.2 s"):
-            await c.call("getCpuProfile", 3600)
-        assert time.monotonic() - started < 2
-        with pytest.raises(RpcError, match="closed"):
-            await c.call("getStatus")
-        await c.close()
-        assert handler.profile_started.is_set()
-    assert handler.profile_cancelled.is_set()  # close() cancelled the call still in progress
-    assert server.connections == 0 and not server._tasks
-
-
-async def test_connect_failures_raise_rpc_error(tmp_path: Path) -> None:
-    with pytest.raises(RpcError, match="cannot connect"):
-        await ThriftClient.connect(SVC, unix_socket=tmp_path / "missing.sock")
-    with pytest.raises(ValueError):
-        await ThriftClient.connect(SVC, host="127.0.0.1")
-
-
 async def test_close_ends_open_connections() -> None:
     async with serving() as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -677,115 +512,6 @@ async def test_mutual_tls_gives_the_peer_subject(certs: Path) -> None:
                 with pytest.raises(RpcError):
                     await c.call("getStatus")
         assert len(seen) == 1
-
-
-# --- codec ----------------------------------------------------------------------------------
-
-
-def _samples() -> list[Any]:
-    chunk = Handler().tailLog("x", 5, 3)
-    problems = pm.ConfigError(message="bad", problems=["a.b: expected int", "ü"])
-    return [INFO_A, INFO_B, chunk, problems, SVC.getCounters_result(success={"a": -(2**63)})]
-
-
-@pytest.mark.parametrize("sample", _samples(), ids=lambda s: type(s).__name__)
-def test_codec_matches_thriftpy2(sample: Any) -> None:
-    ours = _frames.encode_message("m", TMessageType.REPLY, 7, sample, framed=False)
-    theirs = TMemoryBuffer()
-    proto = TBinaryProtocol(theirs)
-    proto.write_message_begin("m", TMessageType.REPLY, 7)
-    proto.write_struct(sample)
-    assert ours == theirs.getvalue()
-    reader = _frames.Reader(ours)
-    assert reader.message_begin() == ("m", TMessageType.REPLY, 7)
-    assert vars(reader.read_struct(type(sample))) == vars(sample)  # TException compares by id
-    reader.expect_end()
-
-
-def test_decoder_refuses_hostile_lengths_quickly() -> None:
-    args = SVC.getPublisher_args
-    bodies = {
-        "2 GiB string": struct.pack(">bhi", TType.STRING, 1, 0x7FFFFFFF) + b"abc",
-        "negative string": struct.pack(">bhi", TType.STRING, 1, -1) + b"abc\0",
-        "void list": struct.pack(">bhbi", TType.LIST, 9, TType.VOID, 0x7FFFFFFF) + b"\0",
-        "empty-type list": struct.pack(">bhbi", TType.LIST, 9, 0, 0x7FFFFFFF) + b"\0",
-        "huge i8 list": struct.pack(">bhbi", TType.LIST, 9, TType.BYTE, 0x7FFFFFFF) + b"\0",
-        "unknown field type": struct.pack(">bh", 16, 9) + b"\0" * 8,
-        "deep": struct.pack(">bh", TType.LIST, 9) + struct.pack(">bi", TType.LIST, 1) * 10_000,
-    }
-    for name, body in bodies.items():
-        started = time.perf_counter()
-        with pytest.raises(_frames.ProtocolViolation):
-            _frames.Reader(body).read_struct(args)
-        assert time.perf_counter() - started < 5, name  # no loop over the declared sizes
-
-
-def test_encoder_refuses_mistyped_values() -> None:
-    bad = [
-        pm.PublisherInfo(name="x", pid="12"),
-        pm.PublisherInfo(name="x", pid=2**40),
-        pm.LogChunk(lines=[None]),
-        pm.LogChunk(lines=[INFO_A]),
-        pm.ReloadResult(added=[b"ok", 3]),
-    ]
-    for payload in bad:
-        with pytest.raises(TypeError):
-            _frames.encode_message("m", TMessageType.REPLY, 1, payload, framed=True)
-
-
-# --- IDL loader -----------------------------------------------------------------------------
-
-
-def test_idl_modules_share_fb303_and_fbstatus_mirrors_fb_status() -> None:
-    assert pm.fb303 is idl.fb303() is idl.publisher().fb303
-    assert sys.modules["pubmon_thrift"] is pm
-    assert {s.name: s.value for s in idl.FbStatus} == idl.fb303().fb_status._NAMES_TO_VALUES
-    assert set(idl.fb303().FacebookService.thrift_services) < set(SVC.thrift_services)
-    assert SVC.shutdown_result.oneway and not SVC.getStatus_result.oneway
-
-
-def _shape(modules: dict[str, Any]) -> dict[str, Any]:
-    """Everything that reaches the wire, with classes replaced by their names."""
-
-    def spec(value: Any) -> Any:
-        if isinstance(value, type):
-            return value.__name__
-        if isinstance(value, tuple | list):
-            return [spec(v) for v in value]
-        if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
-        return value
-
-    out = {}
-    for mod_name, module in modules.items():
-        for name, obj in sorted(vars(module).items()):
-            if isinstance(obj, type) and hasattr(obj, "thrift_services"):
-                for m in obj.thrift_services:
-                    for suffix in ("_args", "_result"):
-                        cls = getattr(obj, m + suffix)
-                        out[f"{mod_name}.{name}.{m}{suffix}"] = spec(cls.thrift_spec)
-                    out[f"{mod_name}.{name}.{m}.oneway"] = getattr(obj, m + "_result").oneway
-            elif isinstance(obj, type) and hasattr(obj, "thrift_spec"):
-                out[f"{mod_name}.{name}"] = spec(obj.thrift_spec)
-            elif isinstance(obj, type) and hasattr(obj, "_NAMES_TO_VALUES"):
-                out[f"{mod_name}.{name}"] = obj._NAMES_TO_VALUES
-    return out
-
-
-def test_idl_cache_round_trips_and_refuses_foreign_files(tmp_path: Path) -> None:
-    parsed = idl._modules()
-    cache = tmp_path / "pubmon" / "idl-test.pickle"
-    idl._write_cache(cache, parsed)
-    assert stat.S_IMODE(os.stat(cache.parent).st_mode) == 0o700
-    loaded = idl._read_cache(cache)
-    assert loaded is not None and loaded["pubmon_thrift"] is not pm
-    assert _shape(loaded) == _shape(parsed)
-    again = loaded["pubmon_thrift"].PublisherInfo(**vars(INFO_A))
-    assert _frames.encode_message("m", 2, 1, again, framed=True) == _frames.encode_message(
-        "m", 2, 1, INFO_A, framed=True
-    )
-    os.chmod(cache, 0o666)  # writable by others: unpickling it could run their code
-    assert idl._read_cache(cache) is None
 
 
 # --- fairness (issue 19) ---------------------------------------------------------------------
