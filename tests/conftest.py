@@ -104,3 +104,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", ext]
         run("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", "-days", "2")
     yield d
+
+
+@pytest.fixture
+def logdir(tmp_path: Path) -> Path:
+    """A log directory not yet created (the output tests' OutputLog makes it)."""
+    return tmp_path / "logs"

@@ -128,12 +128,39 @@ class RunningDaemon:
             return await self.proc.wait()
 
 
-async def _pump(d: RunningDaemon) -> None:
-    assert d.proc.stderr is not None
-    async for raw in d.proc.stderr:
+async def start_daemon(
+    config: Path,
+    *extra: str,
+    wrap: tuple[str, ...] = (),
+    stdout: int = asyncio.subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """`pubmon daemon --config config` behind `wrap`, its stderr a pipe (for `pump_stderr`)."""
+    return await asyncio.create_subprocess_exec(
+        *wrap,
+        sys.executable,
+        "-m",
+        "pubmon",
+        "daemon",
+        "--config",
+        str(config),
+        *extra,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+async def pump_stderr(
+    proc: asyncio.subprocess.Process, seen: list[str], coming: asyncio.Queue[str]
+) -> None:
+    """Each line of `proc`'s stderr appended to `seen` and put to `coming` (for `wait_line`)."""
+    assert proc.stderr is not None
+    async for raw in proc.stderr:
         line = raw.decode(errors="replace").rstrip("\n")
-        d.stderr.append(line)
-        d._lines.put_nowait(line)
+        seen.append(line)
+        coming.put_nowait(line)
 
 
 @asynccontextmanager
@@ -146,22 +173,9 @@ async def run_daemon(
 ) -> AsyncIterator[RunningDaemon]:
     """Start `pubmon daemon --config config` (behind `wrap`, e.g. setpriv; with `env` added to
     ours); on exit make sure it and its children are gone."""
-    proc = await asyncio.create_subprocess_exec(
-        *wrap,
-        sys.executable,
-        "-m",
-        "pubmon",
-        "daemon",
-        "--config",
-        str(config),
-        *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=None if env is None else {**os.environ, **env},
-    )
+    proc = await start_daemon(config, *extra, wrap=wrap, env=env)
     d = RunningDaemon(proc, config)
-    pump = asyncio.ensure_future(_pump(d))
+    pump = asyncio.ensure_future(pump_stderr(proc, d.stderr, d._lines))
     try:
         if ready:
             await d.wait_log("ready:", timeout=30)

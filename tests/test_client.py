@@ -22,25 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from thriftpy2.thrift import TMessageType
 
 from pubmon.errors import PermissionDenied, RpcError
 from pubmon.thrift import idl
-from pubmon.thrift.blocking import BlockingClient, DeclaredException, Struct
+from pubmon.thrift.blocking import BlockingClient, DeclaredException
 from pubmon.thrift.server import Peer, ThriftClient, ThriftServer
-from test_server import INFO_A, INFO_B, closed_by_peer, connect
-from test_server import Handler as ServerHandler
-from test_server import serving as serving_tcp
+from thrift_helpers import INFO_A, INFO_B, SVC, closed_by_peer, connect, plain, pm
+from thrift_helpers import Handler as ServerHandler
+from thrift_helpers import serving as serving_tcp
 
-pm = idl.pubmon()
-SVC = pm.PubmonService
 INFO, IDLE = INFO_A, INFO_B
-
-
-def head(name: str, seqid: int = 1, mtype: int = TMessageType.REPLY) -> bytes:
-    return (
-        struct.pack(">Ii", 0x80010000 | mtype, len(name)) + name.encode() + struct.pack(">i", seqid)
-    )
 
 
 def reply(method: str, seqid: int = 1, **fields: Any) -> bytes:
@@ -48,19 +39,6 @@ def reply(method: str, seqid: int = 1, **fields: Any) -> bytes:
     bound = idl.bind(SVC)
     [(field, value)] = fields.items() or [(None, None)]
     return bound.encode_reply(bound.method(method), seqid, field, value)[4:]
-
-
-def plain(value: Any) -> Any:
-    """A thriftpy2 value or a decoded one, as dicts and lists, to compare the two."""
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if hasattr(value, "thrift_spec"):
-        return {f[1]: plain(getattr(value, f[1])) for f in value.thrift_spec.values()}
-    if isinstance(value, Struct):
-        return {k: plain(v) for k, v in vars(value).items()}
-    return value
 
 
 # --- the async client ---------------------------------------------------------------------------
@@ -172,15 +150,20 @@ async def test_connect_failures_raise_rpc_error(tmp_path: Path) -> None:
 # --- the blocking client ------------------------------------------------------------------------
 
 
-def test_importing_the_blocking_client_stays_light() -> None:
-    code = (
-        "import sys, pubmon.thrift.blocking\n"
-        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.thrift.idl',\n"
-        "         'pubmon.thrift.server')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))"
+HEAVY = ("asyncio", "thriftpy2", "logging", "ssl", "pubmon.thrift.idl", "pubmon.thrift.server")
+
+
+def heavy_imports_after(code: str, heavy: tuple[str, ...] = HEAVY) -> str:
+    """What `code` prints in a fresh interpreter, then a line: which of `heavy` it imported."""
+    check = f"\nimport sys\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code + check], capture_output=True, text=True, check=True
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
+
+
+def test_importing_the_blocking_client_stays_light() -> None:
+    assert heavy_imports_after("import pubmon.thrift.blocking") == "[]"
 
 
 # --- the client on raw sockets: transport errors -----------------------------------------------
@@ -339,9 +322,10 @@ def test_a_reply_to_another_seqid_is_refused(tmp_path: Path) -> None:
 # --- round trips against the real server -------------------------------------------------------
 
 
-class Handler:
-    def __init__(self) -> None:
-        self.shutdown_called = threading.Event()
+class Handler(ServerHandler):
+    """The server tests' handler with a status and a name of its own, a reloadConfig that fails
+    with a declared exception and a setOption that raises PermissionDenied, which setOption does
+    not declare."""
 
     def getStatus(self) -> int:
         return idl.FbStatus.WARNING
@@ -349,45 +333,11 @@ class Handler:
     async def getName(self) -> str:
         return "pubmon-wire"
 
-    def getCounters(self) -> dict[str, int]:
-        return {"rpc.calls": 3, "big": 2**40, "negative": -1}
-
-    def getOptions(self) -> dict[str, str]:
-        return {"ü": "ñ", "empty": ""}
-
-    async def listPublishers(self) -> list[Any]:
-        return [INFO, IDLE]
-
-    def getPublisher(self, name: str) -> Any:
-        if name == INFO.name:
-            return INFO
-        raise pm.UnknownPublisher(message=f"no publisher named {name!r}")
-
-    def startPublisher(self, name: str, noWait: bool | None = None) -> Any:
-        return INFO
-
-    def reloadConfig(self, noWait: bool | None = None) -> Any:
+    async def reloadConfig(self, noWait: bool | None = None) -> Any:
         raise pm.ConfigError(message="pubmon.toml: 1 error(s)", problems=["daemon.x: unknown key"])
 
-    def tailLog(self, name: str, after: int, max_lines: int) -> Any:
-        lines = [
-            pm.LogLine(seq=after + 1 + i, time=1.5 + i, stream="stdout", text=f"line {i} ☃",
-                       partial=i == 1)
-            for i in range(max_lines)
-        ]  # fmt: skip
-        return pm.LogChunk(lines=lines, nextSeq=after + max_lines, missed=7)
-
-    def getOption(self, key: str) -> str:
-        raise RuntimeError("boom")  # undeclared: INTERNAL_ERROR
-
-    def setOption(self, key: str, value: str) -> None:
+    async def setOption(self, key: str, value: str) -> None:
         raise PermissionDenied("not on this listener")  # no declared PermissionDenied
-
-    def reopenLogs(self) -> None:
-        raise PermissionDenied("the handler says no")  # declared
-
-    def shutdown(self) -> None:
-        self.shutdown_called.set()
 
 
 @contextlib.asynccontextmanager
@@ -501,13 +451,8 @@ async def test_blocking_client_and_async_client_agree(tmp_path: Path) -> None:
 
 def test_cli_client_commands_import_neither_asyncio_nor_thrift(tmp_path: Path) -> None:
     code = (
-        "import sys\n"
         "from pubmon.cli import main\n"
-        f"rc = main(['status', '--socket', {str(tmp_path / 'absent.sock')!r}])\n"
-        "heavy = ('asyncio', 'thriftpy2', 'logging', 'ssl', 'pubmon.thrift.idl',\n"
-        "         'pubmon.thrift.server',\n"
-        "         'pubmon.config.model', 'pubmon.daemon.daemon')\n"
-        "print(rc, sorted(m for m in heavy if m in sys.modules))"
+        f"print(main(['status', '--socket', {str(tmp_path / 'absent.sock')!r}]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "4 []"
+    heavy = (*HEAVY, "pubmon.config.model", "pubmon.daemon.daemon")
+    assert heavy_imports_after(code, heavy) == "4\n[]"

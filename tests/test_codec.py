@@ -33,21 +33,12 @@ from pubmon.thrift.codec import (
     Service,
     Struct,
 )
+from thrift_helpers import INFO_A, INFO_B, SVC, plain, pm
 
-pm = idl.pubmon()
-SVC = pm.PubmonService
 PLAIN = Service("PubmonService")  # the CLI's binding
 BOUND = idl.bind(SVC)  # the daemon's: thriftpy2's classes
 
-INFO = pm.PublisherInfo(
-    name="feed:0", program="feed", state="RUNNING", pid=4242, health="HEALTHY", restarts=2,
-    lastExit=-9, lastExitReason="killed by SIGKILL", uptime=12.5, port=9101, statusDetails="ok ✓",
-)  # fmt: skip
-IDLE = pm.PublisherInfo(
-    name="idle", program="sleep", state="STOPPED", pid=0, health="UNKNOWN", restarts=0,
-    lastExitReason="", uptime=0.0, port=0, statusDetails="",
-)  # fmt: skip
-INFO_A, INFO_B = INFO, IDLE
+INFO, IDLE = INFO_A, INFO_B
 
 
 def thriftpy2_message(name: str, mtype: int, seqid: int, payload: Any, framed: bool) -> bytes:
@@ -142,19 +133,6 @@ def head(name: str, seqid: int = 1, mtype: int = TMessageType.REPLY) -> bytes:
     return (
         struct.pack(">Ii", 0x80010000 | mtype, len(name)) + name.encode() + struct.pack(">i", seqid)
     )
-
-
-def plain(value: Any) -> Any:
-    """A thriftpy2 value or a decoded one, as dicts and lists, to compare the two."""
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if hasattr(value, "thrift_spec"):
-        return {f[1]: plain(getattr(value, f[1])) for f in value.thrift_spec.values()}
-    if isinstance(value, Struct):
-        return {k: plain(v) for k, v in vars(value).items()}
-    return value
 
 
 def test_replies_decode_to_the_same_values_as_thriftpy2() -> None:

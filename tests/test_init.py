@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import IGNORE_TERM, SLEEP, toml_publisher, wait_line
+from daemons import IGNORE_TERM, SLEEP, pump_stderr, start_daemon, toml_publisher, wait_line
 from procs import children, descendants, state
 
 UNSHARE = (
@@ -145,14 +145,6 @@ class Pid1:
                 await asyncio.sleep(0.05)  # a bounded poll of /proc: nothing signals "reaped"
 
 
-async def _pump_err(d: Pid1) -> None:
-    assert d.proc.stderr is not None
-    async for raw in d.proc.stderr:
-        line = raw.decode(errors="replace").rstrip("\n")
-        d.stderr.append(line)
-        d._lines.put_nowait(line)
-
-
 async def _pump_out(d: Pid1) -> None:
     assert d.proc.stdout is not None
     while chunk := await d.proc.stdout.read(1 << 16):
@@ -164,20 +156,9 @@ async def _pump_out(d: Pid1) -> None:
 async def pid1(
     config: Path, *, ready: bool = True, read_stdout: bool = True
 ) -> AsyncIterator[Pid1]:
-    proc = await asyncio.create_subprocess_exec(
-        *UNSHARE,
-        sys.executable,
-        "-m",
-        "pubmon",
-        "daemon",
-        "--config",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_daemon(config, wrap=UNSHARE, stdout=asyncio.subprocess.PIPE)
     d = Pid1(proc)
-    d.pumps.append(asyncio.ensure_future(_pump_err(d)))
+    d.pumps.append(asyncio.ensure_future(pump_stderr(proc, d.stderr, d._lines)))
     if read_stdout:
         d.read_stdout()
     try:

@@ -10,5 +10,8 @@
 - `cgroup`, `usage`, `procstats`: a cgroup per publisher and what its processes use;
 - `stats`: plain-data figures for metrics; `supervisor`: all publishers, reloads, shutdown.
 
+Nothing here changes the process as a whole (subreaper, child watcher, reaping children it did
+not spawn): that is the daemon's (pubmon.daemon.reaping), so a program may embed a Supervisor.
+
 Imports only `pubmon.config`, `pubmon.thrift`, `pubmon.host` and `pubmon.errors`.
 """

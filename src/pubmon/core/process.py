@@ -34,7 +34,7 @@ Exit is learnt from asyncio's child watcher (the pidfd watcher on 3.11, no threa
 of the pipes (a grandchild can keep them open for ever).
 
 The daemon is a child subreaper: orphaned grandchildren are re-parented to it. `OrphanReaper`
-(in `_reaper`) reaps those, and only those.
+(in `reaper`) reaps those, and only those.
 """
 
 from __future__ import annotations

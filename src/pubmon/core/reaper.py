@@ -9,7 +9,7 @@ SIGTERM among them.
 
 from __future__ import annotations
 
-__all__ = ["OrphanReaper", "Tracked"]
+__all__ = ["OrphanReaper", "Tracked", "children_of"]
 
 import asyncio
 import os
@@ -28,7 +28,7 @@ class Tracked(Protocol):
     def exited(self) -> asyncio.Future[int]: ...
 
 
-def _children_of(pid: int) -> set[int]:
+def children_of(pid: int) -> set[int]:
     out: set[int] = set()
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -111,7 +111,7 @@ class OrphanReaper:
             return 0
         self._deferred = False
         count = 0
-        strays = _children_of(os.getpid()) - self._owned
+        strays = children_of(os.getpid()) - self._owned
         self._strays = bool(strays)
         for pid in strays:
             if not _is_zombie(pid):
@@ -127,7 +127,7 @@ class OrphanReaper:
 
     def kill_strays(self) -> set[int]:
         """SIGKILL every live child of ours that asyncio does not own (shutdown). Returns them."""
-        strays = {p for p in _children_of(os.getpid()) - self._owned if not _is_zombie(p)}
+        strays = {p for p in children_of(os.getpid()) - self._owned if not _is_zombie(p)}
         for pid in strays:
             try:
                 os.kill(pid, signal.SIGKILL)

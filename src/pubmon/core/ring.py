@@ -20,6 +20,7 @@ __all__ = ["BYTE_CAP", "RawLine", "Ring", "extra_pieces", "split_block"]
 
 from bisect import bisect_right
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice
 from typing import final
 
@@ -78,29 +79,20 @@ def extra_pieces(data: bytes, start: int, end: int, cut: int) -> int:
 
 
 @final
+@dataclass(slots=True, eq=False)
 class _Entry:
-    __slots__ = ("cut", "data", "end", "first_seq", "nlines", "prefix", "size", "stream", "time")
+    first_seq: int
+    nlines: int
+    time: float
+    stream: str
+    prefix: bytes
+    data: bytes  # the whole chunk as read: keeping it costs no copy
+    end: int
+    cut: int
 
-    def __init__(
-        self,
-        first_seq: int,
-        nlines: int,
-        time: float,
-        stream: str,
-        prefix: bytes,
-        data: bytes,
-        end: int,
-        cut: int,
-    ) -> None:
-        self.first_seq = first_seq
-        self.nlines = nlines
-        self.time = time
-        self.stream = stream
-        self.prefix = prefix
-        self.data = data  # the whole chunk as read: keeping it costs no copy
-        self.end = end
-        self.cut = cut
-        self.size = len(prefix) + len(data)
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.data)
 
     def lines(self) -> list[tuple[bytes, bool]]:
         block = self.prefix + self.data[: self.end] if self.prefix else self.data[: self.end]

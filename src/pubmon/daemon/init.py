@@ -22,7 +22,7 @@ import os
 import signal
 from pathlib import Path
 
-from pubmon.core.reaper import OrphanReaper, _children_of
+from pubmon.core.reaper import OrphanReaper, children_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def remaining() -> set[int]:
     else:
         pids, todo = set(), [me]
         while todo:
-            for child in _children_of(todo.pop()):
+            for child in children_of(todo.pop()):
                 if child not in pids:
                     pids.add(child)
                     todo.append(child)

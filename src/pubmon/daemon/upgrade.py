@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from pubmon._version import __version__
 from pubmon.core.adopted import AdoptedChild
 from pubmon.core.lifecycle import Health, PublisherState
-from pubmon.core.reaper import OrphanReaper, _children_of
+from pubmon.core.reaper import OrphanReaper, children_of
 from pubmon.core.ring import Ring, _Entry
 from pubmon.core.stats import EXIT_REASONS
 from pubmon.daemon.lock import DaemonLock
@@ -933,7 +933,7 @@ class Handover:
         publisher would spawn it. Returns the children whose pipes `connect()` must read."""
         out: list[tuple[Publisher, AdoptedChild]] = []
         if self.header is None:
-            self._strays = _children_of(os.getpid())
+            self._strays = children_of(os.getpid())
             return out
         loop = asyncio.get_running_loop()
         for entry in self.header["publishers"]:
@@ -955,7 +955,7 @@ class Handover:
                 out.append((pub, child))
         self._marks.append(("listeners and publishers", time.monotonic()))
         if self.problems:  # now, before any runner ran: a fresh spawn is not a stray
-            self._strays = _children_of(os.getpid()) - {c.pid for _, c in out}
+            self._strays = children_of(os.getpid()) - {c.pid for _, c in out}
         return out
 
     async def connect(self, adopted: list[tuple[Publisher, AdoptedChild]]) -> None:
