@@ -7,6 +7,7 @@ file and the ring must hold 0 .. count-1 then the end line, in order, once each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import sys
@@ -356,10 +357,11 @@ async def test_backoff_and_counters_carry_over(tmp_path: Path) -> None:
 
 
 async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> None:
-    # A stop waiting for a child that ignores SIGTERM, and a `tail -f` long poll, are in
-    # flight when the upgrade execs: both are answered on their connections (the stop with
-    # "pubmon is upgrading: ... accepted and goes on"), and the stop goes on in the new image.
-    body = toml_publisher("stubborn", IGNORE_TERM, stop_timeout=4) + toml_publisher(
+    # A stop waiting for a child that ignores SIGTERM (stop_timeout 60 s: still waiting
+    # however slow the upgrade's check), and a `tail -f` long poll, are in flight when the
+    # upgrade execs: both are answered on their connections (the stop with "pubmon is
+    # upgrading: ... accepted and goes on"), and the stop goes on in the new image.
+    body = toml_publisher("stubborn", IGNORE_TERM, stop_timeout=60) + toml_publisher(
         "quiet", SLEEPER
     )
     sock = tmp_path / "pubmon.sock"
@@ -373,15 +375,19 @@ async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> N
 
         await poll(ignoring, "stubborn ignores SIGTERM")
         m = idl.pubmon()
-        async with control(sock) as stopper, control(sock) as tailer, control(sock) as c:
+        svc = m.PubmonService
+        stopper = await ThriftClient.connect(svc, unix_socket=str(sock), timeout=60)
+        tailer = await ThriftClient.connect(svc, unix_socket=str(sock), timeout=60)
+        try:
             stop = asyncio.ensure_future(stopper.call("stopPublisher", "stubborn"))
+            async with control(sock) as c:
 
-            async def stopping() -> bool:
-                return (await c.call("getPublisher", "stubborn")).state == "STOPPING"
+                async def stopping() -> bool:
+                    return (await c.call("getPublisher", "stubborn")).state == "STOPPING"
 
-            await poll(stopping, "stubborn STOPPING")
-            seq = (await c.call("tailLog", "quiet", -1, 1)).nextSeq
-            await c.call("upgrade")
+                await poll(stopping, "stubborn STOPPING")
+                seq = (await c.call("tailLog", "quiet", -1, 1)).nextSeq
+                await c.call("upgrade")
             # Long polls one after the other: the one in flight at the cut is answered early;
             # one sent after the cut is refused ("retry"); none is dropped before the exec.
             outcomes = []
@@ -395,8 +401,11 @@ async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> N
                 outcomes.append("answered")
             with pytest.raises(m.InvalidState) as caught:
                 await stop
-        for outcome in outcomes[:-1]:
-            assert outcome == "answered", outcomes
+        finally:
+            for client in (stopper, tailer):  # the exec closed them
+                with contextlib.suppress(RpcError, ConnectionError):
+                    await client.close()
+        assert outcomes[:-1] == ["answered"] * (len(outcomes) - 1), outcomes
         assert outcomes[-1] == "answered" or "pubmon is upgrading: retry" in outcomes[-1], outcomes
         text = caught.value.message
         assert text.startswith("pubmon is upgrading: the stop of stubborn was accepted"), text
@@ -405,6 +414,10 @@ async def test_calls_in_flight_are_answered_before_the_exec(tmp_path: Path) -> N
             return (await counters(sock)).get("daemon.upgrades") == 1
 
         await poll(upgraded, "the new image counted the upgrade", timeout=30)
+        async with control(sock) as c:
+            info = await c.call("getPublisher", "stubborn")
+            assert info.state == "STOPPING" and info.pid == pids["stubborn"], info  # goes on
+            await c.call("signalPublisher", "stubborn", "KILL")  # rather than wait 60 s
 
         async def stopped() -> Any:
             async with control(sock) as c:

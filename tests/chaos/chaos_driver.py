@@ -135,13 +135,20 @@ class Driver:
         self, c: Any, name: str, ok: Callable[[Any], bool], what: str, timeout: float = SETTLE
     ) -> Any:
         info = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        upgrades = self.upgrades_begun
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    info = await c.call("getPublisher", name)
-                    if ok(info):
-                        return info
-                    await asyncio.sleep(0.05)
+            while True:
+                info = await c.call("getPublisher", name)
+                if ok(info):
+                    return info
+                if self.upgrades_begun != upgrades:  # it held spawns back: one more `timeout`
+                    upgrades = self.upgrades_begun
+                    deadline = max(deadline, loop.time() + timeout)
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                await asyncio.sleep(0.05)
         except TimeoutError:
             seen = f"{info.state} pid {info.pid} restarts {info.restarts}" if info else "nothing"
             why = f" ({info.statusDetails}; last exit: {info.lastExitReason})" if info else ""

@@ -98,6 +98,7 @@ SPAWN_WAIT = 30.0  # how long the exec may wait for spawns and a reload in fligh
 SYNC_BOUND = 2.0  # how long the exec waits for the log writers to catch up
 STOP_BOUND = 2.0  # a child the new image cannot adopt: SIGTERM, then SIGKILL after this
 CALLS_BOUND = 3.0  # how long the exec waits for the answers to the calls in flight
+FORK_PATIENCE = 2.0  # how long the exec looks for a free turn to fork before it queues
 UPGRADING = "pubmon is upgrading"  # how every answer cut short by an upgrade begins
 UPGRADING_RETRY = f"{UPGRADING}: retry"  # a call refused: nothing of it was done
 S = PublisherState
@@ -325,11 +326,19 @@ class Upgrader:
         self.last_error = why
         logger.error("upgrade abandoned: %s", why)
 
-    def _hold_forks(self) -> None:
+    def _hold_forks(self, now: float) -> None:
         """Take the loop's turn to fork (`fork_turn`) and keep it: no spawn begins from then
-        on (those due wait for it, in their state, and are carried over as due)."""
-        if self._fork_hold is None:
-            self._fork_hold = asyncio.get_running_loop().create_task(self._keep_forks())
+        on (those due wait for it, in their state, and are carried over as due). Taken when
+        it is free; queued for only after FORK_PATIENCE (behind a queue of spawns on a loaded
+        host, that is seconds in which nothing else could spawn)."""
+        from pubmon.core import process
+
+        if self._fork_hold is not None:
+            return
+        turn = process._turns.get(asyncio.get_running_loop())
+        if turn is not None and turn.locked() and now < (self._cut_at or now) + FORK_PATIENCE:
+            return
+        self._fork_hold = asyncio.get_running_loop().create_task(self._keep_forks())
 
     def _release_forks(self) -> None:
         if self._fork_hold is not None:
@@ -453,7 +462,7 @@ class Upgrader:
         # from here on; but not while a reload or a request waits (either may wait for a
         # spawn: it would never come).
         if held in ("", "a spawn"):
-            self._hold_forks()
+            self._hold_forks(now)
         else:
             self._release_forks()
         if held:
