@@ -119,43 +119,40 @@ async def test_twenty_writers_through_ten_upgrades(tmp_path: Path) -> None:
     config = write_config(tmp_path, body)
     sock = tmp_path / "pubmon.sock"
     async with run_daemon(config) as d:
-        try:
-            pids = await d.wait_publishers(n)
-            lines: list[Any] = []
-            follower = asyncio.ensure_future(follow(sock, "w0", lines))
-            for _ in range(10):
-                got = await upgrade(d, sock)
-                assert got["daemon.last_upgrade_adopted"] == n
-                assert d.publisher_pids() == pids
-            assert d.proc.returncode is None
-            (tmp_path / "stop").touch()
-            async with asyncio.timeout(60):
-                await follower
-            logs = tmp_path / "logs"
-
-            async def ended() -> bool:
-                return all(_last_line(logs / f"w{i}.log").startswith("end ") for i in range(n))
-
-            await poll(ended, "every writer wrote its end line", timeout=30)
-            counts = {f"w{i}": check_log(logs / f"w{i}.log") for i in range(n)}
-            assert [x.seq for x in lines] == list(range(1, len(lines) + 1))
-            assert [x.text for x in lines] == [
-                *map(str, range(counts["w0"])),
-                f"end {counts['w0']}",
-            ]
-            async with control(sock) as c:
-                for name, count in counts.items():
-                    info = await c.call("getPublisher", name)
-                    assert info.restarts == 0 and info.state == "RUNNING", info
-                    chunk = await c.call("tailLog", name, -1, 1)
-                    assert chunk.nextSeq == count + 1
-                    assert chunk.lines[0].text == f"end {count}"
-                got = await c.call("getCounters")
-            assert got["daemon.upgrades"] == 10
+        pids = await d.wait_publishers(n)
+        lines: list[Any] = []
+        follower = asyncio.ensure_future(follow(sock, "w0", lines))
+        for _ in range(10):
+            got = await upgrade(d, sock)
+            assert got["daemon.last_upgrade_adopted"] == n
             assert d.publisher_pids() == pids
-            assert "pubmon" in " ".join(d.stderr[-50:])
-        finally:
-            Path("/tmp/upg_daemon.log").write_text("\n".join(d.stderr))
+        assert d.proc.returncode is None
+        (tmp_path / "stop").touch()
+        async with asyncio.timeout(60):
+            await follower
+        logs = tmp_path / "logs"
+
+        async def ended() -> bool:
+            return all(_last_line(logs / f"w{i}.log").startswith("end ") for i in range(n))
+
+        await poll(ended, "every writer wrote its end line", timeout=30)
+        counts = {f"w{i}": check_log(logs / f"w{i}.log") for i in range(n)}
+        assert [x.seq for x in lines] == list(range(1, len(lines) + 1))
+        assert [x.text for x in lines] == [
+            *map(str, range(counts["w0"])),
+            f"end {counts['w0']}",
+        ]
+        async with control(sock) as c:
+            for name, count in counts.items():
+                info = await c.call("getPublisher", name)
+                assert info.restarts == 0 and info.state == "RUNNING", info
+                chunk = await c.call("tailLog", name, -1, 1)
+                assert chunk.nextSeq == count + 1
+                assert chunk.lines[0].text == f"end {count}"
+            got = await c.call("getCounters")
+        assert got["daemon.upgrades"] == 10
+        assert d.publisher_pids() == pids
+        assert "pubmon" in " ".join(d.stderr[-50:])
 
 
 SLEEPER = ["sleep", "3600"]
