@@ -20,10 +20,12 @@ install: $(STAMP)
 # Debian packages the tests use when present (Prometheus scrape test, headless-browser test):
 # installed once, only where missing; without root or apt those tests skip and say why.
 HTTP_TEST_APT := prometheus chromium chromium-driver
-# The CLI's tests: man renders pubmon(1), zsh and bash load the completion scripts.
-CLI_TEST_APT := man-db groff-base zsh bash
+# The CLI's tests: man renders pubmon(1), zsh and bash load the completion scripts; the install
+# test runs systemd/README.md's logrotate snippet.
+CLI_TEST_APT := man-db groff-base zsh bash logrotate
 apt-cli:
-	@if ! command -v man >/dev/null || ! command -v zsh >/dev/null; then \
+	@if ! command -v man >/dev/null || ! command -v zsh >/dev/null \
+	    || ! command -v logrotate >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 	      --no-install-recommends $(CLI_TEST_APT); \

@@ -250,17 +250,18 @@ def test_install_start_reload_upgrade_uninstall_as_the_readme_says(
     # rotated file again. (The state file goes to /run: /var/lib is the host's.)
     snippet = logrotate_snippet(text)
     _sh(host, f"cat > /etc/logrotate.d/pubmon <<'EOF'\n{snippet}EOF", env)
-    if shutil.which("logrotate"):
-        _sh(host, "logrotate -s /run/logrotate.status -f /etc/logrotate.d/pubmon", env)
-        rotated = _sh(host, "cd /var/log/pubmon && ls *.log.1", env).split()
-        assert rotated, "logrotate rotated nothing"
-        wanted = {r.removesuffix(".1") for r in rotated}
-        wait_for(
-            f"the daemon to make {sorted(wanted)} again",
-            lambda: wanted <= set(_sh(host, "cd /var/log/pubmon && ls", env).split()),
-            10,
-        )
-        assert host.show(SERVICE, "MainPID")["MainPID"] == main_pid
+    if shutil.which("logrotate") is None:
+        pytest.fail("logrotate is missing: make apt-cli (apt-get install logrotate)")
+    _sh(host, "logrotate -s /run/logrotate.status -f /etc/logrotate.d/pubmon", env)
+    rotated = _sh(host, "cd /var/log/pubmon && ls *.log.1", env).split()
+    assert rotated, "logrotate rotated nothing"
+    wanted = {r.removesuffix(".1") for r in rotated}
+    wait_for(
+        f"the daemon to make {sorted(wanted)} again",
+        lambda: wanted <= set(_sh(host, "cd /var/log/pubmon && ls", env).split()),
+        10,
+    )
+    assert host.show(SERVICE, "MainPID")["MainPID"] == main_pid
 
     for block in blocks["Upgrade"]:
         _sh(host, block, env)
