@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pubmon.config.checks import find_cycles, parse_listen, parse_signal
-from pubmon.config.diff import FIELD_EFFECTS, diff_configs
+from pubmon.config.diff import FIELD_EFFECTS, daemon_changes, diff_configs
 from pubmon.config.load import check_config_main, load_config, parse_config
 from pubmon.config.model import Backoff, Config, CrashLoop, LogSpec, ProbeSpec, PublisherSpec
 from pubmon.errors import ConfigError
@@ -762,3 +762,9 @@ def test_inherit_environment_takes_names_or_a_boolean(monkeypatch: pytest.Monkey
     assert problems('[daemon]\ninherit_environment = ["A=B"]\n') == [
         "daemon.inherit_environment: invalid variable name 'A=B' (empty, or has '=')",
     ]
+
+
+def test_a_reload_reports_a_changed_log_mode_in_octal_as_the_file_writes_it() -> None:
+    old = Config(path="/etc/pubmon.toml", publishers=())
+    new = dataclasses.replace(old, daemon=dataclasses.replace(old.daemon, log_mode=0o640))
+    assert daemon_changes(old, new) == ["daemon.log_mode: None -> 0o640"]

@@ -161,8 +161,15 @@ def daemon_changes(old: Config, new: Config) -> list[str]:
         if a != b:
             at_start = f.name in _DAEMON_AT_START
             later = " (takes effect at the next daemon start)" if at_start else ""
-            out.append(f"daemon.{f.name}: {a!r} -> {b!r}{later}")
+            out.append(f"daemon.{f.name}: {_shown(f.name, a)} -> {_shown(f.name, b)}{later}")
     return out
+
+
+def _shown(name: str, value: object) -> str:
+    """A [daemon] value as the file writes it: modes in octal (0o640), the rest as repr."""
+    if name.endswith("_mode") and isinstance(value, int):
+        return f"0o{value:o}"
+    return repr(value)
 
 
 class ReloadReport(NamedTuple):
