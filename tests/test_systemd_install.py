@@ -28,6 +28,7 @@ import csv
 import io
 import re
 import shutil
+import subprocess
 import sys
 import textwrap
 import zipfile
@@ -60,11 +61,12 @@ done
 """
 GIT = """\
 #!/bin/sh
-# git, offline: `clone URL DIR` and `pull` copy the working tree of the checkout under test.
+# git, offline: `clone URL DIR` and `pull` unpack the working tree of the checkout under test,
+# packed next to this script by the host (the checkout itself may be under the host's /tmp,
+# which the namespace does not see).
 set -e
 copy() {
-  tar -C "$PUBMON_TEST_REPO" --exclude=./.git --exclude=./.venv --exclude='*cache*' \\
-    -cf - . | tar -C "$1" -xf -
+  tar -C "$1" -xf "$(dirname "$0")/checkout.tar"
 }
 case "$1" in
   clone) mkdir -p "$3"; copy "$3" ;;
@@ -176,6 +178,13 @@ def shims(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, text in (("apt-get", APT_GET), ("git", GIT)):
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
+    excludes = ["./.git", "./.venv", "./bench/.venv-supervisor", "./bench/results", "*cache*"]
+    subprocess.run(
+        ["tar", "-C", str(REPO), *(f"--exclude={x}" for x in excludes), "-cf",
+         str(folder / "checkout.tar"), "."],
+        check=True,
+    )  # fmt: skip
+    (folder / "checkout.tar").chmod(0o644)
     folder.chmod(0o755)
     return folder
 
@@ -226,7 +235,6 @@ def test_install_start_reload_upgrade_uninstall_as_the_readme_says(
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "PIP_NO_COMPILE": "1",  # no .pyc at install: a third of the time of each pip run
         "PIP_CONFIG_FILE": "/dev/null",  # this host's pip.conf names local indexes
-        "PUBMON_TEST_REPO": str(REPO),
         "HOME": "/root",
     }
     # An operator account exists on the host before step 3 adds it to pubmon-ops.
