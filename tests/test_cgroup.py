@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,6 +42,8 @@ from pubmon.errors import ConfigError, InvalidState
 from pubmon.host.cgroupfs import FileWatch
 from pubmon.http import metrics as metrics_module
 from pubmon.http.metrics import DaemonValues, MetricsWriter
+from pubmon.http.server import _row
+from pubmon.service.handler import PubmonHandler
 from supervised import supervising
 
 S = PublisherState
@@ -779,3 +781,87 @@ async def test_metrics_give_the_limit_hits_of_a_cgroup_with_the_controllers(
     assert _samples(text, "pubmon_publisher_pids_max_events_total") == {"capped": 3}
     assert _samples(text, "pubmon_publisher_cpu_throttled_seconds_total") == {"capped": 1.5}
     assert _samples(again, "pubmon_publisher_oom_kills_total") == {"capped": 2}
+
+
+# A daemonizing program whose setsid'd grandchild does the work: it holds 60 MiB and burns CPU.
+HEAVY_ESCAPEE = py(
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        blob = b'z' * (60 << 20)\n"
+    "        print('escapee', os.getpid(), flush=True)\n"
+    "        while True: pass\n"
+    "    os._exit(0)\n"
+    "time.sleep(3600)\n"
+)
+
+
+class _Daemon:
+    """The daemon as service.handler.DaemonControl (a seam we own): getPublisher reads these."""
+
+    def __init__(self, sup: Supervisor, procstats: ProcStats) -> None:
+        self.supervisor = sup
+        self.procstats = procstats
+
+
+@needs_cgroup
+async def test_get_publisher_and_the_dashboard_count_the_setsid_escapee_of_a_cgroup(
+    cgroup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # getPublisher and the dashboard's rows take the figures /metrics and status take (the
+    # cgroup's): the walk from the leader would miss the escapee, its memory and its CPU.
+    monkeypatch.setattr(publisher_module, "USAGE_TTL", 0.0)
+    async with running(spec("feed", HEAVY_ESCAPEE), cgroup=cgroup_dir) as (sup, _):
+        feed = sup.get("feed")
+        escapee = int((await line_with(feed, "escapee")).split()[1])
+        assert feed.pid is not None and escapee not in [feed.pid, *descendants(feed.pid)]
+        async with asyncio.timeout(20):
+            while _proc_figures([escapee])[0] < 0.3:
+                await asyncio.sleep(0.05)
+        procstats = ProcStats(min_interval=0)
+        await procstats.refresh({"feed": feed.pid})
+        walk = procstats.figures["feed"]
+        info = PubmonHandler(cast(Any, _Daemon(sup, procstats)), dict).getPublisher("feed")
+        row = _row(feed, procstats)
+        cpu, rss = _proc_figures([escapee])
+    assert walk.rss_bytes < 60 << 20 and walk.cpu_seconds < 0.3  # the walk misses it
+    for memory, seconds in ((info.memoryBytes, info.cpuSeconds), (row["rss"], row["cpu"])):
+        assert isinstance(memory, int) and isinstance(seconds, float)
+        assert memory >= rss >= 60 << 20, (memory, rss)
+        assert seconds >= 0.3, (seconds, cpu)
+    assert info.openFds == row["fds"] == walk.open_fds
+
+
+async def test_a_run_the_oom_killer_ended_counts_as_memory_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # This kernel's cgroup2 has no memory controller, so no OOM kill is counted in a real
+    # memory.events: the groups are plain directories standing in, with memory.events as the
+    # kernel writes it. A SIGKILL with oom_kill gone up during the run is "memory"; a SIGKILL
+    # without is "signal".
+    (tmp_path / "pub-victim").mkdir()
+    events = tmp_path / "pub-victim" / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 3\noom_group_kill 0\n")
+    (tmp_path / "pub-victim" / "cpu.stat").write_text("usage_usec 0\n")
+    groups = Cgroups(str(tmp_path), frozenset({"memory"}))
+    async with supervising(config(spec("victim", restart="never")), cgroups=groups) as sup:
+        victim = sup.get("victim")
+        await in_state(victim, S.RUNNING)
+        assert victim.pid is not None
+        events.write_text(events.read_text().replace("oom_kill 3", "oom_kill 4"))
+        os.kill(victim.pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await victim.wait_until(lambda: victim.exits == 1)
+        assert victim.exit_reasons["memory"] == 1 and victim.exit_reasons["signal"] == 0
+        await sup.start("victim")
+        await in_state(victim, S.RUNNING)
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)  # oom_kill stays at 4: not the OOM killer
+        async with asyncio.timeout(10):
+            await victim.wait_until(lambda: victim.exits == 2)
+        assert victim.exit_reasons["memory"] == 1 and victim.exit_reasons["signal"] == 1
+        for path in (tmp_path / "pub-victim").iterdir():
+            path.unlink()  # the supervisor rmdirs it at exit
+    ooms = [r.getMessage() for r in caplog.records if "OOM killer" in r.getMessage()]
+    assert len(ooms) == 1 and "victim" in ooms[0] and "oom_kill 4" in ooms[0], ooms

@@ -31,7 +31,10 @@ With a cgroup (pubmon.core.cgroup), the tree is the cgroup, not the group: once 
 is empty (bounded by CGROUP_EMPTY_BOUND); a spawn refuses a cgroup still populated by an
 earlier run. PAUSED is the cgroup frozen (`pause()`/`resume()`), with the health watch off.
 The memory sweep (the supervisor's, once a second) posts a verdict when the tree stayed above
-`memory_restart`: the runner restarts it, reason "memory".
+`memory_restart`: the runner restarts it, reason "memory". A run the kernel's OOM killer ended
+(SIGKILL, and its cgroup's memory.events `oom_kill` went up during the run) is counted under
+"memory" too, with one log line naming the OOM kill (pubmon_publisher_oom_kills_total tells the
+two apart).
 
 Every state change goes through `_transition()`, which checks the table in `lifecycle.py` and
 logs one line with the name, pid and reason.
@@ -45,6 +48,7 @@ import asyncio
 import enum
 import logging
 import random
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -57,6 +61,7 @@ from pubmon.core.lifecycle import Health, PublisherState, check_transition
 from pubmon.core.output import OutputLog
 from pubmon.core.policy import CrashWindow, next_delay, should_restart
 from pubmon.core.process import Child, OrphanReaper, SpawnRequest, describe_exit, fork_turn, spawn
+from pubmon.core.procstats import ProcFigures
 from pubmon.core.runner import Runner, Timer, finish_run, kill_tree, prepare_cgroup, send_stop
 from pubmon.core.stats import EXIT_REASONS, ExitReason, Histogram
 from pubmon.core.usage import EMPTY_USAGE, Usage, UsageReader
@@ -230,6 +235,7 @@ class Publisher:
         self.memory_restarts = 0
         self._usage: tuple[float, Usage] | None = None  # (clock(), figures): see usage()
         self._cpu_base = 0.0  # the cgroup's CPU seconds before this run (it is reused)
+        self._oom_base = 0  # its memory.events oom_kill before this run
         self._above_since: float | None = None  # the memory sweep's: over memory_restart since
         self._reader: UsageReader | None = None  # the current run's figures (files held open)
         self._changed = changed  # shared by every publisher (dependencies, daemon status)
@@ -340,6 +346,21 @@ class Publisher:
                 u = u._replace(cpu_seconds=max(0.0, u.cpu_seconds - self._cpu_base))
         self._usage = (now, u)
         return u
+
+    def figures(self, walk: ProcFigures | None) -> ProcFigures | None:
+        """Its figures while it runs, the one source for status, getPublisher, counters, the
+        metrics and the dashboard: with a cgroup, the cgroup's (`usage()`: cpu.stat, then
+        memory.current or the RSS of cgroup.procs), which count a setsid'd escapee the walk
+        from the leader misses; open fds stay the walk's (`walk`, pubmon.core.procstats; 0
+        when it has none). Without a cgroup, or when it cannot be read: `walk`."""
+        if self.child is None:
+            return None
+        if self.cgroup is not None:
+            u = self.usage()
+            if u.source != "none":
+                fds = 0 if walk is None else walk.open_fds
+                return ProcFigures(u.cpu_seconds, u.memory_bytes, fds, u.tasks)
+        return walk
 
     def _usage_reader(self) -> UsageReader | None:
         """The current run's reader (made on first use, closed when the run ends)."""
@@ -691,7 +712,13 @@ class Publisher:
         if cg is None:
             return None
         self._cpu_base = await prepare_cgroup(self.name, cg, self.spec.limits)
+        self._oom_base = self._oom_kills()
         return cg.procs
+
+    def _oom_kills(self) -> int:
+        """Its cgroup's memory.events oom_kill (0 without the memory controller)."""
+        cg = self.cgroup
+        return 0 if cg is None else cg.limit_events().get("memory.events:oom_kill", 0)
 
     def _close_usage_reader(self) -> None:
         if self._reader is not None:
@@ -777,6 +804,15 @@ class Publisher:
             reason = "operator" if self._stop_ends == "stopped" else "unhealthy"
         else:
             reason = "signal" if (child.returncode or 0) < 0 else "exit"
+        if child.returncode == -signal.SIGKILL and self._oom_kills() > self._oom_base:
+            reason = "memory"
+            logger.warning(
+                "%s pid %d: killed by the OOM killer (its cgroup %s memory.events oom_kill %d)",
+                self.name,
+                child.pid,
+                self.cgroup.path if self.cgroup is not None else "",
+                self._oom_kills(),
+            )
         self.exit_reasons[reason] += 1
         self.exits += 1
         self.last_exit = child.returncode

@@ -787,6 +787,7 @@ def _publisher_state(
         "probe_kills": pub.probe_kills,
         "memory_restarts": pub.memory_restarts,
         "cpu_base": pub._cpu_base,
+        "oom_base": pub._oom_base,
         "stop_reason": pub._stop_reason,
         "above_since": pub._above_since,
         "stuck_stops": pub.stuck_stops,
@@ -1075,6 +1076,7 @@ def _restore_publisher(
         setattr(pub, name, int(e[name]))
     pub.memory_restarts = int(e["memory_restarts"])
     pub._cpu_base = float(e["cpu_base"])
+    pub._oom_base = int(e.get("oom_base", 0))  # an older image's hand-off has none
     pub._stop_reason = e["stop_reason"] if e["stop_reason"] in EXIT_REASONS else None
     pub._above_since = e["above_since"]
     pub.last_exit = e["last_exit"]

@@ -23,7 +23,8 @@ Per publisher:
 - pubmon_publisher_state{publisher,state}  a state set: 1 for the current state, 0 for others
 - pubmon_publisher_health{publisher,health}  likewise, UNKNOWN/HEALTHY/DEGRADED/UNHEALTHY
 - pubmon_publisher_restarts_total, pubmon_publisher_exits_total{reason} (exit, signal,
-  unhealthy, operator, memory: a memory_restart), pubmon_publisher_probe_failures_total
+  unhealthy, operator, memory: a memory_restart or an OOM kill),
+  pubmon_publisher_probe_failures_total
 - pubmon_publisher_probe_duration_seconds  histogram of probe round trips
 - pubmon_publisher_start_time_seconds  unix time the current process started (absent if none)
 - pubmon_publisher_log_lines_total, _log_bytes_total, _log_dropped_lines_total,
@@ -103,18 +104,14 @@ def negotiate(accept: str) -> tuple[Format, str]:
 
 
 def _figures(pub: Publisher, fig: ProcFigures | None) -> tuple[float, int, int | None, int] | None:
-    """(CPU seconds, memory bytes, open fds, processes) of a running publisher. With a cgroup,
-    the cgroup's figures (`Publisher.usage()`: cpu.stat, memory.current or the RSS of
-    cgroup.procs, read at most once a second): they count a setsid'd escapee, which the walk
-    from the leader misses; open fds are the walk's. Without one, the walk's (`ProcStats`)."""
-    if pub.cgroup is not None:
-        u = pub.usage()
-        if u.source != "none":
-            fds = None if fig is None else fig.open_fds
-            return (u.cpu_seconds, u.memory_bytes, fds, u.tasks)
-    if fig is None:
+    """(CPU seconds, memory bytes, open fds, processes) of a running publisher:
+    `Publisher.figures()` (its cgroup's when it has one, escapees included, read at most once
+    a second; else the walk's, `ProcStats`), as getPublisher and the dashboard give them; open
+    fds are the walk's, None without it."""
+    f = pub.figures(fig)
+    if f is None:
         return None
-    return (fig.cpu_seconds, fig.rss_bytes, fig.open_fds, fig.processes)
+    return (f.cpu_seconds, f.rss_bytes, None if fig is None else f.open_fds, f.processes)
 
 
 def _num(value: float) -> str:
@@ -147,7 +144,7 @@ _GROUP_STATE = (
     (
         "pubmon_publisher_exits",
         "counter",
-        "Ends of a run by reason: exit signal unhealthy operator memory",
+        "Ends of a run by reason: exit signal unhealthy operator memory (memory_restart, OOM kill)",
     ),
     ("pubmon_publisher_probe_failures", "counter", "Failed health probes"),
     ("pubmon_publisher_start_time_seconds", "gauge", "Unix time the current process started"),

@@ -116,7 +116,8 @@ class _ExitLog:
 
 
 def _row(pub: Publisher, procstats: ProcStats) -> dict[str, object]:
-    fig = procstats.figures.get(pub.name) if pub.pid is not None else None
+    # Its cgroup's figures when it has one (a setsid'd escapee included), else the walk's.
+    fig = pub.figures(procstats.figures.get(pub.name)) if pub.pid is not None else None
     return {
         "name": pub.name,
         "program": pub.spec.program,

@@ -306,7 +306,7 @@ class PubmonHandler:
     def getPublisher(self, name: str) -> Any:
         try:
             pub = self._sup().get(name)
-            fig = self._daemon.procstats.one(pub.name, pub.pid)
+            fig = pub.figures(self._daemon.procstats.one(pub.name, pub.pid))  # cgroup first
             return _publisher_info(pub.snapshot(), fig, pub)
         except UnknownPublisher as exc:
             raise self._translate(exc) from None
