@@ -70,7 +70,7 @@ async def test_killed_child_is_restarted_at_once() -> None:
 
 
 async def test_crash_loop_reaches_fatal_following_backoff_and_spares_the_rest() -> None:
-    backoff = Backoff(initial=0.1, max=0.4, factor=2, jitter=0)
+    backoff = Backoff(initial=0.2, max=0.8, factor=2, jitter=0)
     crashy = spec("crashy", EXIT1, backoff=backoff, crash_loop=CrashLoop(max_restarts=5, window=60))
     async with running(crashy, spec("steady")) as sup:
         pub, steady = sup.get("crashy"), sup.get("steady")
@@ -81,9 +81,11 @@ async def test_crash_loop_reaches_fatal_following_backoff_and_spares_the_rest() 
         starts = list(pub.start_times)
         assert len(starts) == 6  # the first start and max_restarts restarts
         gaps = [b - a for a, b in itertools.pairwise(starts)]
-        expected = [0.0, 0.1, 0.2, 0.4, 0.4]
+        expected = [0.0, 0.2, 0.4, 0.8, 0.8]
+        # The slack takes a loaded machine's fork and scheduling delays; it is below the 0.8 s
+        # an uncapped backoff would add (1.6 instead of 0.8), so the cap is still checked.
         for gap, want in zip(gaps, expected, strict=True):
-            assert want <= gap < want + 0.25, (gaps, expected)
+            assert want <= gap < want + 0.6, (gaps, expected)
         assert pub.last_exit == 1 and pub.restarts == 5
         assert steady.state == S.RUNNING and steady.pid == steady_pid and steady.restarts == 0
         # only an operator leaves FATAL
