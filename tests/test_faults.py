@@ -324,13 +324,17 @@ async def test_clients_that_never_read_replies_neither_block_nor_balloon_the_dae
 
 async def test_taillog_cursor_far_in_the_past_or_future(tmp_path: Path) -> None:
     port = free_ports(1)[0]
-    burst = [sys.executable, "-c", "import sys, time\nfor i in range(5000): print('%08d' % i)\n"
+    # 81 kB: more than a pipe holds (64 KiB), so it reaches the ring in two blocks or more and
+    # the first is evicted (the ring keeps ring_lines lines, evicting whole blocks: 45 kB once
+    # arrived in one read, and the ring rightly kept all of it). Below tailLog's 10000 lines.
+    n = 9000
+    burst = [sys.executable, "-c", f"import sys, time\nfor i in range({n}): print('%08d' % i)\n"
              "sys.stdout.flush(); time.sleep(3600)"]  # fmt: skip
     body = toml_publisher("b", burst, log={"ring_lines": 100, "max_bytes": 0})
     config = write_config(tmp_path, body, listen=f"127.0.0.1:{port}")
     async with run_daemon(config) as d, control(tmp_path / "pubmon.sock") as c:
         await d.wait_publishers(1)
-        await poll(lambda: _eq(counter(c, "publisher.b.log_lines"), 5000), "all 5000 lines")
+        await poll(lambda: _eq(counter(c, "publisher.b.log_lines"), n), f"all {n} lines")
         mon = idl.pubmon().PubmonService
         from pubmon.thrift.server import ThriftClient
 
@@ -347,20 +351,20 @@ async def test_taillog_cursor_far_in_the_past_or_future(tmp_path: Path) -> None:
                 for cursor in (10**12, 2**63 - 1):  # a daemon restart, or garbage: resync
                     t0 = time.monotonic()
                     future = await client.call("tailLog", "b", cursor, 10)
-                    assert future.lines == [] and future.nextSeq == 5000 and future.missed == 0
+                    assert future.lines == [] and future.nextSeq == n and future.missed == 0
                     assert time.monotonic() - t0 < 0.4  # answered at once, not long-polled
                 last = await client.call("tailLog", "b", -3, 10)
-                assert [x.text for x in last.lines] == ["00004997", "00004998", "00004999"]
+                assert [x.text for x in last.lines] == [f"{i:08d}" for i in range(n - 3, n)]
                 for cursor in (-(2**63), -(10**12)):
                     everything = await client.call("tailLog", "b", cursor, 10)
-                    assert everything.lines[-1].seq == 5000 and everything.missed == first - 1
+                    assert everything.lines[-1].seq == n and everything.missed == first - 1
                 for limit in (0, -5, 2**31 - 1):
-                    got = await client.call("tailLog", "b", 4990, limit)
+                    got = await client.call("tailLog", "b", n - 10, limit)
                     assert [x.seq for x in got.lines] == list(
-                        range(4991, 4992 if limit < 1 else 5001)
+                        range(n - 9, n - 8 if limit < 1 else n + 1)
                     )
-                caught_up = await client.call("tailLog", "b", 5000, 10)  # the long poll, bounded
-                assert caught_up.lines == [] and caught_up.nextSeq == 5000
+                caught_up = await client.call("tailLog", "b", n, 10)  # the long poll, bounded
+                assert caught_up.lines == [] and caught_up.nextSeq == n
                 with pytest.raises(idl.pubmon().UnknownPublisher):
                     await client.call("tailLog", "nope", 0, 10)
 
