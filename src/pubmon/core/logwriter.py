@@ -10,12 +10,6 @@ close) runs on the thread of the file's directory, fed by a queue of operations 
               -> writer.submit(file, run) ----> writev as many queued runs of a file as fit
                                                 in one call (fewer syscalls than one per chunk)
 
-The hand-off is cheap: `submit` appends to a deque (no lock, no Event per chunk) and wakes the
-thread only when it is idle, and then once per loop pass (`call_soon`), so every pipe read in
-that pass goes out in the same wake-up, and the thread writes each file's runs of the batch in one
-writev (it used to merge only consecutive runs of one file). The thread is woken once per loop
-pass at most; a busy thread is never woken, it finds the new runs when it looks before sleeping.
-
 Flow control. The queue is bounded by HIGH bytes (a run is charged at least one page: a small
 pipe read can pin a page of its own). While the writer makes progress, a sink whose run takes
 the queue past HIGH pauses its pipe (`pause_reading`): a fast child then waits on its full pipe,
@@ -65,7 +59,6 @@ __all__ = [
 
 import asyncio
 import atexit
-import collections
 import contextlib
 import ctypes
 import logging
@@ -112,13 +105,7 @@ class DirWriter:
         self.stalled = False  # set by the loop side, cleared when the writer progresses again
         self.refs = 0
         self._stopping = False
-        # Operations go into a deque (append and popleft are atomic under the GIL: no lock per
-        # chunk); the thread is woken through `_wake` only when it is idle, and writes from the
-        # loop wake it once per loop pass, after every pipe read of that pass (`_kick`).
-        self._ops: collections.deque[_Op] = collections.deque()
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._idle = False  # the thread waits in _wake.get (or is about to)
-        self._kick_at: asyncio.AbstractEventLoop | None = None  # a loop with a _kick scheduled
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._submitted = 0  # bytes charged by submit (loop side only)
         self._consumed = 0  # bytes charged of runs handled (writer thread only)
         self._progress = 0  # operations finished (writer thread only)
@@ -156,26 +143,8 @@ class DirWriter:
         if self._submitted - self._consumed + cost > (HIGH if self.stalled else HARD):
             return False
         self._submitted += cost
-        self._ops.append((_WRITE, file, (bufs, nbytes, nlines), cost))
-        if self._idle:
-            loop = asyncio._get_running_loop()
-            if loop is None:
-                self._wake.put(None)
-            elif self._kick_at is not loop:  # (a kick left on a loop that ended does not count)
-                # The other pipes read in this loop pass go out in the same wake-up.
-                self._kick_at = loop
-                loop.call_soon(self._kick)
+        self._queue.put((_WRITE, file, (bufs, nbytes, nlines), cost))
         return True
-
-    def _kick(self) -> None:
-        self._kick_at = None
-        if self._idle:
-            self._wake.put(None)
-
-    def _put(self, op: _Op) -> None:
-        self._ops.append(op)
-        if self._idle:
-            self._wake.put(None)
 
     def congested(self) -> bool:
         """True when a sink should hold back: the queue is past HIGH and the writer progresses."""
@@ -206,18 +175,18 @@ class DirWriter:
             self._declare_stalled(polled=False)
 
     def reopen(self, file: LogFile) -> None:
-        self._put((_REOPEN, file, None, 0))
+        self._queue.put((_REOPEN, file, None, 0))
 
     def close(self, file: LogFile) -> None:
-        self._put((_CLOSE, file, None, 0))
+        self._queue.put((_CLOSE, file, None, 0))
 
     def clear(self, file: LogFile) -> None:
         """Empty `file` and remove its backups, after the runs queued before (`pubmon clear`)."""
-        self._put((_CLEAR, file, None, 0))
+        self._queue.put((_CLEAR, file, None, 0))
 
     def mark(self, done: Callable[[], None]) -> None:
         """Call `done` on the writer thread once everything queued before it is handled."""
-        self._put((_MARK, None, done, 0))
+        self._queue.put((_MARK, None, done, 0))
 
     def sync(self, timeout: float) -> bool:
         """Block until everything queued so far is handled. False if `timeout` passed first."""
@@ -247,7 +216,7 @@ class DirWriter:
     def stop(self) -> None:
         """End the thread once everything queued so far is handled."""
         self._stopping = True
-        self._put((_STOP, None, None, 0))
+        self._queue.put((_STOP, None, None, 0))
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -357,21 +326,17 @@ class DirWriter:
     # --- writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        ops, get = self._ops, self._wake.get
-        popleft = ops.popleft
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         self._private = _private_fd_table(keep=self._wake_w)
         try:
             while True:
-                if not ops:
-                    self._idle = True  # first: an op appended from now on wakes us ...
-                    if not ops:  # ... and one appended before is seen here
-                        get()  # a spare token (woken and found ops anyway) loops once
-                    self._idle = False
-                batch: list[_Op] = []
-                with contextlib.suppress(IndexError):
-                    while len(batch) < _BATCH:
-                        batch.append(popleft())
-                if batch and not self._handle(batch):
+                ops = [get()]
+                while len(ops) < _BATCH:
+                    try:
+                        ops.append(get_nowait())
+                    except queue.Empty:
+                        break
+                if not self._handle(ops):
                     return
         finally:
             self.dir.close()
@@ -383,28 +348,21 @@ class DirWriter:
             _live.discard(self)
 
     def _handle(self, ops: list[_Op]) -> bool:
-        """Handle one batch in order. The writes between two other operations are grouped per
-        file, in order within each file (files are independent): one writev per file, not one
-        per chunk, when many children's pipes were read in one loop pass."""
+        """Handle one batch in order; consecutive writes to one file go out together."""
         i, n = 0, len(ops)
         keep_going = True
         while i < n:
             kind, file, payload, cost = ops[i]
             if kind == _WRITE:
-                groups: dict[LogFile, tuple[list[Run], list[int]]] = {}
-                j = i
-                while j < n and ops[j][0] == _WRITE:
-                    _, f, run, c = ops[j]
-                    group = groups.get(f)  # type: ignore[arg-type]
-                    if group is None:
-                        group = groups[f] = ([], [0, 0])  # type: ignore[index]
-                    group[0].append(run)  # type: ignore[arg-type]
-                    group[1][0] += c
-                    group[1][1] += 1
+                assert file is not None
+                runs: list[Run] = [payload]  # type: ignore[list-item]
+                j = i + 1
+                while j < n and ops[j][0] == _WRITE and ops[j][1] is file:
+                    runs.append(ops[j][2])  # type: ignore[arg-type]
+                    cost += ops[j][3]
                     j += 1
-                for f, (runs, (cost, count)) in groups.items():
-                    self._step(f"writing {f.path}", f.write, runs)
-                    self._finished(cost, count)
+                self._step(f"writing {file.path}", file.write, runs)
+                self._finished(cost, j - i)
                 i = j
                 continue
             if kind == _REOPEN:
