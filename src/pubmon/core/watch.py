@@ -11,6 +11,11 @@ that is healthy at once is RUNNING within a few tens of ms rather than a whole i
 then one round every `interval`, however long the check took (a hung child's check takes the
 whole timeout): detection is interval * failure_threshold + timeout. Without a probe, the run is
 up once it survived start_timeout.
+
+What a steady round costs the daemon besides the check (issue 16; A/B on a shared 2-core box,
+100 publishers probed every second: 0.36 ms of CPU per probe before, 0.105 after): rounds start
+on a grid shared by all watches, so the probes due together share a loop pass, and a healthy
+round that changed nothing posts nothing (see `_probe_loop`).
 """
 
 from __future__ import annotations
