@@ -156,6 +156,7 @@ class _Request:
     spec: PublisherSpec | None = None  # update: the new spec
     fields: frozenset[str] = frozenset()  # update: the top-level fields that differ
     restart: bool = False  # update: spawn settings changed
+    quiet: bool = False  # shutdown: its STOPPING line at DEBUG (the supervisor said it once)
 
 
 @dataclass(eq=False, slots=True)
@@ -251,6 +252,7 @@ class Publisher:
         self._wanted = spec.autostart  # the operator's intent: run it (or not)
         self._due = spec.autostart  # a spawn should happen as soon as dependencies allow
         self._then_start = False  # STOPPING: spawn again once stopped (restart)
+        self._quiet_stop = False  # a mass shutdown: its STOPPING line at DEBUG (_transition)
         self._stop_ends: Literal["stopped", "failed"] = "stopped"
         self._stop_reason: ExitReason | None = None  # counted instead (a memory restart)
         self._fail_why = ""  # why a stop that ends in a failure began (the probe's verdict)
@@ -425,9 +427,10 @@ class Publisher:
         (answered once the new run left STARTING, if it runs), else applied live (at once)."""
         return self._post("update", spec, fields, restart)
 
-    def shutdown(self) -> asyncio.Future[Outcome]:
-        """The daemon stops: stop it, and refuse start and restart from now on."""
-        return self._post("shutdown")
+    def shutdown(self, *, quiet: bool = False) -> asyncio.Future[Outcome]:
+        """The daemon stops: stop it, and refuse start and restart from now on. `quiet`: the
+        RUNNING -> STOPPING line at DEBUG (a mass stop, which the supervisor logs once)."""
+        return self._post("shutdown", quiet=quiet)
 
     def kill(self) -> None:
         """SIGKILL its whole group now (a second SIGTERM to the daemon), and stop it."""
@@ -457,9 +460,10 @@ class Publisher:
         spec: PublisherSpec | None = None,
         fields: frozenset[str] = frozenset(),
         restart: bool = False,
+        quiet: bool = False,
     ) -> asyncio.Future[Outcome]:
         answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._runner.post(_Request(kind, answer, spec, fields, restart))
+        self._runner.post(_Request(kind, answer, spec, fields, restart, quiet))
         return answer
 
     # --- the runner ---------------------------------------------------------------------------
@@ -549,6 +553,7 @@ class Publisher:
             if kind == "stop" and self.state == S.STOPPED and not self._wanted:
                 raise InvalidState(f"{self.name} is already STOPPED")
             self._closed = self._closed or kind == "shutdown"
+            self._quiet_stop = self._quiet_stop or req.quiet
             self._stop_request("stopped by operator" if kind == "stop" else "pubmon is stopping")
             # Done once STOPPED, or once the child is reported stuck after its SIGKILL (the
             # answer, STOPPING, names its pid and /proc state): waiting longer tells nothing.
@@ -948,7 +953,11 @@ class Publisher:
         self.state = new
         self.state_since = time.time()
         self.details = why
-        logger.info("%s pid %s: %s -> %s (%s)", self.name, self.pid, old, new, why)
+        # A mass stop (shutdown(quiet=True)) has its STOPPING lines at DEBUG: the supervisor
+        # said "stopping N publishers" once. Two INFO lines per publisher were a fifth of
+        # stopping 1000; the STOPPED line, with how each one ended, stays at INFO.
+        level = logging.DEBUG if new == S.STOPPING and self._quiet_stop else logging.INFO
+        logger.log(level, "%s pid %s: %s -> %s (%s)", self.name, self.pid, old, new, why)
         self._fire()
         self._on_transition(self)
 

@@ -317,9 +317,12 @@ class Supervisor:
         and give up on any child still there KILL_BOUND later (returned, and logged)."""
         self.begin_stopping()
         pubs = list(self.publishers.values())
+        # One line for all: each publisher's RUNNING -> STOPPING line (which said only "pubmon
+        # is stopping") is at DEBUG; its STOPPING -> STOPPED line, with how it ended, stays.
+        logger.info("stopping %d publishers, dependents first", len(pubs))
         try:
             async with asyncio.timeout(timeout):
-                await self._stop_in_order(pubs)
+                await self._stop_in_order(pubs, quiet=True)
         except TimeoutError:
             logger.warning("shutdown_timeout %g s passed; killing what is left", timeout)
             self.kill_all()
@@ -347,7 +350,7 @@ class Supervisor:
         hang shutdown). One waiter for all: a task per publisher was a fifth of stopping 1000."""
         await self.changed.wait_for_each(pubs, self._halted)
 
-    async def _stop_in_order(self, pubs: list[Publisher]) -> None:
+    async def _stop_in_order(self, pubs: list[Publisher], *, quiet: bool = False) -> None:
         dependents = self._dependents
         remaining = set(pubs)
         while remaining:
@@ -358,7 +361,7 @@ class Supervisor:
                 if not any(d in remaining for d in dependents.get(p.spec.program, ()))
             ] or list(remaining)  # a cycle cannot pass config checks; never hang on one
             for p in level:
-                p.shutdown()
+                p.shutdown(quiet=quiet)
             await self._all_halted(level)
             remaining.difference_update(level)
 
