@@ -44,6 +44,7 @@ from pubmon.http import metrics as metrics_module
 from pubmon.http.metrics import DaemonValues, MetricsWriter
 from pubmon.http.server import _row
 from pubmon.service.handler import PubmonHandler
+from pubmon.thrift import idl
 from supervised import supervising
 
 S = PublisherState
@@ -798,7 +799,7 @@ HEAVY_ESCAPEE = py(
 
 
 class _Daemon:
-    """The daemon as service.handler.DaemonControl (a seam we own): getPublisher reads these."""
+    """The daemon as service.handler.DaemonControl (a seam we own): what the calls read."""
 
     def __init__(self, sup: Supervisor, procstats: ProcStats) -> None:
         self.supervisor = sup
@@ -822,11 +823,20 @@ async def test_get_publisher_and_the_dashboard_count_the_setsid_escapee_of_a_cgr
         procstats = ProcStats(min_interval=0)
         await procstats.refresh({"feed": feed.pid})
         walk = procstats.figures["feed"]
-        info = PubmonHandler(cast(Any, _Daemon(sup, procstats)), dict).getPublisher("feed")
+        handler = PubmonHandler(cast(Any, _Daemon(sup, procstats)), dict)
+        info = handler.getPublisher("feed")
+        bound = idl.bind(idl.pubmon().PubmonService)  # listPublishers answers encoded rows
+        method = bound.method("listPublishers")
+        reply = bound.encode_reply(method, 1, "success", handler.listPublishers())
+        (listed,) = bound.decode_reply(reply[4:], method, 1)  # without the frame length
         row = _row(feed, procstats)
         cpu, rss = _proc_figures([escapee])
     assert walk.rss_bytes < 60 << 20 and walk.cpu_seconds < 0.3  # the walk misses it
-    for memory, seconds in ((info.memoryBytes, info.cpuSeconds), (row["rss"], row["cpu"])):
+    for memory, seconds in (
+        (info.memoryBytes, info.cpuSeconds),
+        (listed.memoryBytes, listed.cpuSeconds),
+        (row["rss"], row["cpu"]),
+    ):
         assert isinstance(memory, int) and isinstance(seconds, float)
         assert memory >= rss >= 60 << 20, (memory, rss)
         assert seconds >= 0.3, (seconds, cpu)

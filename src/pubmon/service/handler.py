@@ -293,7 +293,7 @@ class PubmonHandler:
         figures = procstats.figures
         out: list[Any] = []
         for pub, snap in zip(pubs, snaps, strict=True):
-            fig = figures.get(snap.name)
+            fig = pub.figures(figures.get(snap.name))  # its cgroup's first, as getPublisher
             key = (*snap[:-1], fig, *_times(pub), pub.spec.probe.kind)  # all but the uptime
             hit = old.get(snap.name)
             if hit is None or hit[0] != key:
