@@ -70,6 +70,8 @@ test: lint pytest
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/bench_upgrade.py --sizes 200,1000 --runs 5
+	$(PY) bench/bench_probe.py --n 1000 --repeat 1
+	$(PY) bench/bench_scaling.py --n 100,1000,4000 --repeat 1
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
