@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,10 @@ from children import numbered as numbered_child
 from children import py, spec
 from outputs import numbered
 from pubmon.config.model import LogSpec
+from pubmon.core import logwriter
 from pubmon.core.lifecycle import PublisherState
+from pubmon.core.logfile import LogFile, Run
+from pubmon.core.logwriter import DirWriter
 from pubmon.core.output import MAX_TAIL_LINES, OutputLog
 from supervised import in_state, running
 
@@ -66,6 +71,59 @@ async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Pat
     raw = (tmp_path / "big.log").read_bytes()
     assert raw.replace(b"\n", b"").startswith(b"a" * (5 << 20))
     assert raw.endswith(b"bad \xff\xfe utf8\nlast\n")
+
+
+# 100-byte numbered lines, written in os.write calls as large as the pipe takes: the flood.
+FLOOD_LINES = 300_000  # 30 MB, well past logwriter.HIGH (plus the 1 MiB pipe)
+FLOOD = (
+    "import os\n"
+    "pad = b'x' * 89\n"
+    f"view = memoryview(b''.join(b'%09d %s\\n' % (i, pad) for i in range({FLOOD_LINES})))\n"
+    "while view:\n"
+    "    view = view[os.write(1, view) :]\n"
+)
+
+
+def flood_lines() -> bytes:
+    pad = b"x" * 89
+    return b"".join(b"%09d %s\n" % (i, pad) for i in range(FLOOD_LINES))
+
+
+async def test_a_writer_that_catches_up_while_a_pipe_is_held_leaves_it_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread runs whenever the loop thread lets go of the GIL, also in the middle
+    of `DirWriter.hold` (its epoll_ctl as it starts watching). If it empties the queue there,
+    the watch resumes the pipe at once, before the sink has paused it: that resume must not be
+    lost, else the pipe stays paused for good, the child blocks on it and its output never
+    reaches the file (no stall is declared: nothing waits any more). Forced here: storage
+    that does not move until the sink holds its pipe, then catches up within `hold`."""
+    gate = threading.Event()
+    write = LogFile.write
+    watch = DirWriter._watch
+
+    def slow_write(self: LogFile, runs: Sequence[Run]) -> None:
+        gate.wait(30)  # the storage is slow: the queue grows past HIGH, the sink holds
+        write(self, runs)
+
+    def watch_once_caught_up(self: DirWriter) -> None:
+        if not gate.is_set():  # the first hold: let the writer finish all it has, now
+            caught_up = threading.Event()
+            self.mark(caught_up.set)
+            gate.set()
+            assert caught_up.wait(30)
+            assert self.pending <= logwriter.LOW
+        watch(self)
+
+    monkeypatch.setattr(LogFile, "write", slow_write)
+    monkeypatch.setattr(DirWriter, "_watch", watch_once_caught_up)
+    async with running(spec("flood", py(FLOOD), restart="never"), log_dir=tmp_path) as sup:
+        pub = sup.get("flood")
+        await in_state(pub, PublisherState.EXITED, timeout=30)
+        assert gate.is_set()  # the sink did hold its pipe
+        assert await pub.output.flushed()
+        assert pub.output.lines == FLOOD_LINES and pub.output.dropped == 0
+    assert (tmp_path / "flood.log").read_bytes() == flood_lines()
 
 
 CHILD = (

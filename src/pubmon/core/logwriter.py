@@ -151,8 +151,9 @@ class DirWriter:
         return self._submitted - self._consumed > HIGH and not self.stalled
 
     def hold(self, resume: Callable[[], None]) -> bool:
-        """A sink is about to pause its pipe: call `resume` on the loop once there is room again
-        (or the writer is declared stalled). False: there is room already; do not pause."""
+        """A sink has paused its pipe: call `resume` on the loop once there is room again (or
+        the writer is declared stalled), which may be before `hold` returns (the thread may
+        catch up meanwhile). False: there is room already; `resume` will not be called."""
         if self._submitted - self._consumed <= LOW:
             return False
         self._holders.append(resume)

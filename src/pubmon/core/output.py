@@ -224,14 +224,23 @@ class StreamSink:
                 self._hold(behind)
 
     def _hold(self, writer: DirWriter) -> None:
-        """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless)."""
+        """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless).
+
+        Paused first, then handed to the writer: its thread may catch up at any moment, also
+        while `hold` runs (the loop thread lets go of the GIL in the epoll_ctl that starts the
+        watch), and `hold` then calls `_resume` before it returns. Paused after that resume, the
+        pipe would stay paused for good: its child blocked, its output missing from the file
+        and from the ring, and no stall declared, since nothing waits any more.
+        """
         pipe = self._pipe
         if pipe is None:
             if asyncio._get_running_loop() is None:  # a caller thread may wait; the loop never
                 writer.wait_for_room()
-        elif not self._paused and writer.hold(self._resume):
+        elif not self._paused:
             self._paused = True
             pipe.pause_reading()
+            if not writer.hold(self._resume):
+                self._resume()  # room already: the writer caught up since `submit`
 
     def _resume(self) -> None:
         if self._paused:
