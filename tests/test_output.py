@@ -4,7 +4,12 @@ protocol), its echo to stderr."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +19,13 @@ from children import numbered as numbered_child
 from children import py, spec
 from outputs import numbered
 from pubmon.config.model import LogSpec
+from pubmon.core import logwriter
+from pubmon.core.adopted import AdoptedChild
 from pubmon.core.lifecycle import PublisherState
+from pubmon.core.logfile import LogFile, Run
+from pubmon.core.logwriter import DirWriter
 from pubmon.core.output import MAX_TAIL_LINES, OutputLog
-from supervised import in_state, running
+from supervised import in_state, lines_seen, running
 
 
 def test_echo_copies_lines_to_stderr(logdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +75,141 @@ async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Pat
     raw = (tmp_path / "big.log").read_bytes()
     assert raw.replace(b"\n", b"").startswith(b"a" * (5 << 20))
     assert raw.endswith(b"bad \xff\xfe utf8\nlast\n")
+
+
+# 100-byte numbered lines, written in os.write calls as large as the pipe takes: the flood.
+FLOOD_LINES = 300_000  # 30 MB, well past logwriter.HIGH (plus the 1 MiB pipe)
+FLOOD = (
+    "import os\n"
+    "pad = b'x' * 89\n"
+    f"view = memoryview(b''.join(b'%09d %s\\n' % (i, pad) for i in range({FLOOD_LINES})))\n"
+    "while view:\n"
+    "    view = view[os.write(1, view) :]\n"
+)
+
+
+def flood_lines() -> bytes:
+    pad = b"x" * 89
+    return b"".join(b"%09d %s\n" % (i, pad) for i in range(FLOOD_LINES))
+
+
+async def test_a_writer_that_catches_up_while_a_pipe_is_held_leaves_it_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread runs whenever the loop thread lets go of the GIL, also in the middle
+    of `DirWriter.hold` (its epoll_ctl as it starts watching). If it empties the queue there,
+    the watch resumes the pipe at once, before the sink has paused it: that resume must not be
+    lost, else the pipe stays paused for good, the child blocks on it and its output never
+    reaches the file (no stall is declared: nothing waits any more). Forced here: storage
+    that does not move until the sink holds its pipe, then catches up within `hold`."""
+    gate = threading.Event()
+    write = LogFile.write
+    watch = DirWriter._watch
+
+    def slow_write(self: LogFile, runs: Sequence[Run]) -> None:
+        gate.wait(30)  # the storage is slow: the queue grows past HIGH, the sink holds
+        write(self, runs)
+
+    def watch_once_caught_up(self: DirWriter) -> None:
+        if not gate.is_set():  # the first hold: let the writer finish all it has, now
+            caught_up = threading.Event()
+            self.mark(caught_up.set)
+            gate.set()
+            assert caught_up.wait(30)
+            assert self.pending <= logwriter.LOW
+        watch(self)
+
+    monkeypatch.setattr(LogFile, "write", slow_write)
+    monkeypatch.setattr(DirWriter, "_watch", watch_once_caught_up)
+    async with running(spec("flood", py(FLOOD), restart="never"), log_dir=tmp_path) as sup:
+        pub = sup.get("flood")
+        await in_state(pub, PublisherState.EXITED, timeout=30)
+        assert gate.is_set()  # the sink did hold its pipe
+        assert await pub.output.flushed()
+        assert pub.output.lines == FLOOD_LINES and pub.output.dropped == 0
+    assert (tmp_path / "flood.log").read_bytes() == flood_lines()
+
+
+async def test_an_adopted_childs_pipe_is_held_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `pubmon upgrade` a child's pipes are read by its AdoptedChild, not by asyncio's
+    transports: its sinks pause those as well. They used not to (no pipe was attached): a
+    flood went on into the queue while the storage was behind, and past 64 MiB off the file."""
+    gate = threading.Event()
+    write = LogFile.write
+
+    def slow_write(self: LogFile, runs: Sequence[Run]) -> None:
+        gate.wait(30)  # the storage is behind until the sink has held its pipe back
+        write(self, runs)
+
+    monkeypatch.setattr(LogFile, "write", slow_write)
+    log = OutputLog("flood", LogSpec(), str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", FLOOD], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        fd = os.dup(proc.stdout.fileno())
+        proc.stdout.close()
+        child = AdoptedChild("flood", proc.pid, proc.pid, time.monotonic(), pipes={1: fd})
+        child.sinks = {1: log.open_stream("stdout")}
+        child.connect()
+        pipe = child._pipes[1]
+        async with asyncio.timeout(30):  # held back, or (before) every line read
+            while pipe.reading and log.lines < FLOOD_LINES:
+                await log.wait_beyond(log.last_seq)
+        held = not pipe.reading
+        gate.set()
+        assert await child.drain(30)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        gate.set()
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert held
+    assert await log.flushed()
+    assert (log.lines, log.dropped) == (FLOOD_LINES, 0)
+    assert (tmp_path / "flood.log").read_bytes() == flood_lines()
+
+
+LONG_LINE = 16 << 20  # the longest max_line a config may set: a whole line is one run
+
+
+async def test_long_lines_of_many_children_wait_for_a_slow_writer_and_none_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reader that pushes the queue past HIGH pauses its pipe, but only after its run
+    is queued: with many readers at once the queue passes HIGH by one run per reader. Five
+    children each ending a 16 MiB line while the storage is behind (not stalled: it moves
+    again well within STALL_SECONDS) are 80 MiB; the queue once refused what passed 64 MiB
+    and the line was lost from the file, reported as a stall that was none."""
+    gate = threading.Event()
+    write = LogFile.write
+
+    def slow_write(self: LogFile, runs: Sequence[Run]) -> None:
+        gate.wait(30)  # behind until every child's line has been read
+        write(self, runs)
+
+    monkeypatch.setattr(LogFile, "write", slow_write)
+    code = (
+        "import os\n"
+        f"view = memoryview(b'y' * {LONG_LINE - 1} + b'\\n')\n"
+        "while view:\n"
+        "    view = view[os.write(1, view) :]\n"
+    )
+    log = replace(spec("x").log, max_line=LONG_LINE, ring_lines=10)
+    specs = [spec(f"long{i}", py(code), restart="never", log=log) for i in range(5)]
+    async with running(*specs, log_dir=tmp_path) as sup:
+        pubs = [sup.get(s.name) for s in specs]
+        for pub in pubs:
+            await lines_seen(pub, 1, timeout=30)
+        gate.set()
+        for pub in pubs:
+            await in_state(pub, PublisherState.EXITED, timeout=30)
+            assert await pub.output.flushed()
+            assert (pub.output.lines, pub.output.dropped) == (1, 0)
+    for s in specs:
+        assert (tmp_path / f"{s.name}.log").read_bytes() == b"y" * (LONG_LINE - 1) + b"\n"
 
 
 CHILD = (

@@ -57,6 +57,10 @@ class _Pipe:
             self._loop.remove_reader(self.fd)
             self.reading = False
 
+    # What a sink pauses while its log writer is behind (`StreamSink.attach_pipe`).
+    pause_reading = pause
+    resume_reading = resume
+
     def _ready(self) -> None:
         try:
             data = os.read(self.fd, READ_SIZE)
@@ -147,7 +151,11 @@ class AdoptedChild(Child):
     def connect(self) -> None:
         """Read its pipes into `sinks` from now on."""
         for stream, fd in sorted(self._fds.items()):
-            pipe = self._pipes[stream] = _Pipe(self, stream, fd, self.sinks[stream])
+            sink = self.sinks[stream]
+            pipe = self._pipes[stream] = _Pipe(self, stream, fd, sink)
+            attach = getattr(sink, "attach_pipe", None)
+            if attach is not None:  # held back while its log file's writer is behind
+                attach(pipe)
             pipe.resume()
 
     def pause_reading(self) -> list[_Pipe]:

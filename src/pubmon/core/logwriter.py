@@ -16,11 +16,17 @@ the queue past HIGH pauses its pipe (`pause_reading`): a fast child then waits o
 exactly as with blocking writes, and no line is lost to a slow disk. Once the queue is below LOW
 the pipes resume. If the writer has finished nothing for STALL_SECONDS while pipes wait, the
 storage counts as stalled: one warning names the directory and the operation stuck, the pipes
-resume, and runs that do not fit in the queue are dropped (counted per publisher by the caller)
+resume, and runs that do not fit under HIGH are dropped (counted per publisher by the caller)
 instead of holding the children back. The first operation the thread finishes afterwards ends
 the stall (one info line); the queued runs are written then, in order. A sink with no pipe to
 pause, fed outside any event loop (tools, tests), waits for the queue instead, at most
-STALL_SECONDS; on a loop it never waits. Whatever happens, the queue never holds more than HARD.
+STALL_SECONDS; on a loop it never waits.
+
+While the writer moves, no run is refused: each reader pauses only after the run that took the
+queue past HIGH, so the queue passes HIGH by at most one run per reader, bytes already read into
+memory. A fixed cap (HARD, 64 MiB) used to lose lines to storage that was only behind, never
+stalled, and call it a stall: five children ending 16 MiB lines (max_line's limit) in one loop
+turn, or about 200 whose pipes were read (256 KiB each) in one loop turn.
 
 Children never inherit a log fd. A FUSE file system sends a FLUSH request on every close of
 every copy of an fd, and a spawned child closes its inherited copies before exec (close_fds):
@@ -46,7 +52,6 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_WAIT",
-    "HARD",
     "HIGH",
     "LOW",
     "STALL_SECONDS",
@@ -76,7 +81,6 @@ logger = logging.getLogger(__name__)
 
 HIGH = 16 << 20  # queued bytes above which sinks pause their pipes (or, stalled, drop)
 LOW = 4 << 20  # paused pipes resume once the queue is below this
-HARD = 4 * HIGH  # never more, stalled or not (many sinks' last runs before they all paused)
 PAGE = 4096  # the least a queued run is charged
 STALL_SECONDS = 2.0  # no operation finished for this long while pipes wait: the storage is stuck
 EXIT_WAIT = 5.0  # seconds, in all, that the exit hook waits for writers to finish
@@ -138,9 +142,10 @@ class DirWriter:
     # --- loop side ----------------------------------------------------------------------------
 
     def submit(self, file: LogFile, bufs: Sequence[Buf], nbytes: int, nlines: int) -> bool:
-        """Queue one run of whole lines for `file`. False: dropped (stalled and full)."""
+        """Queue one run of whole lines for `file`. False: dropped (stalled, and past HIGH).
+        While the writer moves every run is taken; its sink holds back after (`congested`)."""
         cost = nbytes if nbytes > PAGE else PAGE
-        if self._submitted - self._consumed + cost > (HIGH if self.stalled else HARD):
+        if self.stalled and self._submitted - self._consumed + cost > HIGH:
             return False
         self._submitted += cost
         self._queue.put((_WRITE, file, (bufs, nbytes, nlines), cost))
@@ -151,8 +156,9 @@ class DirWriter:
         return self._submitted - self._consumed > HIGH and not self.stalled
 
     def hold(self, resume: Callable[[], None]) -> bool:
-        """A sink is about to pause its pipe: call `resume` on the loop once there is room again
-        (or the writer is declared stalled). False: there is room already; do not pause."""
+        """A sink has paused its pipe: call `resume` on the loop once there is room again (or
+        the writer is declared stalled), which may be before `hold` returns (the thread may
+        catch up meanwhile). False: there is room already; `resume` will not be called."""
         if self._submitted - self._consumed <= LOW:
             return False
         self._holders.append(resume)

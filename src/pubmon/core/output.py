@@ -66,7 +66,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, final
+from typing import Literal, Protocol, final
 
 from pubmon.config.model import LogSpec
 from pubmon.core import logwriter as _logwriter
@@ -80,6 +80,13 @@ logger = logging.getLogger(__name__)
 MAX_TAIL_LINES = 10_000  # cap on the lines one tail()/last() call returns
 
 Stream = Literal["stdout", "stderr"]
+
+
+class Pipe(Protocol):
+    """What a sink pauses: asyncio's read-pipe transport, or an adopted child's pipe."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 def finish_writing(timeout: float = _logwriter.EXIT_WAIT) -> int:
@@ -145,7 +152,8 @@ class StreamSink:
     `feed` and `eof` are synchronous, called from the protocol callbacks, and never raise on
     any data (file errors are counted, not raised). `attach_pipe` gives it the pipe it reads,
     which it pauses while the log file's writer is behind; without one, `feed` called outside an
-    event loop waits instead (at most `pubmon.core.logwriter.STALL_SECONDS`).
+    event loop waits instead (at most `pubmon.core.logwriter.STALL_SECONDS`), and on a loop it
+    is not held back at all (its runs queue up for as long as the writer moves).
     """
 
     __slots__ = ("_log", "_paused", "_pipe", "_stream", "_tail")
@@ -154,11 +162,11 @@ class StreamSink:
         self._log = log
         self._stream = stream
         self._tail: bytes | bytearray = b""  # a bytearray while a line grows over many chunks
-        self._pipe: asyncio.ReadTransport | None = None
+        self._pipe: Pipe | None = None
         self._paused = False
 
-    def attach_pipe(self, pipe: asyncio.ReadTransport) -> None:
-        """The transport feeding this sink: paused while the log writer is behind."""
+    def attach_pipe(self, pipe: Pipe) -> None:
+        """The pipe feeding this sink: paused while the log writer is behind."""
         self._pipe = pipe
 
     def feed(self, data: bytes) -> None:
@@ -224,14 +232,23 @@ class StreamSink:
                 self._hold(behind)
 
     def _hold(self, writer: DirWriter) -> None:
-        """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless)."""
+        """The file's writer is behind: pause the pipe until it catches up (or wait, pipeless).
+
+        Paused first, then handed to the writer: its thread may catch up at any moment, also
+        while `hold` runs (the loop thread lets go of the GIL in the epoll_ctl that starts the
+        watch), and `hold` then calls `_resume` before it returns. Paused after that resume, the
+        pipe would stay paused for good: its child blocked, its output missing from the file
+        and from the ring, and no stall declared, since nothing waits any more.
+        """
         pipe = self._pipe
         if pipe is None:
             if asyncio._get_running_loop() is None:  # a caller thread may wait; the loop never
                 writer.wait_for_room()
-        elif not self._paused and writer.hold(self._resume):
+        elif not self._paused:
             self._paused = True
             pipe.pause_reading()
+            if not writer.hold(self._resume):
+                self._resume()  # room already: the writer caught up since `submit`
 
     def _resume(self) -> None:
         if self._paused:
