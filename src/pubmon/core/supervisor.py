@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from types import TracebackType
 from typing import NamedTuple
 
@@ -87,6 +87,10 @@ class Supervisor:
         self._tg = asyncio.TaskGroup()
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
+        # program -> its instances by name, in status order: a dependent's every spawn asks
+        # whether its dependencies' instances run, and a scan of all publishers made each
+        # ask O(N) (starting a db and 2000 dependents in-process: 1.4 s of CPU, now 1.2 s).
+        self._programs: dict[str, dict[str, Publisher]] = {}
         self._sweep: asyncio.Task[None] | None = None
         self.memory_sweep = MemorySweep()  # memory_restart: who is read each second, and when
         # Called when a publisher ends for good (EXITED or FATAL): the daemon's critical check.
@@ -104,7 +108,7 @@ class Supervisor:
         await self._tg.__aenter__()
         for spec in self.config.publishers:
             self._add(spec)
-        self._index_dependents()
+        self._index()
         self._sweep = self._tg.create_task(
             # A lambda: a reload replaces the dict.
             self.memory_sweep.run(lambda: self.publishers.values()),
@@ -242,14 +246,18 @@ class Supervisor:
         self._tasks[spec.name] = task
         return pub
 
-    def _index_dependents(self) -> None:
+    def _index(self) -> None:
+        """Index the publishers by program: their instances, and who depends on them."""
         self._dependents = {}
+        self._programs = {}
         for p in self.publishers.values():
+            self._programs.setdefault(p.spec.program, {})[p.name] = p
             for dep in p.spec.depends_on:
                 self._dependents.setdefault(dep, []).append(p)
 
-    def _instances(self, program: str) -> list[Publisher]:
-        return [p for p in self.publishers.values() if p.spec.program == program]
+    def _instances(self, program: str) -> Collection[Publisher]:
+        instances = self._programs.get(program)
+        return () if instances is None else instances.values()
 
     def _deps_ready(self, spec: PublisherSpec) -> bool:
         return all(p.state == S.RUNNING for dep in spec.depends_on for p in self._instances(dep))
@@ -414,15 +422,16 @@ class Supervisor:
             # Everything is posted before the first await: a shutdown that begins while this
             # reload waits finds every publisher of the new config in place, and stops it.
             removed = [self.publishers[c.name] for c in diff.changes if c.change == "removed"]
+            specs = {spec.name: spec for spec in new.publishers}  # Config.publisher() scans
             posted: list[tuple[Publisher, asyncio.Future[Outcome] | None]] = []
             for c in diff.changes:
                 if c.change == "added":
-                    pub = self._add(self._spec(new, c.name))
+                    pub = self._add(specs[c.name])
                     if pub.wanted:
                         posted.append((pub, None))  # None: wait until it settled
                 elif c.change in ("restarted", "updated"):
                     pub = self.publishers[c.name]
-                    spec = self._spec(new, c.name)
+                    spec = specs[c.name]
                     answer = pub.update(spec, c.top, restart=c.change == "restarted")
                     posted.append((pub, answer))
             # Reorder to the new config's order (status lists it so), removed ones last.
@@ -430,7 +439,7 @@ class Supervisor:
             self.publishers = dict(
                 sorted(self.publishers.items(), key=lambda kv: order.get(kv[0], len(order)))
             )
-            self._index_dependents()
+            self._index()
             on_applied(diff)
             await self._stop_in_order(removed)
             for pub in removed:
@@ -441,6 +450,7 @@ class Supervisor:
                 if pub.cgroup is not None:
                     pub.cgroup.remove()
                 del self.publishers[pub.name]
+                self._programs[pub.spec.program].pop(pub.name, None)
             await asyncio.gather(
                 self._wait_settled_each([p for p, a in posted if a is None]),
                 *(self._bounded(p, a) for p, a in posted if a is not None),
@@ -456,12 +466,6 @@ class Supervisor:
             )
             self.changed.fire()
             return diff
-
-    @staticmethod
-    def _spec(config: Config, name: str) -> PublisherSpec:
-        spec = config.publisher(name)
-        assert spec is not None
-        return spec
 
 
 def _gave_up(pub: Publisher, bound: float) -> None:
