@@ -10,7 +10,11 @@ For each N, one daemon start per repeat with N `sleep 3600` publishers (the same
   its end (4 per publisher: two pipes, a pidfd, a log file: 5000 publishers need a
   RLIMIT_NOFILE above 20000, this machine's hard limit, hence 4000 as the top size);
 - status: median wall time of 20 `listPublishers` calls on one open connection (the Cython
-  client, as run.py), and the daemon's CPU per call over those calls (µs);
+  client, as run.py), and the daemon's CPU per call over those calls (µs); then its parts:
+  the same call sent raw on a socket, timed to the reply's first byte (the daemon's share:
+  the reply is encoded whole before it is sent), and the client's decode of that reply
+  alone (thriftpy2's Cython codec). The rest of the wall time is moving the reply;
+
 - restart: SIGKILL of 5 different children, each timed until a new `sleep` child appears
   (busy-polling /proc, nobody calling the API meanwhile): the median, ms;
 - stop: SIGTERM -> the daemon and every child gone.
@@ -51,6 +55,8 @@ FIGURES = {  # name: (unit, label)
     "idle_fds": ("fds", "open fds of the daemon"),
     "status": ("ms", "status via API, one call"),
     "status_cpu": ("µs", "daemon CPU per status call"),
+    "status_daemon": ("ms", "status: to the reply's first byte"),
+    "status_decode": ("ms", "status: client decode alone"),
     "restart": ("ms", "restart after SIGKILL, p50"),
     "stop": ("s", "stop: SIGTERM -> all gone"),
 }
@@ -104,6 +110,8 @@ def one_run(
                 conn.close()
             out["status"] = 1000 * statistics.median(walls)
             out["status_cpu"] = 1e6 * cpu / calls
+            first, decode = _status_parts(c.socket, n, calls)
+            out["status_daemon"], out["status_decode"] = 1000 * first, 1000 * decode
         if "restart" in only:
             delays = []
             for k in range(min(KILLS, n)):
@@ -125,6 +133,57 @@ def one_run(
     finally:
         procfs.cleanup()
     return out
+
+
+def _status_parts(path: Path, n: int, calls: int) -> tuple[float, float]:
+    """(median s to the first byte of a raw listPublishers reply, median s to decode it)."""
+    import socket
+    import struct
+
+    from thriftpy2.protocol import TBinaryProtocolFactory
+    from thriftpy2.protocol.cybin import TCyBinaryProtocolFactory
+    from thriftpy2.thrift import TMessageType
+    from thriftpy2.transport import TMemoryBuffer
+    from thriftpy2.transport.memory import TCyMemoryBuffer
+
+    from pubmon.thrift import idl
+
+    service = idl.pubmon().PubmonService
+    buf = TMemoryBuffer()
+    proto = TBinaryProtocolFactory().get_protocol(buf)
+    proto.write_message_begin("listPublishers", TMessageType.CALL, 1)
+    service.listPublishers_args().write(proto)
+    proto.write_message_end()
+    request = struct.pack("!i", len(buf.getvalue())) + buf.getvalue()
+
+    def take(sock: socket.socket, size: int) -> bytes:
+        got = bytearray()
+        while len(got) < size:
+            chunk = sock.recv(size - len(got))
+            if not chunk:
+                raise EOFError("the daemon closed the connection")
+            got += chunk
+        return bytes(got)
+
+    firsts, decodes, body = [], [], b""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        for _ in range(calls):
+            t = time.perf_counter()
+            sock.sendall(request)
+            head = take(sock, 4)
+            firsts.append(time.perf_counter() - t)
+            body = take(sock, struct.unpack("!i", head)[0])
+    for _ in range(calls):
+        t = time.perf_counter()
+        proto = TCyBinaryProtocolFactory().get_protocol(TCyMemoryBuffer(body))
+        proto.read_message_begin()
+        result = service.listPublishers_result()
+        result.read(proto)
+        decodes.append(time.perf_counter() - t)
+        assert len(result.success) == n
+    return statistics.median(firsts), statistics.median(decodes)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -171,6 +171,23 @@ async def test_reloaded_stop_settings_apply_to_the_next_stop() -> None:
         assert snap.state == S.STOPPED and snap.last_exit == -signal.SIGKILL
 
 
+async def test_a_reload_waits_for_what_it_added_to_run_or_fail_not_for_its_bound() -> None:
+    # The added publishers are waited for together (one waiter): each until RUNNING, failed,
+    # or (app) left waiting for a dependency that failed, not the 17 s bound of each.
+    added = (
+        spec("db", ("/nonexistent/db",)),
+        spec("app", depends_on=("db",)),
+        spec("web"),
+    )
+    async with running(spec("a")) as sup:
+        await in_state(sup.get("a"), S.RUNNING)
+        async with asyncio.timeout(10):
+            await sup.reload(config(spec("a"), *added))
+        assert sup.get("db").state == S.FATAL
+        assert sup.get("app").state == S.STOPPED
+        assert sup.get("web").state == S.RUNNING
+
+
 async def test_requests_are_refused_once_the_supervisor_is_stopping() -> None:
     async with running(spec("a"), spec("b", IGNORE_TERM, stop_timeout=60)) as sup:
         await lines_seen(sup.get("b"), 1)

@@ -27,7 +27,8 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from types import TracebackType
 from typing import NamedTuple
 
@@ -86,6 +87,10 @@ class Supervisor:
         self._tg = asyncio.TaskGroup()
         self._reload_lock = asyncio.Lock()
         self._dependents: dict[str, list[Publisher]] = {}  # program -> who depends on it
+        # program -> its instances by name, in status order: a dependent's every spawn asks
+        # whether its dependencies' instances run, and a scan of all publishers made each
+        # ask O(N) (starting a db and 2000 dependents in-process: 1.4 s of CPU, now 1.2 s).
+        self._programs: dict[str, dict[str, Publisher]] = {}
         self._sweep: asyncio.Task[None] | None = None
         self.memory_sweep = MemorySweep()  # memory_restart: who is read each second, and when
         # Called when a publisher ends for good (EXITED or FATAL): the daemon's critical check.
@@ -103,7 +108,7 @@ class Supervisor:
         await self._tg.__aenter__()
         for spec in self.config.publishers:
             self._add(spec)
-        self._index_dependents()
+        self._index()
         self._sweep = self._tg.create_task(
             # A lambda: a reload replaces the dict.
             self.memory_sweep.run(lambda: self.publishers.values()),
@@ -202,19 +207,22 @@ class Supervisor:
         if self.stopping:
             raise InvalidState(f"pubmon is {self.state}: {what} refused")
 
+    @staticmethod
+    def _bound(pub: Publisher) -> float:
+        """How long a request's caller waits for its outcome. A stop may take stop_timeout,
+        then KILL_BOUND before a child that outlived its SIGKILL is reported stuck: the answer
+        then names its pid and /proc state."""
+        spec = pub.spec
+        return spec.start_timeout + spec.stop_timeout + KILL_BOUND + REQUEST_GRACE
+
     async def _bounded(self, pub: Publisher, request: Awaitable[Outcome]) -> Outcome | None:
         # The request itself stays in force; only the caller stops waiting for its outcome.
-        spec = pub.spec
-        # A stop may take stop_timeout, then KILL_BOUND before a child that outlived its
-        # SIGKILL is reported stuck: the answer then names its pid and /proc state.
-        bound = spec.start_timeout + spec.stop_timeout + KILL_BOUND + REQUEST_GRACE
+        bound = self._bound(pub)
         try:
             async with asyncio.timeout(bound):
                 outcome: Outcome = await request
         except TimeoutError:
-            logger.info(
-                "%s: still %s after %g s; not waiting any longer", pub.name, pub.state, bound
-            )
+            _gave_up(pub, bound)
             return None
         return outcome
 
@@ -238,14 +246,18 @@ class Supervisor:
         self._tasks[spec.name] = task
         return pub
 
-    def _index_dependents(self) -> None:
+    def _index(self) -> None:
+        """Index the publishers by program: their instances, and who depends on them."""
         self._dependents = {}
+        self._programs = {}
         for p in self.publishers.values():
+            self._programs.setdefault(p.spec.program, {})[p.name] = p
             for dep in p.spec.depends_on:
                 self._dependents.setdefault(dep, []).append(p)
 
-    def _instances(self, program: str) -> list[Publisher]:
-        return [p for p in self.publishers.values() if p.spec.program == program]
+    def _instances(self, program: str) -> Collection[Publisher]:
+        instances = self._programs.get(program)
+        return () if instances is None else instances.values()
 
     def _deps_ready(self, spec: PublisherSpec) -> bool:
         return all(p.state == S.RUNNING for dep in spec.depends_on for p in self._instances(dep))
@@ -269,17 +281,38 @@ class Supervisor:
         deps = [d for dep in pub.spec.depends_on for d in self._instances(dep)]
         return any(d.state in _TERMINAL or not d.wanted for d in deps)
 
-    async def _outcome(
-        self, pub: Publisher, answer: asyncio.Future[Outcome] | None
-    ) -> Outcome | None:
-        """A reload's wait for one publisher: its answer, or (None) until it settled. The
-        waits are made here, inside the task, so a reload cancelled before they start leaves
-        no coroutine unawaited."""
-        return await self._bounded(pub, answer or self._wait_settled_one(pub))
+    async def _wait_settled_each(self, pubs: list[Publisher]) -> None:
+        """A reload's wait for the publishers it added: until each one settled, or its own
+        `_bound` passed (then it is named, as `_bounded` does).
 
-    async def _wait_settled_one(self, pub: Publisher) -> Outcome:
-        await self.changed.wait_for(lambda: self._settled(pub))
-        return Outcome.DONE
+        One waiter for all, as `wait_settled`: a waiter per publisher on `changed` re-checked
+        every added publisher on each of their changes, O(N^2) for a reload adding N
+        (tests/test_scaling.py counted `_settled` 255 -> 3720 times for 15 -> 60 added; a
+        reload adding 1000 `sleep` publishers took 3.6 s of CPU, now 0.5 s, measured
+        in-process, 2-core box at load ~3). Each fire looks only at the pending publisher
+        with the earliest deadline."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pending = deque(sorted(pubs, key=self._bound))
+
+        def all_done() -> bool:
+            now = loop.time()
+            while pending:
+                head = pending[0]
+                if not self._settled(head):
+                    bound = self._bound(head)
+                    if now < start + bound:
+                        return False
+                    _gave_up(head, bound)
+                pending.popleft()
+            return True
+
+        while not all_done():
+            try:
+                async with asyncio.timeout_at(start + self._bound(pending[0])):
+                    await self.changed.wait_for(all_done)
+            except TimeoutError:
+                pass  # all_done() names the publisher whose bound passed
 
     async def wait_settled(self) -> None:
         """Wait until every wanted publisher is RUNNING or has failed at least once (also
@@ -389,15 +422,16 @@ class Supervisor:
             # Everything is posted before the first await: a shutdown that begins while this
             # reload waits finds every publisher of the new config in place, and stops it.
             removed = [self.publishers[c.name] for c in diff.changes if c.change == "removed"]
+            specs = {spec.name: spec for spec in new.publishers}  # Config.publisher() scans
             posted: list[tuple[Publisher, asyncio.Future[Outcome] | None]] = []
             for c in diff.changes:
                 if c.change == "added":
-                    pub = self._add(self._spec(new, c.name))
+                    pub = self._add(specs[c.name])
                     if pub.wanted:
                         posted.append((pub, None))  # None: wait until it settled
                 elif c.change in ("restarted", "updated"):
                     pub = self.publishers[c.name]
-                    spec = self._spec(new, c.name)
+                    spec = specs[c.name]
                     answer = pub.update(spec, c.top, restart=c.change == "restarted")
                     posted.append((pub, answer))
             # Reorder to the new config's order (status lists it so), removed ones last.
@@ -405,7 +439,7 @@ class Supervisor:
             self.publishers = dict(
                 sorted(self.publishers.items(), key=lambda kv: order.get(kv[0], len(order)))
             )
-            self._index_dependents()
+            self._index()
             on_applied(diff)
             await self._stop_in_order(removed)
             for pub in removed:
@@ -416,7 +450,11 @@ class Supervisor:
                 if pub.cgroup is not None:
                     pub.cgroup.remove()
                 del self.publishers[pub.name]
-            await asyncio.gather(*(self._outcome(p, a) for p, a in posted))
+                self._programs[pub.spec.program].pop(pub.name, None)
+            await asyncio.gather(
+                self._wait_settled_each([p for p, a in posted if a is None]),
+                *(self._bounded(p, a) for p, a in posted if a is not None),
+            )
             logger.info(
                 "reloaded %s: %d added, %d removed, %d restarted, %d updated, %d unchanged",
                 new.path,
@@ -429,8 +467,6 @@ class Supervisor:
             self.changed.fire()
             return diff
 
-    @staticmethod
-    def _spec(config: Config, name: str) -> PublisherSpec:
-        spec = config.publisher(name)
-        assert spec is not None
-        return spec
+
+def _gave_up(pub: Publisher, bound: float) -> None:
+    logger.info("%s: still %s after %g s; not waiting any longer", pub.name, pub.state, bound)
