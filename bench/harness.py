@@ -22,6 +22,8 @@ class Sizes:
     kills: int  # SIGKILLs in the restart scenario (one per child, at most 20)
     log_one: int  # bytes one writer writes
     log_many: tuple[int, int]  # (writers, bytes each)
+    log_kb_one: int  # the same with lines of a few KB (2-6 KiB, 4 KiB on average)
+    log_kb_many: tuple[int, int]
     rpc_window: float  # seconds per calls/s measurement
     status_calls: int  # status calls whose median latency is reported (at most ~3 s of them)
     cli_runs: int  # CLI runs whose median wall time is reported
@@ -32,7 +34,8 @@ class Sizes:
     def full(cls) -> Sizes:
         return cls(
             fleet=(200, 1000), idle_window=20.0, settle=2.0, kills=20,
-            log_one=200_000_000, log_many=(20, 20_000_000), rpc_window=1.5,
+            log_one=200_000_000, log_many=(20, 20_000_000), log_kb_one=100_000_000,
+            log_kb_many=(20, 10_000_000), rpc_window=1.5,
             status_calls=20, cli_runs=5, fb303_fleet=200,
         )  # fmt: skip
 
@@ -40,7 +43,8 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(
             fleet=(200,), idle_window=5.0, settle=1.0, kills=10,
-            log_one=100_000_000, log_many=(20, 10_000_000), rpc_window=0.5,
+            log_one=100_000_000, log_many=(20, 10_000_000), log_kb_one=100_000_000,
+            log_kb_many=(20, 10_000_000), rpc_window=0.5,
             status_calls=10, cli_runs=3, fb303_fleet=20,
         )  # fmt: skip
 

@@ -31,6 +31,7 @@ import scenario_fleet
 import scenario_http
 import scenario_logs
 from contenders import CONTENDERS, Contender
+from contenders import pubmon as pubmon_contender
 from contenders import supervisord as supervisord_contender
 from contenders.pubmon import thrift_available
 from figures import table
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--contenders", default="pubmon,supervisord,floor,floor+wrapper", help="%(default)s"
     )
     p.add_argument("--runs", type=int, help="starts per figure, median reported (default 3)")
+    p.add_argument(
+        "--src",
+        type=Path,
+        help="run pubmon's daemon from this source tree (PYTHONPATH), for A/B runs against a\n"
+        "base: git archive main src idl | tar -x -C /tmp/base; --src /tmp/base/src",
+    )
     return p.parse_args(argv)
 
 
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     contenders = _names(args.contenders, tuple(CONTENDERS), "contender")
     sizes = Sizes.quick() if args.quick else Sizes.full()
     runs = args.runs or (1 if args.quick else 3)
+    if args.src is not None:
+        pubmon_contender.Pubmon.src = args.src.resolve()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored
     procfs.become_subreaper()
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "pubmon_status_via": "thrift" if thrift_available() else "/proc",
         "runs": runs,
+        "pubmon_src": str(args.src) if args.src else "installed",
         "sizes": dataclasses.asdict(sizes),
     }
     if "supervisord" in contenders:

@@ -1,6 +1,6 @@
 """Children that write as fast as they can: how fast, and when is every byte in the log file?
 
-Each writer (writer.py) writes a source file of numbered 100-byte lines to stdout and notes
+Each writer (writer.py) writes a source file of numbered lines to stdout and notes
 when its writing started and ended. Writers load their lines, then wait for a go file that the
 benchmark creates once all of them are ready: the figures are about output, not spawning. The
 benchmark polls the size of each log file every millisecond until it holds all the bytes, then
@@ -9,7 +9,9 @@ compares the file with the source byte for byte.
   children could write at, i.e. how fast the supervisor drains their pipes;
 - `<label>_e2e`: total bytes / (moment the last file is complete - first writer's start);
 - `<label>_lost`: source lines missing from the log file (0 when the file matches exactly).
-logs_1 is one writer; logs_20 is 20 writers at once, each with its own lines.
+logs_1 is one writer; logs_20 is 20 writers at once, each with its own lines: lines of 100 bytes.
+logs_kb_1 and logs_kb_20 are the same with lines of a few KB (2-6 KiB, 4 KiB on average, lengths
+spread by a fixed hash of the line number): per byte, one newline in 40 instead of one in 1.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ from contenders import Contender, DaemonDied, Program
 from harness import Ctx, Recorder, say
 
 LINE = 100
+KB_LINES = (2048, 4096)  # KB shape: 2048 + (hash of the line number) % 4096 bytes a line
 WRITER = Path(__file__).resolve().with_name("writer.py")
 BATCH = 100_000  # lines generated per write while making a source file
 COMPLETE_TIMEOUT = 120.0
 
 
 def logs(ctx: Ctx, cls: type[Contender], rec: Recorder) -> None:
-    one = ("logs_1", 1, ctx.sizes.log_one)
-    many = ("logs_20", *ctx.sizes.log_many)
-    for label, writers, size in (one, many):
-        sources = make_sources(ctx.root, writers, size)
+    runs = (
+        ("logs_1", 1, ctx.sizes.log_one, False),
+        ("logs_20", *ctx.sizes.log_many, False),
+        ("logs_kb_1", 1, ctx.sizes.log_kb_one, True),
+        ("logs_kb_20", *ctx.sizes.log_kb_many, True),
+    )
+    for label, writers, size, kb in runs:
+        sources = make_sources(ctx.root, writers, size, kb=kb)
         for _ in range(ctx.runs):
             c = cls(ctx.workdir(f"{cls.name}-{label}"))
             try:
@@ -45,19 +52,34 @@ def logs(ctx: Ctx, cls: type[Contender], rec: Recorder) -> None:
                 shutil.rmtree(c.logs, ignore_errors=True)  # up to 400 MB a run
 
 
-def make_sources(root: Path, writers: int, size: int) -> list[Path]:
-    """One file per writer, `size // 100` lines "WWW LLLLLLLLLLLL xxx...x\\n" of 100 bytes."""
-    folder = root / "sources" / f"{writers}x{size}"
+def make_sources(root: Path, writers: int, size: int, *, kb: bool = False) -> list[Path]:
+    """One file per writer of lines "WWW LLLLLLLLLLLL xxx...x\\n" (writer, line number): `size //
+    100` lines of 100 bytes, or (`kb`) lines of 2-6 KiB until the file holds `size` bytes."""
+    folder = root / "sources" / f"{writers}x{size}{'kb' if kb else ''}"
     paths = [folder / f"w{i}.dat" for i in range(writers)]
     if folder.exists():
         return paths
     folder.mkdir(parents=True)
-    pad = b"x" * (LINE - len(b"000 000000000000 \n"))
+    head = len(b"000 000000000000 \n")
+    pad = b"x" * (max(LINE, sum(KB_LINES)) - head)
+    short = pad[: LINE - head]
+    low, spread = KB_LINES
     for index, path in enumerate(paths):
         with path.open("wb") as out:
-            for first in range(0, size // LINE, BATCH):
-                last = min(first + BATCH, size // LINE)
-                lines = [b"%03d %012d %s\n" % (index, i, pad) for i in range(first, last)]
+            if not kb:
+                for first in range(0, size // LINE, BATCH):
+                    last = min(first + BATCH, size // LINE)
+                    lines = [b"%03d %012d %s\n" % (index, i, short) for i in range(first, last)]
+                    out.write(b"".join(lines))
+                continue
+            written, number = 0, 0
+            while written < size:
+                lines = []
+                while written < size and len(lines) < BATCH:
+                    width = low + (number * 2654435761 >> 7) % spread - head
+                    lines.append(b"%03d %012d %s\n" % (index, number, pad[:width]))
+                    written += len(lines[-1])
+                    number += 1
                 out.write(b"".join(lines))
     return paths
 

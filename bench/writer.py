@@ -1,10 +1,11 @@
 """A chatty child for the logs scenario: `writer.py SOURCE TIMING GO`.
 
-Reads SOURCE (made by the benchmark: numbered 100-byte lines) into memory, creates TIMING.ready,
-waits for the file GO to exist (so that every writer of a run starts together, however slowly
-the supervisor spawned them), writes it all to stdout in 1 MiB os.write calls as fast as the
-pipe takes it, then records [start, end] of the writing (time.monotonic(), the benchmark's
-clock) in TIMING. It never exits on its own, so no supervisor restarts it to write it twice.
+Reads SOURCE (made by the benchmark: numbered lines of 100 bytes or a few KB) into memory,
+creates TIMING.ready, waits for the file GO to exist (so that every writer of a run starts
+together, however slowly the supervisor spawned them), writes it all to stdout in 1 MiB
+os.write calls as fast as the pipe takes it, then records [start, end] of the writing
+(time.monotonic(), the benchmark's clock) in TIMING. It never exits on its own, so no
+supervisor restarts it to write it twice.
 """
 
 import json

@@ -13,7 +13,7 @@ from outputs import feed_randomly, numbered, texts
 from pubmon.config.model import LogSpec
 from pubmon.core import ring as _ring
 from pubmon.core.output import MAX_TAIL_LINES, OutputLog
-from pubmon.core.ring import extra_pieces
+from pubmon.core.ring import LONG_LINE, extra_pieces, newlines
 
 
 def frame(stream: bytes, max_line: int) -> list[tuple[bytes, bool]]:
@@ -71,6 +71,36 @@ def test_extra_pieces_fast_and_slow_paths() -> None:
         lines += [b"v" * rng.randint(0, 3 * cut) for _ in range(rng.randint(0, 20))]
         data = b"\n".join(lines) + b"\n"
         assert data.count(b"\n") + extra_pieces(data, 0, len(data), cut) == len(frame(data, cut))
+
+
+def test_newlines_is_exact_whatever_the_finds() -> None:
+    rng = random.Random(16)
+    for _ in range(300):
+        sizes = [rng.choice([0, 1, 99, LONG_LINE, rng.randint(0, 6000)]) for _ in range(40)]
+        data = b"".join(b"x" * size + b"\n" for size in sizes) + b"tail"
+        end = data.rfind(b"\n") + 1
+        start = rng.choice([0, data.find(b"\n") + 1, rng.randint(0, end)])
+        want = data.count(b"\n", start, end)
+        for finds in (0, 1, 5, end // LONG_LINE, 10**9):
+            assert newlines(data, start, end, finds) == want, (start, finds)
+    assert newlines(b"", 0, 0, 10) == 0
+
+
+def test_lines_counted_the_same_as_their_length_changes(logdir: Path) -> None:
+    # Long lines switch the sink to a find per line, short ones back to count: numbering and the
+    # file stay exact across every switch and chunking.
+    rng = random.Random(3)
+    parts = [numbered(1, 3000), b"".join(b"%05d " % i + b"L" * 4000 + b"\n" for i in range(300))]
+    parts += [numbered(3001, 6000), b"".join(b"%05d " % i + b"M" * 1500 + b"\n" for i in range(99))]
+    data = b"".join(parts)
+    log = OutputLog("feed:0", LogSpec(), str(logdir))
+    sink = log.open_stream("stdout")
+    feed_randomly(sink, data, rng, [100, 4096, 65536, 262144])
+    sink.eof()
+    assert log.sync()
+    assert (logdir / "feed-0.log").read_bytes() == data
+    assert log.last_seq == log.lines == data.count(b"\n")
+    assert texts(log.last(99).lines) == data.decode().splitlines()[-99:]
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -10,7 +10,8 @@ publisher write into one `OutputLog`, which lives across restarts of the child::
     log.tail(0, 100).lines                   # [LogLine(1, t, "stdout", "hello", False), ...]
 
 Speed is the point (a child may write > 1 GB/s): a chunk costs a few C calls (`rfind`, `count`,
-one `find` per max_line/2 bytes), one writev and one ring entry, never Python work per line. The
+one `find` per max_line/2 bytes), one writev and one ring entry, never Python work per line of
+under 1 KiB (lines of 1 KiB and more are counted by one `find` each, faster than `count` there). The
 ring keeps chunks whole and splits them into lines only when a client tails it.
 
 Lines are split on b"\\n" before decoding; a line longer than `max_line` bytes becomes fragments
@@ -73,7 +74,7 @@ from pubmon.core import logwriter as _logwriter
 from pubmon.core import stdout as _stdout
 from pubmon.core.logfile import Buf, LogFile
 from pubmon.core.logwriter import DirWriter
-from pubmon.core.ring import Ring, extra_pieces, split_block
+from pubmon.core.ring import LONG_LINE, Ring, extra_pieces, newlines, split_block
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class StreamSink:
     is not held back at all (its runs queue up for as long as the writer moves).
     """
 
-    __slots__ = ("_log", "_paused", "_pipe", "_stream", "_tail")
+    __slots__ = ("_log", "_long", "_paused", "_pipe", "_stream", "_tail")
 
     def __init__(self, log: OutputLog, stream: Stream) -> None:
         self._log = log
@@ -164,6 +165,7 @@ class StreamSink:
         self._tail: bytes | bytearray = b""  # a bytearray while a line grows over many chunks
         self._pipe: Pipe | None = None
         self._paused = False
+        self._long = False  # the last chunk's lines were long: count its successor's by finds
 
     def attach_pipe(self, pipe: Pipe) -> None:
         """The pipe feeding this sink: paused while the log writer is behind."""
@@ -185,12 +187,14 @@ class StreamSink:
         head = len(tail) + first
         extra = (head - 1) // cut if head > cut else 0
         extra += extra_pieces(data, first + 1, end, cut)
+        nlines = 1 + newlines(data, first + 1, end, end // LONG_LINE if self._long else 0)
+        self._long = end >= nlines * LONG_LINE
         prefix = bytes(tail)  # no copy when it already is bytes
         self._tail = data[end:]
         body: Buf = data if end == len(data) else memoryview(data)[:end]
         behind = log._emit(
             self._stream,
-            data.count(b"\n") + extra,
+            nlines + extra,
             prefix,
             data,
             end,
