@@ -68,8 +68,11 @@ async def test_huge_line_invalid_utf8_and_no_final_newline_survive(tmp_path: Pat
     lines = chunk.lines
     assert lines[-1].text == "last" and lines[-1].partial
     assert lines[-2].text == "bad \\xff\\xfe utf8" and not lines[-2].partial
-    fragments = lines[:-2]
-    assert "".join(f.text for f in fragments) == "a" * (5 << 20)
+    fragments = lines[:-2]  # the newest of the 80: the ring holds ring.BYTE_CAP of them
+    assert chunk.missed == 82 - len(lines) and [f.seq for f in lines] == list(
+        range(83 - len(lines), 83)
+    )
+    assert "".join(f.text for f in fragments) == "a" * (65536 * len(fragments))
     assert all(f.partial for f in fragments[:-1]) and not fragments[-1].partial
     assert all(len(f.text) <= 65536 for f in fragments)
     raw = (tmp_path / "big.log").read_bytes()

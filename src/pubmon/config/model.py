@@ -54,7 +54,7 @@ class CrashLoop:
 class LogSpec:
     max_bytes: int = 50_000_000  # rotate the file past this size; 0 = never rotate
     backups: int = 5  # rotated files kept: name.log.1 .. name.log.N
-    ring_lines: int = 2000  # lines kept in memory for tailLog
+    ring_lines: int = 2000  # lines kept in memory for tailLog (fewer past 1 MiB: ring.BYTE_CAP)
     max_line: int = 65536  # longer lines are cut into fragments flagged partial
     echo: bool = False  # also copy every line to the daemon's stderr ("name| line")
     timestamps: bool = False  # each line in the file starts with the time it was read
