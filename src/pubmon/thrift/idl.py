@@ -20,8 +20,9 @@ read to the new image's READY=1, median 326-383 ms with 200 publishers). Measure
 (12 runs each, CPU time of importing the daemon and loading the IDL): 437 ms median without
 the cache, 352 ms with it. So the parsed modules are cached as a pickle in
 ``$XDG_CACHE_HOME/pubmon`` (default ``~/.cache/pubmon``), keyed by the files' contents, the
-thriftpy2 version and the Python version, one per IDL directory. A cache that is not ours (wrong owner, writable by
-others) is ignored, since unpickling runs code; an unwritable cache dir just means no cache.
+thriftpy2 version and the Python version, one per IDL directory. A cache that is not ours
+(wrong owner, writable by others) is ignored, since unpickling runs code; an unwritable cache
+dir just means no cache.
 """
 
 from __future__ import annotations
