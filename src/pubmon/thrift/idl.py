@@ -157,7 +157,8 @@ def _cache_file(directory: Path, sources: list[tuple[str, bytes]]) -> Path | Non
     for name, data in sources:
         digest.update(name.encode() + b"\0" + data + b"\0")
     where = hashlib.sha256(str(directory).encode()).hexdigest()[:8]
-    return Path(base) / "pubmon" / f"idl-{where}-{digest.hexdigest()[:32]}.pickle"
+    # <where>-idl-*, not idl-<where>-*: versions before this one removed every idl-*.pickle.
+    return Path(base) / "pubmon" / f"{where}-idl-{digest.hexdigest()[:32]}.pickle"
 
 
 def _ours(st: os.stat_result) -> bool:
@@ -197,8 +198,8 @@ def _write_cache(path: Path, modules: dict[str, types.ModuleType]) -> None:
         os.replace(f.name, path)
         # Stale entries of the same IDL directory go; another checkout's stay (each install
         # evicting the others' made every daemon start of two trees in turn parse, ~45 ms).
-        prefix = path.name.rsplit("-", 1)[0]  # idl-<directory's hash>
-        for old in path.parent.glob(f"{prefix}-*.pickle"):
+        where = path.name.partition("-idl-")[0]  # the IDL directory's hash
+        for old in path.parent.glob(f"{where}-idl-*.pickle"):
             if old != path:
                 old.unlink(missing_ok=True)
     except Exception as e:
