@@ -123,6 +123,26 @@ def _shape(modules: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def test_idl_cache_keeps_one_entry_per_idl_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two checkouts (or an install and a checkout) starting in turn each keep their entry;
+    a changed IDL replaces only its own directory's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    parsed = idl._modules()
+    sources = [("x.thrift", b"one")]
+    a = idl._cache_file(Path("/a/idl"), sources)
+    b = idl._cache_file(Path("/b/idl"), sources)
+    assert a is not None and b is not None
+    idl._write_cache(a, parsed)
+    idl._write_cache(b, parsed)
+    assert a.exists() and b.exists()
+    a2 = idl._cache_file(Path("/a/idl"), [("x.thrift", b"two")])
+    assert a2 is not None and a2 != a
+    idl._write_cache(a2, parsed)
+    assert sorted(p.name for p in (tmp_path / "pubmon").iterdir()) == sorted([a2.name, b.name])
+
+
 def test_idl_cache_round_trips_and_refuses_foreign_files(tmp_path: Path) -> None:
     parsed = idl._modules()
     cache = tmp_path / "pubmon" / "idl-test.pickle"

@@ -194,6 +194,13 @@ def run_daemon(
         return EXIT_CONFIG
     for warning in config.warnings:  # what check-config prints: root publishers, unknown users
         logging.getLogger("pubmon").warning("%s: %s", config.path, warning)
+    # What is alive now (modules, classes, the config) lives as long as the daemon: out of the
+    # collector's sight, a full collection no longer walks it. Measured for issue 16 (400
+    # `sleep` publishers started and stopped, gc.callbacks): the one full collection of the
+    # start took 10.5-11.5 ms, and none ran with the freeze.
+    import gc
+
+    gc.freeze()
     try:
         code = asyncio.run(Daemon(config, init=init).run(), debug=debug)
     except StartupError as exc:

@@ -424,9 +424,9 @@ def child_environment(
     """
     base = os.environ if base is None else base
     env = {"PATH": base.get("PATH") or DEFAULT_PATH}
-    for name, value in base.items():
+    for name in base:  # names only: .items() of os.environ decodes every value (12 µs a spawn)
         if name in _LOCALE or name.startswith("LC_"):
-            env[name] = value
+            env[name] = base[name]
     creds = None
     pw: pwd.struct_passwd | None
     if req.user is not None:

@@ -245,7 +245,9 @@ class Publisher:
         self._on_transition = on_transition
         self._reaper = reaper
         self._clock = clock
-        self._rng = rng or random.Random()
+        # None: the random module's shared generator. A Random each cost 10 µs and 2.9 KB of
+        # state per publisher (seeded from os.urandom; 2.9 MB at 1000, by tracemalloc).
+        self._rng = rng
         self._runner: Runner[_Message] = Runner(spec.name)  # its inbox, timer, watch task
         self._waiters: list[_Waiter] = []
         # The runner's own bookkeeping: written and read by the runner task only.
