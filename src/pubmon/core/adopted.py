@@ -2,14 +2,15 @@
 
 After the exec, the child is still ours (the daemon kept its pid, so the child's parent pid
 and its parent-death signal are unchanged), but asyncio knows nothing of it: there is no
-SubprocessTransport. `AdoptedChild` gives the publisher the same surface as `spawn.Child`:
+SubprocessTransport. `AdoptedChild` gives the publisher the same surface as `process.Child`:
 
 - exit: a pidfd (`os.pidfd_open`) watched with `loop.add_reader`; once it is readable the
   child has exited and `os.waitpid(pid, WNOHANG)` reaps it, by pid, with its status. A child
   that exited while the daemon was between the two images is a zombie: its pidfd is readable
   at once, and its status is the one it exited with;
-- output: its stdout and stderr pipes (fds handed over through the exec) read with
-  `loop.connect_read_pipe` into the same kind of sinks `spawn()` uses;
+- output: its stdout and stderr pipes (fds handed over through the exec) read by `loop.add_reader`
+  callbacks (`_Pipe`) into the same kind of sinks `spawn()` uses, and paused by a sink while its
+  log file's writer is behind, as a spawned child's pipes are;
 - signals: to its process group, as `Child.signal` does.
 
 The orphan reaper tracks it like a spawned child (`OrphanReaper.track`): a sweep never takes
