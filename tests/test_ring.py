@@ -73,7 +73,39 @@ def test_extra_pieces_fast_and_slow_paths() -> None:
         assert data.count(b"\n") + extra_pieces(data, 0, len(data), cut) == len(frame(data, cut))
 
 
-def test_newlines_is_exact_whatever_the_finds() -> None:
+@pytest.fixture(params=["native", "bytes.count"])
+def counter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way `newlines` counts: the optional C extension, and the pure-Python fallback."""
+    if request.param == "native":
+        if _ring._native_count() is None:
+            pytest.skip("pubmon._linecount is not built here (no C compiler at install)")
+        monkeypatch.setattr(_ring, "_count", _ring._native_count())
+    else:
+        monkeypatch.setattr(_ring, "_count", None)
+    return str(request.param)
+
+
+def test_the_native_count_is_bytes_count() -> None:
+    # pubmon._linecount.count(data, start, end) == data.count(b"\n", start, end): 16-byte steps
+    # and their tail, 255-step rounds (4080 bytes), the GIL let go from 4096 bytes, slice-style
+    # clamping of start and end, and any buffer.
+    count = _ring._native_count()
+    if count is None:
+        pytest.skip("pubmon._linecount is not built here (no C compiler at install)")
+    rng = random.Random(161)
+    for trial in range(3000):
+        n = rng.choice([0, 1, 15, 16, 17, 4079, 4080, 4081, 4096, rng.randint(0, 70_000)])
+        data = rng.randbytes(n) if trial % 3 == 0 else bytes(rng.choices(b"ab\n", k=n))
+        start = rng.randint(-n - 3, n + 3)
+        end = rng.randint(-n - 3, n + 3)
+        assert count(data, start, end) == data.count(b"\n", start, end), (n, start, end)
+    full = b"\n" * 100_000  # every lane saturating its 255 steps
+    assert count(full, 0, len(full)) == count(memoryview(full), 0, 10**9) == 100_000
+    with pytest.raises(TypeError):
+        count("text", 0, 1)  # type: ignore[arg-type]
+
+
+def test_newlines_is_exact_whatever_the_finds(counter: str) -> None:
     rng = random.Random(16)
     for _ in range(300):
         sizes = [rng.choice([0, 1, 99, LONG_LINE, rng.randint(0, 6000)]) for _ in range(40)]
@@ -86,7 +118,7 @@ def test_newlines_is_exact_whatever_the_finds() -> None:
     assert newlines(b"", 0, 0, 10) == 0
 
 
-def test_lines_counted_the_same_as_their_length_changes(logdir: Path) -> None:
+def test_lines_counted_the_same_as_their_length_changes(logdir: Path, counter: str) -> None:
     # Long lines switch the sink to a find per line, short ones back to count: numbering and the
     # file stay exact across every switch and chunking.
     rng = random.Random(3)

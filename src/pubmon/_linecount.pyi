@@ -1,0 +1,3 @@
+from typing_extensions import Buffer
+
+def count(data: Buffer, start: int, end: int, /) -> int: ...
