@@ -15,6 +15,17 @@ import sys
 CHECK = 'test "$PPID" = "$0" || exit 111; exec "$@"'
 
 
+def wrapper_arm():
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("pubmon")
+    path = os.path.join(os.path.dirname(spec.origin), "_arm")
+    if not os.access(path, os.X_OK):
+        raise SystemExit(f"floor: {path} is not built (no C compiler at pubmon's install)")
+    return path
+
+
 async def keep(name, argv, log_fd, procs, stopping, wrapper=False):
     import asyncio
     import os
@@ -22,7 +33,10 @@ async def keep(name, argv, log_fd, procs, stopping, wrapper=False):
 
     pipe = asyncio.subprocess.PIPE if log_fd is not None else asyncio.subprocess.DEVNULL
     extra = {}
-    if wrapper:
+    if wrapper == "arm":  # pubmon's one-exec wrapper (src/pubmon/_arm.c), when it is built
+        argv = [wrapper_arm(), str(os.getpid()), "0", "", *argv]
+        extra = {"process_group": 0}
+    elif wrapper:
         setpriv = shutil.which("setpriv")
         argv = [
             setpriv,

@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller N, shorter windows, 1 run")
     p.add_argument("--only", default=",".join(SCENARIOS), help="scenarios: %(default)s")
     p.add_argument(
-        "--contenders", default="pubmon,supervisord,floor,floor+wrapper", help="%(default)s"
+        "--contenders",
+        default="pubmon,supervisord,floor,floor+wrapper,floor+arm",
+        help="%(default)s",
     )
     p.add_argument("--runs", type=int, help="starts per figure, median reported (default 3)")
     p.add_argument(

@@ -89,12 +89,29 @@ async def test_environment_is_scrubbed_and_pdeathsig_armed(monkeypatch: pytest.M
     ]
 
 
-@pytest.mark.parametrize("path", ["wrapper", "preexec", "setpriv-refused"])
-async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
+def use_wrapper(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spawn through `_arm` (pubmon's own wrapper, when it was built) or setpriv and sh."""
+    monkeypatch.setattr(spawn_module, "_wrapper_works", None)
+    if kind == "arm":
+        if not os.access(spawn_module._BUILT_ARM, os.X_OK):
+            pytest.skip("src/pubmon/_arm is not built here (no C compiler at install)")
+        monkeypatch.setattr(spawn_module, "_ARM", spawn_module._BUILT_ARM)
+    else:
+        monkeypatch.setattr(spawn_module, "_ARM", None)
+
+
+@pytest.mark.parametrize("path", ["arm", "setpriv", "preexec", "setpriv-refused", "arm-refused"])
+async def test_every_spawn_path_arms_pdeathsig_and_leaves_only_the_command(
     path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if path == "preexec":  # no setpriv on this machine
+    use_wrapper("arm" if path in ("arm", "arm-refused") else "setpriv", monkeypatch)
+    if path == "preexec":  # no setpriv on this machine, no _arm built
         monkeypatch.setattr(spawn_module, "_SETPRIV", None)
+    elif path == "arm-refused":  # as on a noexec mount: setpriv takes over
+        refusing = tmp_path / "_arm"
+        refusing.write_text("#!/bin/sh\necho '_arm: Permission denied' >&2\nexit 126\n")
+        refusing.chmod(0o755)
+        monkeypatch.setattr(spawn_module, "_ARM", str(refusing))
     elif path == "setpriv-refused":  # as under a seccomp filter that denies its capset
         refusing = tmp_path / "setpriv"
         refusing.write_text(
@@ -103,7 +120,6 @@ async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
         )
         refusing.chmod(0o755)
         monkeypatch.setattr(spawn_module, "_SETPRIV", str(refusing))
-        monkeypatch.setattr(spawn_module, "_wrapper_works", None)
     code = (
         "import ctypes, os, signal, sys\n"
         "sig = ctypes.c_int()\n"
@@ -116,7 +132,8 @@ async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
     fast = spawn_module._wrapper_usable() and spawn_module._wrapper_can_run(
         spawn_module._find(argv[0], os.environ, None), None
     )
-    assert fast == (path == "wrapper")
+    assert fast == (path in ("arm", "setpriv", "arm-refused"))
+    assert (spawn_module._ARM is not None) == (path == "arm")
     async with running(spec("armed", argv, restart="never")) as sup:
         pub = sup.get("armed")
         await in_state(pub, S.EXITED)
@@ -127,13 +144,18 @@ async def test_both_spawn_paths_arm_pdeathsig_and_leave_only_the_command(
     ]
     assert pub.last_exit == 0
     refused = [r.getMessage() for r in caplog.records if "cannot arm" in r.getMessage()]
-    assert len(refused) == (path == "setpriv-refused")
-    assert all("activate capabilities: Operation not permitted" in m for m in refused)
+    assert len(refused) == (path in ("setpriv-refused", "arm-refused"))
+    assert all(("Operation not permitted" in m or "trying setpriv" in m) for m in refused)
 
 
-async def test_the_wrapper_runs_nothing_when_the_daemon_died_before_it_armed() -> None:
+@pytest.mark.parametrize("kind", ["arm", "setpriv"])
+async def test_the_wrapper_runs_nothing_when_the_daemon_died_before_it_armed(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The race of asyncio-gotchas 1.2: were the daemon killed between the fork and the prctl,
     # nobody would ever send the signal. The check reads the parent after arming.
+    use_wrapper(kind, monkeypatch)
+
     async def run(parent: int) -> tuple[int, bytes]:
         argv = spawn_module.wrapped(("echo", "ran"), parent)
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
@@ -142,6 +164,34 @@ async def test_the_wrapper_runs_nothing_when_the_daemon_died_before_it_armed() -
 
     assert await run(os.getpid()) == (0, b"ran\n")
     assert await run(1) == (111, b"")  # "our parent should be pid 1": it is not, so it stops
+
+
+@pytest.mark.parametrize("kind", ["arm", "setpriv"])
+async def test_the_wrapper_joins_the_cgroup_before_the_exec_or_runs_nothing(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both wrappers write "0" (themselves) to the cgroup.procs they are given before the exec,
+    # and stop with 112 when they cannot; a command that is not there is 127, as sh says.
+    use_wrapper(kind, monkeypatch)
+
+    async def run(*argv: str) -> tuple[int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out
+
+    procs = tmp_path / "cgroup.procs"  # a plain file stands in: the write is what is checked
+    procs.write_text("")
+    joined = spawn_module.wrapped(("echo", "ran"), os.getpid(), cgroup_procs=str(procs))
+    assert await run(*joined) == (0, b"ran\n")
+    assert procs.read_text() == "0\n"
+    gone = str(tmp_path / "gone" / "cgroup.procs")
+    assert await run(*spawn_module.wrapped(("echo", "ran"), os.getpid(), cgroup_procs=gone)) == (
+        112,
+        b"",
+    )
+    assert (await run(*spawn_module.wrapped(("no-such-command-here",), os.getpid())))[0] == 127
 
 
 def test_the_wrapper_is_used_only_for_commands_that_surely_exec(tmp_path: Path) -> None:

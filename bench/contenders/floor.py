@@ -35,7 +35,7 @@ class LineConn:
 
 class Floor(Contender):
     name = "floor"
-    wrapper = False
+    wrapper: bool | str = False  # True: setpriv + sh; "arm": pubmon's _arm
 
     @property
     def socket(self) -> Path:
@@ -84,3 +84,12 @@ class WrappedFloor(Floor):
 
     name = "floor+wrapper"
     wrapper = True
+
+
+class ArmFloor(Floor):
+    """The floor, every child behind pubmon's own one-exec wrapper (`pubmon/_arm`, built at
+    install when a C compiler is there): what pubmon's spawn costs over the same guarantee
+    paid the way pubmon pays it."""
+
+    name = "floor+arm"
+    wrapper = "arm"
