@@ -14,7 +14,8 @@ $(PY):
 # Byte-compiled once, as a wheel's install would be: an editable install is not, and with
 # PYTHONDONTWRITEBYTECODE set (as on our machines) every daemon start would compile ~60 modules
 # again (~90 ms of CPU each time: tests, demo and bench start many daemons).
-$(STAMP): $(PY) pyproject.toml
+# The native pieces are compiled by the install (tools/hatch_build.py): again when they change.
+$(STAMP): $(PY) pyproject.toml tools/hatch_build.py src/pubmon/_arm.c src/pubmon/_linecount.c
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m compileall -q src
 	touch $(STAMP)
