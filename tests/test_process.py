@@ -182,10 +182,14 @@ async def test_the_wrapper_joins_the_cgroup_before_the_exec_or_runs_nothing(
         return proc.returncode or 0, out
 
     procs = tmp_path / "cgroup.procs"  # a plain file stands in: the write is what is checked
-    procs.write_text("")
+    procs.write_text("stale")
     joined = spawn_module.wrapped(("echo", "ran"), os.getpid(), cgroup_procs=str(procs))
     assert await run(*joined) == (0, b"ran\n")
-    assert procs.read_text() == "0\n"
+    assert procs.read_text() == "0\n"  # written as sh's `>` does (O_TRUNC), and created:
+    fresh = tmp_path / "fresh.procs"  # a test's stand-in cgroup may not have the file yet
+    created = spawn_module.wrapped(("true",), os.getpid(), cgroup_procs=str(fresh))
+    assert await run(*created) == (0, b"")
+    assert fresh.read_text() == "0\n"
     gone = str(tmp_path / "gone" / "cgroup.procs")
     assert await run(*spawn_module.wrapped(("echo", "ran"), os.getpid(), cgroup_procs=gone)) == (
         112,

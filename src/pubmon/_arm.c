@@ -26,10 +26,12 @@
 #include <sys/prctl.h>
 #include <unistd.h>
 
+/* What sh's `echo 0 >path` does: O_CREAT | O_TRUNC, as the shell wrapper's redirection (the
+   kernel's cgroup.procs and oom_score_adj always exist; a test's stand-in directory may not). */
 static int
 write_zero(const char *path)
 {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     if (fd < 0) {
         return -1;
     }
