@@ -324,11 +324,14 @@ async def test_clients_that_never_read_replies_neither_block_nor_balloon_the_dae
 
 async def test_taillog_cursor_far_in_the_past_or_future(tmp_path: Path) -> None:
     port = free_ports(1)[0]
-    # 81 kB: more than a pipe holds (64 KiB), so it reaches the ring in two blocks or more and
-    # the first is evicted (the ring keeps ring_lines lines, evicting whole blocks: 45 kB once
-    # arrived in one read, and the ring rightly kept all of it). Below tailLog's 10000 lines.
+    # 1.8 MB: more than the daemon's pipe holds (1 MiB, enlarged), so the writer blocks until
+    # the daemon has read, and the lines reach the ring in several blocks of at most 256 KiB
+    # (1310 lines); the first is evicted (the ring keeps ring_lines lines, evicting whole
+    # blocks). 81 kB used to be enough with 64 KiB pipes; with 1 MiB ones it sometimes arrived
+    # in one read, which the ring rightly kept whole. Below tailLog's 10000 lines.
     n = 9000
-    burst = [sys.executable, "-c", f"import sys, time\nfor i in range({n}): print('%08d' % i)\n"
+    burst = [sys.executable, "-c",
+             f"import sys, time\nfor i in range({n}): print('%08d' % i + 'x' * 191)\n"
              "sys.stdout.flush(); time.sleep(3600)"]  # fmt: skip
     body = toml_publisher("b", burst, log={"ring_lines": 100, "max_bytes": 0})
     config = write_config(tmp_path, body, listen=f"127.0.0.1:{port}")
@@ -354,7 +357,9 @@ async def test_taillog_cursor_far_in_the_past_or_future(tmp_path: Path) -> None:
                     assert future.lines == [] and future.nextSeq == n and future.missed == 0
                     assert time.monotonic() - t0 < 0.4  # answered at once, not long-polled
                 last = await client.call("tailLog", "b", -3, 10)
-                assert [x.text for x in last.lines] == [f"{i:08d}" for i in range(n - 3, n)]
+                assert [x.text for x in last.lines] == [
+                    f"{i:08d}" + "x" * 191 for i in range(n - 3, n)
+                ]
                 for cursor in (-(2**63), -(10**12)):
                     everything = await client.call("tailLog", "b", cursor, 10)
                     assert everything.lines[-1].seq == n and everything.missed == first - 1
