@@ -10,6 +10,7 @@ checked against a plain test directory (`test_cgroup_limits_are_written_...`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import resource
@@ -262,7 +263,7 @@ TICKER = py(
     "import os, sys, time\n"
     "os.fork()\n"  # two tickers: the whole tree must freeze
     "while True:\n"
-    "    print('tick', os.getpid(), flush=True)\n"
+    "    print('tick', os.getpid(), time.monotonic(), flush=True)\n"
     "    time.sleep(0.02)\n"
 )
 
@@ -286,10 +287,15 @@ async def test_pause_freezes_the_tree_and_resume_continues_it(
         assert len(tree) == 2
         for pid in tree:  # the kernel's freezer holds each task in its signal trap
             assert Path(f"/proc/{pid}/wchan").read_text() in ("get_signal", "do_freezer_trap")
-        seq, probed = pub.output.last_seq, probes.read_text()
-        with pytest.raises(TimeoutError):
+        seq, probed, frozen_at = pub.output.last_seq, probes.read_text(), time.monotonic()
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.3):
-                await pub.output.wait_beyond(seq)  # no output while frozen
+                while True:
+                    await pub.output.wait_beyond(pub.output.last_seq)
+        # No output while frozen: lines may still arrive that were in the pipe when the freeze
+        # came (a fresh-clone run saw one), but none was written after it.
+        stamps = [float(line.text.split()[2]) for line in pub.output.tail(seq, 100).lines]
+        assert all(stamp < frozen_at for stamp in stamps), (stamps, frozen_at)
         assert probes.read_text() == probed  # and no probes
         with pytest.raises(InvalidState, match="only a RUNNING publisher can be paused"):
             await pub.pause()
